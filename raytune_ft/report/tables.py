@@ -1,0 +1,29 @@
+"""The short table a run ends with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    target = summary.get("test") or summary.get("eval") or {}
+    base = summary.get("baseline") or {}
+    split = "test" if summary.get("test") else "validation"
+    rows = [("metric", "base model (head only)", "fine-tuned", "gain")]
+    for key in ("accuracy", "macro_f1"):
+        if key in target:
+            before = base.get(key)
+            rows.append((f"{split} {key}", f"{before:.4f}" if before is not None else "-", f"{target[key]:.4f}",
+                         f"{target[key] - before:+.4f}" if before is not None else "-"))
+    width = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    outputs = summary["outputs"]
+    lines += [
+        "",
+        f"time {summary['wall_time_s']:.0f} s (training {summary['train_time_s']:.0f} s), "
+        f"{summary['train_samples_per_s']:.1f} samples/s, data wait {summary['data_wait_fraction']:.1%}, "
+        f"{summary['epochs']} epochs / {summary['steps']} steps on {summary['workers']} workers ({summary['backend']})",
+        f"outputs: {outputs['run_dir']}  (model/, metrics.jsonl, summary.json, plots/)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Sequence classification with a pretrained transformer encoder (BERT, MiniLM, RoBERTa, ...)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytune_ft.errors import UserError
+from raytune_ft.tasks import ClassificationMetrics, register
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def override_dropout(config, dropout: float) -> None:
+    """Set every dropout probability a transformers config exposes (names differ by family)."""
+    for key, value in vars(config).items():
+        if isinstance(value, float) and (key.endswith("dropout") or key.endswith("dropout_prob")):
+            setattr(config, key, dropout)
+
+
+def pad_sequences(sequences, pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ragged token lists to the batch's longest (rounded up to `multiple`): [B, T] ids and mask."""
+    longest = max(len(s) for s in sequences)
+    width = -(-longest // multiple) * multiple
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+@register
+class TextClassification:
+    name = "text_classification"
+    columns = ("text", "label")
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        max_length: int = Field(256, ge=8, le=8192, description="tokens kept per text (truncated)")
+
+    def __init__(self, recipe: dict[str, Any], labels: list[str]):
+        self.model_path = recipe["model"]["path"]
+        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
+        self.labels = labels
+        self.dropout = recipe["train"].get("dropout")
+
+    def check(self) -> None:
+        """Driver-side: the model directory holds a config and a tokenizer this task can use."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.model_path)
+            load_tokenizer(self.model_path)
+        except Exception as error:  # transformers raises OSError/ValueError/KeyError by case
+            raise UserError("model.path", f"{self.model_path} is not a usable model directory ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit and self.options.max_length > limit:
+            raise UserError("task.max_length", f"{self.options.max_length} exceeds the model's {limit} positions")
+
+    def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
+        tokenizer = load_tokenizer(self.model_path)
+        encoded = tokenizer([str(t) for t in batch["text"]], truncation=True, max_length=self.options.max_length)
+        ids = np.empty(len(encoded["input_ids"]), dtype=object)
+        ids[:] = [np.asarray(x, dtype=np.int32) for x in encoded["input_ids"]]
+        return {"input_ids": ids, "labels": np.asarray(batch["label"], dtype=np.int64)}
+
+    def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Pad each batch to its own longest text (not max_length): short batches cost less."""
+        pad_id = load_tokenizer(self.model_path).pad_token_id or 0
+        input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(batch["labels"])}
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(
+            self.model_path,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={label: i for i, label in enumerate(self.labels)},
+        )
+        if self.dropout is not None:
+            override_dropout(config, self.dropout)
+        model, info = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=config, output_loading_info=True)
+        # The head is whatever the checkpoint did not provide: the classifier, and for encoders
+        # saved without one (sentence-transformers) the pooler too.
+        model.raytune_ft_new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+        return model
+
+    def head_names(self, model: torch.nn.Module) -> list[str]:
+        return list(getattr(model, "raytune_ft_new_modules", None) or ["classifier"])
+
+    def forward(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
+        losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")  # [B]
+        return losses.mean(), (losses.detach().sum(), logits.detach())
+
+    def new_metrics(self) -> ClassificationMetrics:
+        return ClassificationMetrics(len(self.labels))
+
+    def save_pretrained(self, model: torch.nn.Module, directory: str) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        load_tokenizer(self.model_path).save_pretrained(directory)

@@ -1,0 +1,112 @@
+"""Backends: how the model is distributed, stepped and saved. Each registers by short name.
+
+The loop only calls this small interface, so DDP and DeepSpeed mean the same thing by the same
+recipe fields (accumulation, clipping, precision):
+
+- ``setup(model, train, total_steps)``: wrap the model, build optimizer and schedule.
+- ``model`` (what forward runs) and ``module`` (the bare model, for export and evaluation).
+- ``accumulating(boundary)``: context for a micro-batch; gradients sync only at a boundary.
+- ``backward(loss)``, ``step(boundary) -> grad_norm or None``, ``lr()``.
+- ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state, as
+  safetensors + JSON; ``full_weights()``: a context in which ``module`` holds every weight, for export.
+- ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from raytune_ft.train.checkpoint import load_state, save_state
+from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups
+
+BACKENDS: dict[str, type] = {}
+
+
+def register(cls):
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+@register
+class DDPBackend:
+    """PyTorch DistributedDataParallel (gloo on CPU, nccl on GPU) via Ray Train's process group."""
+
+    name = "ddp"
+
+    def __init__(self, recipe: dict[str, Any]):
+        self.train = recipe["train"]
+        self.autocast_dtype = torch.bfloat16 if self.train["precision"] == "bf16" else None
+
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        self.module = model.to(self.device)
+        if ray.train.get_context().get_world_size() > 1:
+            # find_unused_parameters stays off (it costs a graph walk every step); frozen
+            # parameters do not count as unused.
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        else:
+            self.model = self.module
+        self.optimizer = build_optimizer(param_groups(self.module, self.train), self.train)
+        self.scheduler = build_scheduler(self.optimizer, self.train, total_steps)
+
+    def accumulating(self, boundary: bool):
+        """Skip DDP's gradient all-reduce on micro-batches that do not end an accumulation."""
+        if boundary or self.model is self.module:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.train["grad_accum"]).backward()
+
+    def step(self, boundary: bool) -> float | None:
+        if not boundary:
+            return None
+        norm = None
+        if self.train["clip_grad_norm"]:
+            norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.requires_grad], self.train["clip_grad_norm"]
+            ))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: str, rank: int) -> None:
+        from safetensors.torch import save_model
+
+        if rank == 0:  # DDP replicas are identical: one copy is the whole state
+            save_model(self.module, f"{directory}/weights.safetensors")
+            save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory, "optimizer")
+
+    def load(self, directory: str) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.module, f"{directory}/weights.safetensors", strict=True, device=str(self.device))
+        state = load_state(directory, "optimizer")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_weights(self):
+        """Context in which ``module`` holds the full weights on rank 0 (replicas already do)."""
+        return contextlib.nullcontext()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().to("cpu", copy=True) for key, value in self.module.state_dict().items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)

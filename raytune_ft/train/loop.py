@@ -1,0 +1,247 @@
+"""THE training loop: one function every task, strategy and backend runs through.
+
+Runs on every Ray Train worker. Everything it needs arrives in ``config`` (the validated recipe as
+a dict, the label set and the step plan); nothing is captured from the driver.
+
+Per epoch: stream the worker's train shard, accumulate gradients over ``grad_accum`` micro-batches,
+step; then evaluate the validation shard on every rank, reduce the metric statistics across ranks,
+decide early stopping (the same decision everywhere, since every rank sees the reduced numbers),
+and report a checkpoint. Checkpoints hold everything needed to continue: weights, optimizer and
+schedule state, and ``trainer_state.json`` (counters, history, early-stopping state). A resumed
+run restarts the interrupted epoch with the data order it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+SCALAR_TYPES = (int, float)
+
+
+def quiet_worker_logs() -> None:
+    """Our progress lines are the live view; per-report INFO lines and load reports are noise."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Collate(NumpyBatchCollateFn):
+    """Ray Data collate callable wrapping the task's ``collate`` (numpy batch -> tensors)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, batch):
+        return self.task.collate(batch)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
+    """Sharded evaluation: every rank scores its shard; the metric statistics are summed."""
+    if shard is None:
+        return {}
+    metrics = task.new_metrics()
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), backend.autocast():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task)):
+            batch = {key: value.to(backend.device) for key, value in batch.items()}
+            _, outputs = task.forward(module, batch)
+            metrics.update(outputs, batch)
+    module.train(was_training)
+    return metrics.compute(all_reduce_sum(metrics.state()))
+
+
+def scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    return {f"{prefix}/{key}": value for key, value in metrics.items() if isinstance(value, SCALAR_TYPES)}
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+BEST_WEIGHTS = "best_weights.safetensors"
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strategy, rank: int, export: bool, best_weights=None) -> None:
+    """Save a checkpoint on the ranks that hold state, then report (a barrier over all ranks).
+
+    While early stopping waits for an improvement, the best weights so far travel with the
+    checkpoint, so a resumed run can still restore them."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    directory = tempfile.mkdtemp(prefix="raytune_ft_ckpt_")
+    backend.save(directory, rank)
+    if best_weights is not None and state["best_epoch"] != state["epoch"] and rank == 0:
+        save_file(best_weights, os.path.join(directory, BEST_WEIGHTS))
+    if export:
+        with backend.full_weights():
+            if rank == 0:
+                task.save_pretrained(strategy.export(backend.module), os.path.join(directory, "model"))
+    if rank == 0:
+        with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+    checkpoint = ray.train.Checkpoint.from_directory(directory) if os.listdir(directory) else None
+    name = "final" if export else f"epoch_{state['epoch']:04d}"
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{name}")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from raytune_ft.strategies import build_strategy
+    from raytune_ft.tasks import build_task
+    from raytune_ft.train.backends import BACKENDS
+    from raytune_ft.train.faults import maybe_fail
+
+    quiet_worker_logs()
+    recipe, plan = config["recipe"], config["plan"]
+    train = recipe["train"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config["threads"])
+    seed_everything(train["seed"])
+
+    task = build_task(recipe, config["labels"])
+    strategy = build_strategy(recipe)
+    model = strategy.prepare(task.build_model(), task)
+    backend = BACKENDS[train["backend"]](recipe)
+    backend.setup(model, plan["total_steps"])
+
+    state: dict[str, Any] = {
+        "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None, "bad_evals": 0,
+        "train_time_s": 0.0, "data_wait_s": 0.0, "train_samples": 0, "eval_time_s": 0.0, "stopped_early": False,
+    }
+    best_weights = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        from safetensors.torch import load_file
+
+        with checkpoint.as_directory() as directory:
+            backend.load(directory)
+            with open(os.path.join(directory, "trainer_state.json")) as f:
+                state = json.load(f)
+            if os.path.exists(os.path.join(directory, BEST_WEIGHTS)):
+                best_weights = load_file(os.path.join(directory, BEST_WEIGHTS))
+        if state["best_epoch"] is not None and state["best_epoch"] == state["epoch"]:
+            best_weights = backend.snapshot()
+        if rank == 0:
+            print(f"[raytune-ft] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
+
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "validation", "test") if name in config["splits"]}
+    eval_batch = train["eval_batch_size"] or 2 * train["batch_size"]
+    stopping = train.get("early_stopping")
+    micro_per_epoch, accum = plan["micro_batches_per_epoch"], train["grad_accum"]
+    done = state["step"] >= plan["total_steps"] or state["stopped_early"]
+
+    while not done:
+        epoch = state["epoch"] + 1
+        # Reseed per (seed, epoch, rank): dropout masks then do not depend on how many epochs this
+        # process has run, so a resumed run continues exactly as an uninterrupted one would.
+        seed_everything(train["seed"] * 1000 + epoch * 16 + rank)
+        model.train()
+        loss_sum, loss_count, wait, samples = torch.zeros(2, dtype=torch.float64), 0, 0.0, 0
+        started = time.perf_counter()
+        batches = iter(shards["train"].iter_torch_batches(
+            batch_size=train["batch_size"], collate_fn=Collate(task),
+            local_shuffle_buffer_size=recipe["data"]["shuffle_buffer"] or None,
+            local_shuffle_seed=train["seed"] * 1000 + epoch,
+        ))
+        for index in range(micro_per_epoch):
+            fetch = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - fetch
+            if batch is None:
+                raise RuntimeError(f"train shard ended after {index} of {micro_per_epoch} planned batches")
+            batch = {key: value.to(backend.device, non_blocking=True) for key, value in batch.items()}
+            boundary = (index + 1) % accum == 0 or index + 1 == micro_per_epoch
+            with backend.accumulating(boundary), backend.autocast():
+                loss, _ = task.forward(backend.model, batch)
+            backend.backward(loss)
+            backend.step(boundary)
+            size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
+            loss_sum += torch.tensor([float(loss.detach()) * size, size], dtype=torch.float64)
+            samples += size
+            if boundary:
+                state["step"] += 1
+                maybe_fail(config, state["step"], epoch, rank)
+                if rank == 0 and (state["step"] % train["log_every"] == 0 or index + 1 == micro_per_epoch):
+                    now = time.perf_counter()
+                    print(
+                        f"[raytune-ft] epoch {epoch} step {state['step']}/{plan['total_steps']} "
+                        f"loss {loss_sum[0] / max(loss_sum[1], 1):.4f} lr {backend.lr():.2e} "
+                        f"{samples * world / (now - started):.1f} samples/s data-wait {wait / (now - started):.0%}",
+                        flush=True,
+                    )
+                if state["step"] >= plan["total_steps"]:
+                    break
+        elapsed = time.perf_counter() - started
+        state["epoch"] = epoch
+        state["train_time_s"] += elapsed
+        state["data_wait_s"] += wait
+        state["train_samples"] += samples * world
+
+        eval_started = time.perf_counter()
+        train_loss = all_reduce_sum(loss_sum)
+        validation = evaluate(task, backend.module, shards.get("validation"), eval_batch, backend)
+        state["eval_time_s"] += time.perf_counter() - eval_started
+        record = {
+            "epoch": epoch, "step": state["step"],
+            "train/loss": float(train_loss[0] / train_loss[1].clamp(min=1)), "train/lr": backend.lr(),
+            "train/samples_per_s": samples * world / elapsed, "train/data_wait_fraction": wait / elapsed,
+            **scalars("eval", validation),
+        }
+        if stopping:
+            value = record[stopping["metric"]]
+            if improved(value, state["best"], stopping["mode"], stopping["min_delta"]):
+                state.update(best=value, best_epoch=epoch, bad_evals=0)
+                best_weights = backend.snapshot()
+            else:
+                state["bad_evals"] += 1
+                state["stopped_early"] = state["bad_evals"] >= stopping["patience"]
+        state["history"].append(record)
+        done = state["step"] >= plan["total_steps"] or state["stopped_early"]
+        if rank == 0:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval/"))
+            print(f"[raytune-ft] epoch {epoch} done: train/loss {record['train/loss']:.4f}, {shown}", flush=True)
+        report(record, state, backend, task, strategy, rank, export=False, best_weights=best_weights)
+        maybe_fail(config, state["step"], epoch, rank, after_checkpoint=True)
+
+    if best_weights is not None and state["best_epoch"] != state["epoch"]:
+        backend.restore(best_weights)  # early stopping keeps the best evaluated weights
+    test = evaluate(task, backend.module, shards.get("test"), eval_batch, backend)
+    state["test"] = test
+    state["final"] = True
+    final = {"epoch": state["epoch"], "step": state["step"], **scalars("test", test)}
+    report(final, state, backend, task, strategy, rank, export=True)

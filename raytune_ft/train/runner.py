@@ -1,0 +1,263 @@
+"""The driver side of a run: check inputs, start Ray, fit on Ray Train, write the run's outputs.
+
+A run directory (``output.dir``) is Ray's ``storage_path/name``: Ray keeps checkpoints there, and
+the driver adds ``recipe.yaml``, ``metrics.jsonl``, ``summary.json``, ``model/`` (the exported
+``save_pretrained`` directory) and ``plots/``. The baseline (the base model with only a new head
+trained) runs the same loop into ``baseline/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.train import DataConfig
+
+from raytune_ft.data import tabular
+from raytune_ft.errors import UserError
+from raytune_ft.recipe import Recipe
+
+QUIET_RAY = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def init_ray(address: str | None, recipe: Recipe) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray."""
+    import ray
+    from ray.data import DataContext
+
+    # Quiet by default: our own progress lines are the live view; Ray's INFO chatter is in its logs.
+    for key, value in QUIET_RAY.items():
+        os.environ.setdefault(key, value)
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+        if address or os.environ.get("RAY_ADDRESS"):
+            kwargs["address"] = address
+        else:
+            # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
+            # may exceed cores because tokenisation is light next to a training step.
+            per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(recipe.scaling.workers * per_worker) + 2)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as error:
+            raise UserError("--address", f"cannot reach Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(error).splitlines()[0]}") from None
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force."""
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if resume and not occupied:
+        raise UserError("--resume", f"no run to resume in {run_dir}")
+    if occupied and not resume:
+        if not force:
+            raise UserError("output.dir", f"{run_dir} already holds a run; pass --resume to continue it or --force to move it aside")
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"[raytune-ft] moved the existing run to {aside}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError("output.dir", f"{run_dir} is not writable ({error.strerror})") from None
+
+
+class ExactEvalDataConfig(DataConfig):
+    """Train shards are equal (DDP needs the same number of steps everywhere); evaluation shards
+    are not, so no evaluation row is dropped or repeated."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            splits = dataset.streaming_split(world_size, equal=name == "train", locality_hints=worker_node_ids)
+            for rank, split in enumerate(splits):
+                output[rank][name] = split
+        return output
+
+
+def step_plan(train_rows: int, recipe: Recipe) -> dict[str, int]:
+    train, workers = recipe.train, recipe.scaling.workers
+    rows_per_worker = train_rows // workers
+    if rows_per_worker == 0:
+        raise UserError("data.train", f"{train_rows} training rows cannot feed {workers} workers")
+    micro = math.ceil(rows_per_worker / train.batch_size)
+    steps_per_epoch = math.ceil(micro / train.grad_accum)
+    limits = [train.max_steps] if train.max_steps else []
+    if train.epochs:
+        limits.append(train.epochs * steps_per_epoch)
+    return {
+        "train_rows": train_rows, "rows_per_worker": rows_per_worker, "micro_batches_per_epoch": micro,
+        "steps_per_epoch": steps_per_epoch, "total_steps": min(limits),
+    }
+
+
+def build_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[str] | None, task) -> tuple[dict[str, Any], int]:
+    """Every split as a preprocessed Ray Dataset (cached when small), and the train row count."""
+    data = recipe.data.model_dump()
+    datasets = {}
+    for split in splits:
+        dataset = tabular.rows_dataset(split, data, labels).map_batches(task.preprocess, batch_format="numpy")
+        datasets[split.name] = dataset.materialize() if tabular.should_cache(split, data["cache"]) else dataset
+    return datasets, datasets["train"].count()
+
+
+def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int, labels: list[str] | None) -> dict[str, Any]:
+    """One Ray Train run of the loop; returns the final trainer state (history and test metrics)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytune_ft.train.faults import fault_config
+    from raytune_ft.train.loop import train_loop_per_worker
+
+    plan = step_plan(train_rows, recipe)
+    workers = recipe.scaling.workers
+    per_worker = dict(recipe.scaling.resources_per_worker)
+    config = {
+        "recipe": recipe.to_dict(), "labels": labels, "plan": plan, "splits": sorted(datasets),
+        "threads": max(1, int(per_worker.get("CPU", 1))), "world_size": workers, "fault": fault_config(run_dir),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=recipe.scaling.use_gpu, resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.output.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=ExactEvalDataConfig(),
+    )
+    print(f"[raytune-ft] {recipe.name}: {plan['train_rows']} training rows, {workers} workers x batch "
+          f"{recipe.train.batch_size}, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), strategy {recipe.strategy.method}", flush=True)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingFailed(error) from None
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / "trainer_state.json").read_text())
+        if (Path(directory) / "model").is_dir():
+            export_dir = run_dir / "model"
+            staging = run_dir / "model.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(Path(directory) / "model", staging)
+            shutil.rmtree(export_dir, ignore_errors=True)
+            staging.rename(export_dir)
+    state["plan"] = plan
+    return state
+
+
+class TrainingFailed(Exception):
+    """Training failed on the workers; the message is the workers' first error, one line."""
+
+    exit_code = 1
+
+    def __init__(self, error: Exception):
+        failures = getattr(error, "worker_failures", None) or {}
+        first = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
+        cause = getattr(first, "cause", None) or first
+        if isinstance(cause, UserError):
+            self.exit_code = cause.exit_code
+            message = str(cause)
+        else:
+            lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+            message = f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"
+        super().__init__(message)
+
+
+def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float) -> dict[str, Any]:
+    from raytune_ft.report import plots
+
+    history = state["history"]
+    test = {key: value for key, value in state.get("test", {}).items() if isinstance(value, (int, float))}
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+        if test:
+            f.write(json.dumps({"epoch": state["epoch"], "step": state["step"], **{f"test/{k}": v for k, v in test.items()}}) + "\n")
+    final_eval = {k.removeprefix("eval/"): v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
+    target = test or final_eval
+    base_target = (baseline or {}).get("test") or (baseline or {}).get("eval") or {}
+    summary = {
+        "name": recipe.name, "task": recipe.task.type, "model": recipe.model.path, "strategy": recipe.strategy.method,
+        "backend": recipe.train.backend, "workers": recipe.scaling.workers,
+        "epochs": state["epoch"], "steps": state["step"], "stopped_early": state["stopped_early"], "best_epoch": state["best_epoch"],
+        "eval": final_eval, "test": test, "baseline": base_target or None,
+        "gain": {k: target[k] - base_target[k] for k in ("accuracy", "macro_f1") if k in target and k in base_target},
+        "wall_time_s": wall_s, "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"],
+        "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
+        "data_wait_fraction": state["data_wait_s"] / max(state["train_time_s"], 1e-9),
+        "plan": state["plan"],
+        "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl")},
+    }
+    plot_files = plots.write_run_plots(run_dir / "plots", history, state.get("test", {}), recipe)
+    summary["outputs"]["plots"] = [str(p) for p in plot_files]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
+    """The same recipe with the body frozen: only a new head is trained."""
+    data = recipe.to_dict()
+    data["strategy"] = {"method": "head_only"}
+    data["train"].update(lr=recipe.baseline.lr, epochs=recipe.baseline.epochs, max_steps=None, early_stopping=None, warmup=0.0)
+    data["baseline"]["enabled"] = False
+    data["output"]["dir"] = str(run_dir / "baseline")
+    data["name"] = f"{recipe.name}-baseline"
+    return Recipe(**data)
+
+
+def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run a recipe end to end and return its summary."""
+    from raytune_ft.data import assets
+    from raytune_ft.tasks import TASKS
+
+    run_dir = recipe.run_dir()
+    if resume and (run_dir / "summary.json").is_file():
+        print(f"[raytune-ft] {run_dir} is already finished")
+        return json.loads((run_dir / "summary.json").read_text())
+    recipe.model.path = assets.resolve(recipe.model.path, "model.path")
+    splits, labels = tabular.plan_splits(recipe.data.model_dump())
+    recipe.data.labels = labels  # recorded explicitly, so a re-run maps labels the same way
+    task = TASKS[recipe.task.type](recipe.to_dict(), labels or [])
+    task.check()
+    prepare_run_dir(run_dir, resume, force)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    init_ray(address, recipe)
+
+    started = time.perf_counter()
+    datasets, train_rows = build_datasets(recipe, splits, labels, task)
+    print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
+    baseline = None
+    if recipe.baseline.enabled:
+        base = baseline_recipe(recipe, run_dir)
+        base_dir = base.run_dir()
+        if (base_dir / "summary.json").is_file():
+            baseline = json.loads((base_dir / "summary.json").read_text())
+        else:
+            print("[raytune-ft] baseline: training only a new head on the frozen base model", flush=True)
+            base_dir.mkdir(parents=True, exist_ok=True)
+            base_state = fit(base, base_dir, datasets, train_rows, labels)
+            shutil.rmtree(base_dir / "model", ignore_errors=True)  # the baseline is a measurement, not an export
+            baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
+        print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
+    state = fit(recipe, run_dir, datasets, train_rows, labels)
+    return write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started)

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny BERT built from a config, a small learnable text data set, local Ray."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAYTUNE_FT_CACHE", str(ROOT / ".cache" / "raytune_ft"))
+
+POSITIVE = ["great", "excellent", "wonderful", "helpful", "amazing", "effective"]
+NEGATIVE = ["awful", "terrible", "useless", "horrible", "painful", "dreadful"]
+FILLER = ["the", "drug", "was", "really", "for", "me", "and", "my", "doctor", "said", "it", "felt", "quite"]
+
+
+def sentiment_rows(count: int, seed: int) -> list[dict]:
+    """Short texts whose label is carried by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.choice(["positive", "negative"])
+        words = rng.choices(FILLER, k=6) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "sentiment": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved like any pretrained model."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from raytune_ft.data import assets
+
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(assets.minilm_l6()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = tmp_path_factory.mktemp("sentiment")
+    paths = {}
+    for split, count, seed in (("train", 400, 1), ("test", 96, 2)):
+        paths[split] = directory / f"{split}.parquet"
+        pq.write_table(pa.Table.from_pylist(sentiment_rows(count, seed)), paths[split])
+    return paths
+
+
+@pytest.fixture
+def tiny_recipe(tiny_bert, sentiment_data, tmp_path) -> dict:
+    """A raw recipe dict for a fast 2-worker run; tests adjust it and write it where they need."""
+    return {
+        "name": "tiny",
+        "task": {"type": "text_classification", "max_length": 32},
+        "model": {"path": str(tiny_bert)},
+        "data": {"train": str(sentiment_data["train"]), "test": str(sentiment_data["test"]),
+                 "columns": {"text": "sentence", "label": "sentiment"}, "validation_fraction": 0.2},
+        "train": {"lr": 3e-3, "epochs": 6, "batch_size": 8, "schedule": "constant", "dropout": 0.0, "seed": 7, "log_every": 10},
+        "scaling": {"workers": 2},
+        "baseline": {"enabled": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def write_recipe(data: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real ``raytune-ft`` command line."""
+    return subprocess.run(
+        [sys.executable, "-m", "raytune_ft.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded local Ray for the in-process integration tests."""
+    import ray
+
+    from raytune_ft.train.runner import QUIET_RAY
+
+    for key, value in QUIET_RAY.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=4, logging_level="WARNING")
+    yield
+    ray.shutdown()

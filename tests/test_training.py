@@ -1,0 +1,90 @@
+"""The one loop on real Ray Train: 2 DDP workers, a tiny BERT, real checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, write_recipe
+from raytune_ft.recipe import validate_recipe
+from raytune_ft.train.runner import run
+
+
+def test_two_worker_ddp_run_learns_and_writes_outputs(tiny_recipe, local_ray):
+    recipe = validate_recipe(tiny_recipe)
+    summary = run(recipe)
+    run_dir = recipe.run_dir()
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in history if "train/loss" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3, 4, 5, 6]  # one row per epoch, none twice
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert summary["test"]["accuracy"] > 0.8  # chance is 0.5
+    assert summary["test"]["count"] == 96  # sharded evaluation drops and repeats no row
+    assert 0 <= summary["data_wait_fraction"] < 1 and summary["train_samples_per_s"] > 0
+    assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 0
+    assert (run_dir / "plots" / "confusion_matrix.png").stat().st_size > 0
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    inputs = tokenizer(["the drug was excellent for me", "the drug was dreadful for me"], return_tensors="pt", padding=True)
+    predicted = model(**inputs).logits.argmax(-1).tolist()
+    assert [model.config.id2label[i] for i in predicted] == ["positive", "negative"]
+
+
+def test_head_only_baseline_freezes_the_body(tiny_recipe, local_ray, tiny_bert):
+    tiny_recipe["strategy"] = {"method": "head_only"}
+    tiny_recipe["train"]["epochs"] = 1
+    recipe = validate_recipe(tiny_recipe)
+    run(recipe)
+    before = load_file(tiny_bert / "model.safetensors")
+    after = load_file(recipe.run_dir() / "model" / "model.safetensors")
+    for key, value in before.items():
+        assert torch.equal(after["bert." + key if "bert." + key in after else key], value), key
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path):
+    """Epoch 1 checkpoints, then the run crashes; --resume finishes it. The final weights equal
+    an uninterrupted run with the same seed (same data order, optimizer and schedule state)."""
+    tiny_recipe["train"]["early_stopping"] = {"metric": "eval/accuracy", "mode": "max", "patience": 10}
+    recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+
+    straight = cli("run", str(recipe_path), "--output", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    crashed = cli("run", str(recipe_path), "--output", str(tmp_path / "resumed"), env={"RAYTUNE_FT_FAULT": "raise_after_epoch:1"})
+    assert crashed.returncode == 1
+    assert crashed.stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
+    again = cli("run", str(recipe_path), "--output", str(tmp_path / "resumed"))
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwritten
+    resumed = cli("run", str(recipe_path), "--output", str(tmp_path / "resumed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at epoch 1" in resumed.stdout + resumed.stderr
+
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_real_minilm_smoke(local_ray, tmp_path):
+    """The real MiniLM-L6 weights and the real drug reviews, a few steps through the real path."""
+    from raytune_ft.recipe import load_recipe
+
+    recipe = load_recipe("jobs/text_classification.yaml", [
+        "train.max_steps=2", "train.epochs=null", "data.max_rows=64", "baseline.enabled=false",
+        "train.early_stopping=null", f"output.dir={tmp_path / 'minilm'}",
+    ])
+    summary = run(recipe)
+    assert summary["steps"] == 2 and summary["test"]["count"] == 64
+    assert (tmp_path / "minilm" / "model" / "model.safetensors").is_file()
