@@ -15,7 +15,7 @@ from pathlib import Path
 from statistics import mean
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS, EPOCHS, BATCH = 320, 3, 16
+ROWS, EPOCHS, BATCH, ROUNDS = 320, 3, 16, 2
 
 
 def raytune_ft() -> dict:
@@ -46,11 +46,18 @@ def plain(rows: int) -> dict:
 
 
 def main() -> None:
-    ours = raytune_ft()
-    reference = plain(ours["train_rows"])
+    # Alternate the two (ours, plain, ours, plain) and keep each one's best round: the machine is
+    # shared and noisy, and a slow round says more about the neighbours than about either side.
+    rounds = []
+    for _ in range(ROUNDS):
+        ours = raytune_ft()
+        rounds.append((ours, plain(ours["train_rows"])))
+    ours = max((r[0] for r in rounds), key=lambda r: r["steady_samples_per_s"])
+    reference = max((r[1] for r in rounds), key=lambda r: r["steady_samples_per_s"])
     ratio = ours["steady_samples_per_s"] / reference["steady_samples_per_s"]
     result = {"raytune_ft": ours, "plain_torchrun": reference, "ratio": ratio,
-              "setup": {"model": "MiniLM-L6", "rows": ours["train_rows"], "epochs": EPOCHS, "batch_per_worker": BATCH, "workers": 2}}
+              "setup": {"model": "MiniLM-L6", "rows": ours["train_rows"], "epochs": EPOCHS, "batch_per_worker": BATCH, "workers": 2, "rounds": ROUNDS},
+              "rounds": [{"raytune_ft": a["steady_samples_per_s"], "plain": b["steady_samples_per_s"]} for a, b in rounds]}
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2))

@@ -65,7 +65,76 @@ class DataSection(Section):
 
 
 class StrategySection(Section):
+    """What is trained. Options apply to the methods named in STRATEGY_OPTIONS only."""
+
     method: str = Field("full", description="what is trained: a registered strategy name")
+    layers: Optional[int] = Field(None, ge=0, description="freeze: the embeddings and the bottom N layers")
+    modules: list[str] = Field(default_factory=list, description="freeze: module-name prefixes to freeze")
+    rank: int = Field(8, ge=1, description="lora: adapter rank")
+    alpha: float = Field(16.0, gt=0, description="lora: scaling numerator (scale = alpha / rank)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="lora: dropout on the adapter input")
+    target_modules: Optional[list[str]] = Field(None, min_length=1, description="lora: module names to adapt; default: attention query and value")
+    head_epochs: int = Field(1, ge=1, description="lp_ft: epochs of linear probing (head only) before fine-tuning everything")
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description="lr x decay^(depth from the top) per layer")
+
+
+STRATEGY_OPTIONS = {
+    "freeze": {"layers", "modules"}, "lora": {"rank", "alpha", "lora_dropout", "target_modules"},
+    "lp_ft": {"head_epochs"},
+}
+SHARED_STRATEGY_OPTIONS = {"method", "layer_lr_decay"}
+
+
+class ReferenceSection(Section):
+    """One reference evaluation of the original capability (scored before training and at every
+    evaluation). ``probe``: a linear probe on the frozen pooled embeddings of a labelled set."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="metrics are named ref/<name>/<metric>")
+    kind: Literal["probe"] = "probe"
+    data: DataSection = Field(description="the labelled reference set (same fields as data:)")
+
+
+class RetentionSection(Section):
+    references: list[ReferenceSection] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [reference.name for reference in self.references]
+        if len(set(names)) != len(names):
+            raise ValueError("retention.references: names must be unique")
+        return self
+
+
+class RegularizerSection(Section):
+    """Penalise moving away from the pretrained weights: ``l2sp`` (plain distance) or ``ewc``
+    (distance weighted by a diagonal Fisher of the reference task, normalised to mean 1)."""
+
+    method: Literal["l2sp", "ewc"]
+    strength: float = Field(gt=0, description="lambda of (lambda/2) * sum w * (theta - theta_0)^2")
+    reference: Optional[str] = Field(None, description="ewc: the retention reference for the Fisher; default the first")
+    fisher_samples: int = Field(256, ge=8, description="ewc: reference rows for the Fisher estimate")
+
+
+class ReplaySection(Section):
+    """Mix reference rows into every training batch; their loss is the original probe's."""
+
+    reference: Optional[str] = Field(None, description="a retention reference name; default the first")
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of each batch that is replayed reference data")
+    loss_weight: float = Field(1.0, gt=0)
+
+
+class WiseFTSection(Section):
+    """After training, interpolate theta(a) = (1-a) theta_base + a theta_tuned and export the best a."""
+
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    metric: str = Field("eval/accuracy", pattern=r"^eval/[A-Za-z0-9_]+$", description="target metric (higher is better)")
+    min_retention: float = Field(0.98, gt=0, le=1.5, description="pick the best target score among alphas with retention >= this")
+
+    @model_validator(mode="after")
+    def _alphas_in_range(self):
+        if any(not 0 <= a <= 1 for a in self.alphas):
+            raise ValueError(f"wise_ft.alphas: every alpha must be in [0, 1] (got {self.alphas})")
+        return self
 
 
 class EarlyStoppingSection(Section):
@@ -78,7 +147,7 @@ class EarlyStoppingSection(Section):
 class TrainSection(Section):
     backend: str = Field("ddp", description="a registered backend: ddp")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(5e-5, gt=0, le=10)
+    lr: float = Field(5e-5, ge=0, le=10, description="peak learning rate; 0 trains nothing (a measurement run)")
     weight_decay: float = Field(0.01, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     warmup: float = Field(0.0, ge=0, description="a fraction of all steps (< 1) or a step count (>= 1)")
@@ -133,7 +202,29 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     baseline: BaselineSection = Field(default_factory=BaselineSection)
+    retention: Optional[RetentionSection] = None
+    regularizer: Optional[RegularizerSection] = None
+    replay: Optional[ReplaySection] = None
+    wise_ft: Optional[WiseFTSection] = None
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _retention_links(self):
+        names = [r.name for r in self.retention.references] if self.retention else []
+        for section, field in (("regularizer", "reference"), ("replay", "reference")):
+            value = getattr(self, section)
+            if value is None or (section == "regularizer" and value.method != "ewc"):
+                continue
+            if not names:
+                raise ValueError(f"{section}: needs a retention reference (add retention.references)")
+            if getattr(value, field) is not None and getattr(value, field) not in names:
+                raise ValueError(f"{section}.{field}: unknown reference {getattr(value, field)!r}; defined: {', '.join(names)}")
+        return self
+
+    def reference_named(self, name: Optional[str]) -> "ReferenceSection":
+        """The named retention reference, or the first one."""
+        references = self.retention.references
+        return next((r for r in references if r.name == name), references[0]) if name else references[0]
 
     def run_dir(self) -> Path:
         return Path(self.output.dir or f"runs/{self.name}").expanduser().resolve()
@@ -173,12 +264,23 @@ def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
             task_cls.Options(**recipe.task.options())
         except ValidationError as error:
             problems += _pydantic_problems(error, "task")
-        missing = [role for role in task_cls.columns if role not in recipe.data.columns]
-        unknown = [role for role in recipe.data.columns if role not in task_cls.columns]
-        if missing:
-            problems.append(("data.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(task_cls.columns)})"))
-        if unknown:
-            problems.append(("data.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(task_cls.columns)}"))
+        sections = [("data", recipe.data)] + [
+            (f"retention.references.{i}.data", reference.data) for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
+        ]
+        for prefix, data in sections:
+            missing = [role for role in task_cls.columns if role not in data.columns]
+            unknown = [role for role in data.columns if role not in task_cls.columns]
+            if missing:
+                problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(task_cls.columns)})"))
+            if unknown:
+                problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(task_cls.columns)}"))
+    strategy = recipe.strategy
+    allowed = SHARED_STRATEGY_OPTIONS | STRATEGY_OPTIONS.get(strategy.method, set())
+    for field in sorted(strategy.model_fields_set - allowed):
+        owners = [method for method, fields in STRATEGY_OPTIONS.items() if field in fields]
+        problems.append((f"strategy.{field}", f"applies to method {' / '.join(owners)}, not {strategy.method}"))
+    if strategy.method == "freeze" and strategy.layers is None and not strategy.modules:
+        problems.append(("strategy.layers", "freeze needs layers (bottom N) or modules (name prefixes)"))
     for path, value, registry in (
         ("strategy.method", recipe.strategy.method, STRATEGIES),
         ("train.backend", recipe.train.backend, BACKENDS),

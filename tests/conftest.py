@@ -31,6 +31,25 @@ def sentiment_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
+TOPICS = {
+    "sport": ["football", "goal", "match", "team", "coach", "league"],
+    "food": ["bread", "soup", "cheese", "recipe", "dinner", "spice"],
+    "code": ["compiler", "python", "function", "server", "bug", "database"],
+}
+
+
+def topic_rows(count: int, seed: int) -> list[dict]:
+    """A reference task unlike the target: the topic of a text, carried by two topic words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        topic = rng.choice(sorted(TOPICS))
+        words = rng.choices(FILLER, k=4) + rng.choices(TOPICS[topic], k=2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "topic": topic})
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved like any pretrained model."""
@@ -59,6 +78,30 @@ def sentiment_data(tmp_path_factory) -> dict[str, Path]:
         paths[split] = directory / f"{split}.parquet"
         pq.write_table(pa.Table.from_pylist(sentiment_rows(count, seed)), paths[split])
     return paths
+
+
+@pytest.fixture(scope="session")
+def topic_data(tmp_path_factory) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = tmp_path_factory.mktemp("topics")
+    paths = {}
+    for split, count, seed in (("train", 240, 3), ("test", 120, 4)):
+        paths[split] = directory / f"{split}.parquet"
+        pq.write_table(pa.Table.from_pylist(topic_rows(count, seed)), paths[split])
+    return paths
+
+
+@pytest.fixture
+def retention_recipe(tiny_recipe, topic_data) -> dict:
+    """The tiny recipe with a probe reference on the topic data."""
+    tiny_recipe["retention"] = {"references": [{
+        "name": "topics", "data": {"train": str(topic_data["train"]), "test": str(topic_data["test"]),
+                                   "columns": {"text": "text", "label": "topic"}},
+    }]}
+    tiny_recipe["train"]["epochs"] = 3
+    return tiny_recipe
 
 
 @pytest.fixture

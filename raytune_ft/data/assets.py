@@ -11,6 +11,7 @@ import html
 import importlib.util
 import io
 import os
+import random
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -72,10 +73,37 @@ def drug_reviews(split: str) -> Path:
     return target
 
 
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+FORTUNE_TOPICS = ("computers", "food", "law", "medicine", "people", "politics", "science", "sports")
+
+
+def fortunes(split: str) -> Path:
+    """Debian's fortunes as topic classification: columns text, topic (8 categories); every 5th
+    quotation of a category is test. A retention reference for text encoders."""
+    import pyarrow as pa
+
+    target = cache_dir() / "fortunes" / split
+    if target.is_dir():
+        return target
+    if not FORTUNE_DIR.is_dir():
+        raise UserError("asset:fortunes", f"{FORTUNE_DIR} not found; install Debian's fortunes package (apt-get install fortunes)")
+    texts, topics = [], []
+    for topic in FORTUNE_TOPICS:
+        items = [item.strip() for item in (FORTUNE_DIR / topic).read_text(errors="replace").split("\n%\n") if item.strip()]
+        chosen = [item for i, item in enumerate(items) if (i % 5 == 4) == (split == "test")]
+        texts += chosen
+        topics += [topic] * len(chosen)
+    order = random.Random(0).sample(range(len(texts)), len(texts))  # mixed topics, so max_rows keeps every topic
+    _write_shards(pa.table({"text": [texts[i] for i in order], "topic": [topics[i] for i in order]}), target, shards=2)
+    return target
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
-    "minilm-l6": minilm_l6,
+        "minilm-l6": minilm_l6,
     "drug-reviews/train": lambda: drug_reviews("train"),
     "drug-reviews/test": lambda: drug_reviews("test"),
+    "fortunes/train": lambda: fortunes("train"),
+    "fortunes/test": lambda: fortunes("test"),
 }
 
 

@@ -60,7 +60,7 @@ class Split:
     holdout: str = "all"  # "all", "train" (rows outside the held-out fraction) or "validation"
 
 
-def read_checked(path: str, fmt: str, columns: dict[str, str], field: str):
+def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefix: str = "data"):
     """Read the label column (the cheap check) and verify every mapped column exists."""
     if not _is_remote(path) and not Path(path).exists():
         raise UserError(field, f"file not found: {path}")
@@ -71,7 +71,7 @@ def read_checked(path: str, fmt: str, columns: dict[str, str], field: str):
         raise UserError(path, f"cannot read as {fmt}: {str(error).splitlines()[0][:200]}") from None
     for role, column in columns.items():
         if column not in names:
-            raise UserError(f"data.columns.{role}", f"column {column!r} not in {path}; columns: {', '.join(names)}")
+            raise UserError(f"{prefix}.columns.{role}", f"column {column!r} not in {path}; columns: {', '.join(names)}")
     try:
         label_column = columns.get("label")
         table = dataset.to_table(columns=[label_column] if label_column else [names[0]])
@@ -82,16 +82,17 @@ def read_checked(path: str, fmt: str, columns: dict[str, str], field: str):
     return table.column(label_column).to_pylist() if label_column else None
 
 
-def plan_splits(data: dict[str, Any]) -> tuple[list[Split], list[str] | None]:
-    """Resolve and check every split; return them with the label set (None for label-free tasks)."""
+def plan_splits(data: dict[str, Any], prefix: str = "data") -> tuple[list[Split], list[str] | None]:
+    """Resolve and check every split; return them with the label set (None for label-free tasks).
+    ``prefix`` is the recipe path of this data section, for error messages."""
     columns = data["columns"]
     splits, label_values = [], {}
     for name in ("train", "validation", "test"):
         if not data.get(name):
             continue
-        path = assets.resolve(data[name], f"data.{name}")
+        path = assets.resolve(data[name], f"{prefix}.{name}")
         fmt = detect_format(path, data["format"]) if not _is_remote(path) else (data["format"] if data["format"] != "auto" else "parquet")
-        label_values[name] = read_checked(path, fmt, columns, f"data.{name}")
+        label_values[name] = read_checked(path, fmt, columns, f"{prefix}.{name}", prefix)
         splits.append(Split(name, path, fmt))
     if not data.get("validation"):
         train = splits[0]
@@ -101,12 +102,12 @@ def plan_splits(data: dict[str, Any]) -> tuple[list[Split], list[str] | None]:
         return splits, None
     labels = data.get("labels") or sorted({str(v) for v in label_values["train"] if v is not None})
     if len(labels) < 2:
-        raise UserError("data.columns.label", f"column {columns['label']!r} of {data['train']} has fewer than 2 distinct labels")
+        raise UserError(f"{prefix}.columns.label", f"column {columns['label']!r} of {data['train']} has fewer than 2 distinct labels")
     allowed = set(labels)
     for name, values in label_values.items():
         for row, value in enumerate(values):
             if value is None or str(value) not in allowed:
-                raise UserError(f"data.{name}", f"row {row}: label {value!r} is not in the label set data.labels = {labels}")
+                raise UserError(f"{prefix}.{name}", f"row {row}: label {value!r} is not in the label set {prefix}.labels = {labels}")
     return splits, labels
 
 

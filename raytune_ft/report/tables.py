@@ -15,6 +15,11 @@ def summary_table(summary: dict[str, Any]) -> str:
             before = base.get(key)
             rows.append((f"{split} {key}", f"{before:.4f}" if before is not None else "-", f"{target[key]:.4f}",
                          f"{target[key] - before:+.4f}" if before is not None else "-"))
+    retention = summary.get("retention")
+    if retention:
+        for key, before in retention["before"].items():
+            after = retention["after"][key]
+            rows.append((f"{key} (reference)", f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}"))
     width = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
@@ -24,6 +29,19 @@ def summary_table(summary: dict[str, Any]) -> str:
         f"time {summary['wall_time_s']:.0f} s (training {summary['train_time_s']:.0f} s), "
         f"{summary['train_samples_per_s']:.1f} samples/s, data wait {summary['data_wait_fraction']:.1%}, "
         f"{summary['epochs']} epochs / {summary['steps']} steps on {summary['workers']} workers ({summary['backend']})",
+        *retention_lines(summary),
         f"outputs: {outputs['run_dir']}  (model/, metrics.jsonl, summary.json, plots/)",
     ]
     return "\n".join(lines)
+
+
+def retention_lines(summary: dict[str, Any]) -> list[str]:
+    retention, wise = summary.get("retention"), summary.get("wise_ft")
+    lines = []
+    if retention:
+        ratios = ", ".join(f"{k.removeprefix('retention/')} {v:.3f}" for k, v in retention["retention"].items() if k != "retention/min")
+        lines.append(f"retention (after / before): {ratios}; worst during the run {retention['worst_during_run']:.3f}; "
+                     f"reference evaluation {retention['reference_eval_time_s']:.0f} s")
+    if wise:
+        lines.append(f"WiSE-FT: exported alpha {wise['alpha']} of {[row['alpha'] for row in wise['rows']]}")
+    return lines

@@ -1,8 +1,14 @@
-"""Strategies: which parameters are trained. Each registers itself by short name.
+"""Strategies: which parameters are trained, and when. Each registers itself by short name.
 
-A strategy has ``prepare(model, task) -> model`` (freeze, wrap with adapters; called once before
-the backend wraps the model) and ``export(model) -> model`` (e.g. merge adapters before
-``save_pretrained``).
+A strategy has:
+
+- ``check(skeleton)``: driver-side structural checks on the model built on the meta device.
+- ``prepare(model, task) -> model``: freeze, wrap with adapters; called once before the backend
+  wraps the model. Every parameter the strategy will ever train leaves here trainable, so the
+  optimizer holds them all.
+- ``on_epoch_start(model, epoch) -> bool``: set what trains this epoch (gradual unfreezing,
+  LP-FT); True when that changed, so the backend re-wraps the model.
+- ``export(model) -> model``: e.g. merge adapters before ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from raytune_ft.errors import UserError
+
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
@@ -18,7 +26,9 @@ class Strategy(Protocol):
     name: str
 
     def __init__(self, options: dict[str, Any]): ...
+    def check(self, skeleton: torch.nn.Module) -> None: ...
     def prepare(self, model: torch.nn.Module, task) -> torch.nn.Module: ...
+    def on_epoch_start(self, model: torch.nn.Module, epoch: int) -> bool: ...
     def export(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
 
@@ -32,6 +42,48 @@ def build_strategy(recipe: dict[str, Any]) -> "Strategy":
     return STRATEGIES[options.pop("method")](options)
 
 
+def layer_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's repeated blocks: its longest ModuleList (encoder.layer, h, layers, blocks)."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > (len(best[1]) if best else 1):
+            best = (name, module)
+    if best is None:
+        raise UserError("strategy.method", f"cannot find a stack of layers in {type(model).__name__}")
+    return best
+
+
+def in_module(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or f".{p}." in f".{name}" for p in prefixes)
+
+
+def depth_groups(model: torch.nn.Module, heads: list[str]) -> list[list[str]]:
+    """Parameter names grouped from the top: [head and what follows the layers], layer L-1, ...,
+    layer 0, [embeddings and what precedes the layers]."""
+    stack_name, stack = layer_stack(model)
+    top, bottom, layers = [], [], [[] for _ in stack]
+    seen_stack = False
+    for name, _ in model.named_parameters():
+        if name.startswith(stack_name + "."):
+            seen_stack = True
+            layers[int(name[len(stack_name) + 1:].split(".")[0])].append(name)
+        elif in_module(name, heads) or seen_stack:
+            top.append(name)
+        else:
+            bottom.append(name)
+    return [top, *reversed(layers), bottom]
+
+
+def set_trainable(model: torch.nn.Module, names: set[str]) -> bool:
+    """Train exactly ``names``; True when anything changed."""
+    changed = False
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad != (name in names):
+            parameter.requires_grad_(name in names)
+            changed = True
+    return changed
+
+
 @register
 class Full:
     """Every parameter is trained."""
@@ -41,8 +93,15 @@ class Full:
     def __init__(self, options: dict[str, Any]):
         self.options = options
 
+    def check(self, skeleton):
+        if self.options.get("layer_lr_decay"):
+            layer_stack(skeleton)
+
     def prepare(self, model, task):
         return model
+
+    def on_epoch_start(self, model, epoch):
+        return False
 
     def export(self, model):
         return model
@@ -56,6 +115,99 @@ class HeadOnly(Full):
 
     def prepare(self, model, task):
         heads = task.head_names(model)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
+        set_trainable(model, {name for name, _ in model.named_parameters() if in_module(name, heads)})
         return model
+
+
+@register
+class Freeze(Full):
+    """The embeddings and the bottom ``layers`` layers, and/or the named ``modules``, stay frozen."""
+
+    name = "freeze"
+
+    def check(self, skeleton):
+        layers = self.options.get("layers")
+        if layers:
+            stack_name, stack = layer_stack(skeleton)
+            if layers > len(stack):
+                raise UserError("strategy.layers", f"{layers} layers to freeze, but the model has {len(stack)} ({stack_name})")
+        names = [name for name, _ in skeleton.named_modules()]
+        for prefix in self.options.get("modules") or []:
+            if not any(in_module(name, [prefix]) for name in names):
+                raise UserError("strategy.modules", f"no module named {prefix!r} in {type(skeleton).__name__}")
+
+    def prepare(self, model, task):
+        frozen: set[str] = set()
+        if self.options.get("layers") is not None:
+            groups = depth_groups(model, task.head_names(model))
+            for group in groups[len(groups) - 1 - self.options["layers"]:]:  # bottom N layers + embeddings
+                frozen.update(group)
+        prefixes = self.options.get("modules") or []
+        frozen.update(name for name, _ in model.named_parameters() if in_module(name, prefixes))
+        set_trainable(model, {name for name, _ in model.named_parameters() if name not in frozen})
+        return model
+
+
+@register
+class Gradual(Full):
+    """ULMFiT's gradual unfreezing: epoch 1 trains the head, each later epoch one more layer
+    group from the top, until everything trains."""
+
+    name = "gradual"
+
+    def prepare(self, model, task):
+        self.groups = depth_groups(model, task.head_names(model))
+        return model
+
+    def on_epoch_start(self, model, epoch):
+        return set_trainable(model, {name for group in self.groups[:epoch] for name in group})
+
+
+@register
+class LinearProbeThenFineTune(Full):
+    """LP-FT (Kumar et al. 2022): train the head alone for ``head_epochs``, then everything, so
+    fine-tuning starts from a good head and distorts the pretrained features less."""
+
+    name = "lp_ft"
+
+    def prepare(self, model, task):
+        heads = task.head_names(model)
+        self.head = {name for name, _ in model.named_parameters() if in_module(name, heads)}
+        self.everything = {name for name, _ in model.named_parameters()}
+        return model
+
+    def on_epoch_start(self, model, epoch):
+        return set_trainable(model, self.head if epoch <= self.options.get("head_epochs", 1) else self.everything)
+
+
+@register
+class LoRA(Full):
+    """Low-rank adapters (peft) on ``target_modules``; the base weights stay frozen, the head
+    trains fully, and export merges the adapters into plain weights."""
+
+    name = "lora"
+
+    def config(self, heads: list[str] | None):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.options.get("rank", 8), lora_alpha=self.options.get("alpha", 16.0),
+            lora_dropout=self.options.get("lora_dropout", 0.0),
+            target_modules=self.options.get("target_modules") or ["query", "value"], modules_to_save=heads,
+        )
+
+    def check(self, skeleton):
+        targets = self.options.get("target_modules") or ["query", "value"]
+        names = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise UserError("strategy.target_modules", f"no Linear module named {', '.join(missing)} in {type(skeleton).__name__}; "
+                            f"candidates: {', '.join(sorted(names))}")
+
+    def prepare(self, model, task):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.config(task.head_names(model)))
+
+    def export(self, model):
+        return model.merge_and_unload()

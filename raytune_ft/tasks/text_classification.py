@@ -80,8 +80,8 @@ class TextClassification:
         input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(batch["labels"])}
 
-    def build_model(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+    def config(self):
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(
             self.model_path,
@@ -91,7 +91,19 @@ class TextClassification:
         )
         if self.dropout is not None:
             override_dropout(config, self.dropout)
-        model, info = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=config, output_loading_info=True)
+        return config
+
+    def skeleton(self) -> torch.nn.Module:
+        """The model's structure on the meta device (no weights read), for driver-side checks."""
+        from transformers import AutoModelForSequenceClassification
+
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(self.config())
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        model, info = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=self.config(), output_loading_info=True)
         # The head is whatever the checkpoint did not provide: the classifier, and for encoders
         # saved without one (sentence-transformers) the pooler too.
         model.raytune_ft_new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
@@ -104,6 +116,13 @@ class TextClassification:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")  # [B]
         return losses.mean(), (losses.detach().sum(), logits.detach())
+
+    def embed(self, model, batch) -> torch.Tensor:
+        """Mean-pooled last hidden states [B, H]: the encoder's features, without the head."""
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        hidden = outputs.hidden_states[-1]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def new_metrics(self) -> ClassificationMetrics:
         return ClassificationMetrics(len(self.labels))

@@ -10,6 +10,7 @@ recipe fields (accumulation, clipping, precision):
 - ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state, as
   safetensors + JSON; ``full_weights()``: a context in which ``module`` holds every weight, for export.
 - ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
+- ``refresh()``: the set of trainable parameters changed (gradual unfreezing): re-wrap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from raytune_ft.train.checkpoint import load_state, save_state
 from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups
 
 BACKENDS: dict[str, type] = {}
+
+
+def ray_world_size() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_size()
 
 
 def register(cls):
@@ -45,16 +52,20 @@ class DDPBackend:
 
         self.device = ray.train.torch.get_device()
         self.module = model.to(self.device)
-        if ray.train.get_context().get_world_size() > 1:
-            # find_unused_parameters stays off (it costs a graph walk every step); frozen
-            # parameters do not count as unused.
+        self.refresh()
+        self.optimizer = build_optimizer(param_groups(self.module, self.train), self.train)
+        self.scheduler = build_scheduler(self.optimizer, self.train, total_steps)
+
+    def refresh(self) -> None:
+        """(Re-)wrap in DDP, which syncs exactly the parameters trainable at wrapping time.
+        find_unused_parameters stays off (it costs a graph walk every step); frozen parameters
+        do not count as unused."""
+        if ray_world_size() > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         else:
             self.model = self.module
-        self.optimizer = build_optimizer(param_groups(self.module, self.train), self.train)
-        self.scheduler = build_scheduler(self.optimizer, self.train, total_steps)
 
     def accumulating(self, boundary: bool):
         """Skip DDP's gradient all-reduce on micro-batches that do not end an accumulation."""
@@ -84,7 +95,7 @@ class DDPBackend:
         return norm
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return max(self.scheduler.get_last_lr())
 
     def save(self, directory: str, rank: int) -> None:
         from safetensors.torch import save_model

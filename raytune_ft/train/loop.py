@@ -36,6 +36,12 @@ def quiet_worker_logs() -> None:
     import transformers
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Train V2 logs every report at INFO through a logger named by its file path
+        from ray.train.v2._internal.execution import context
+
+        context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
@@ -92,7 +98,11 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
 BEST_WEIGHTS = "best_weights.safetensors"
 
 
-def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strategy, rank: int, export: bool, best_weights=None) -> None:
+WISE_ANCHOR = "wise_ft_anchor.safetensors"
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strategy, rank: int, export: bool,
+           best_weights=None, wise_anchor=None) -> None:
     """Save a checkpoint on the ranks that hold state, then report (a barrier over all ranks).
 
     While early stopping waits for an improvement, the best weights so far travel with the
@@ -104,6 +114,8 @@ def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strate
     backend.save(directory, rank)
     if best_weights is not None and state["best_epoch"] != state["epoch"] and rank == 0:
         save_file(best_weights, os.path.join(directory, BEST_WEIGHTS))
+    if wise_anchor is not None and not export and rank == 0:
+        save_file(wise_anchor, os.path.join(directory, WISE_ANCHOR))
     if export:
         with backend.full_weights():
             if rank == 0:
@@ -120,8 +132,12 @@ def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strate
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    from raytune_ft.retention.training import (
+        Replay, body_trains, build_references, build_regularizer, wise_ft_anchor, wise_ft_sweep,
+    )
     from raytune_ft.strategies import build_strategy
     from raytune_ft.tasks import build_task
+    from raytune_ft.train.optim import apply_layer_lr_decay
     from raytune_ft.train.backends import BACKENDS
     from raytune_ft.train.faults import maybe_fail
 
@@ -136,8 +152,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = build_task(recipe, config["labels"])
     strategy = build_strategy(recipe)
     model = strategy.prepare(task.build_model(), task)
+    heads = task.head_names(model)
+    if recipe["strategy"].get("layer_lr_decay"):
+        apply_layer_lr_decay(model, heads, recipe["strategy"]["layer_lr_decay"])
     backend = BACKENDS[train["backend"]](recipe)
     backend.setup(model, plan["total_steps"])
+    references = build_references(config, recipe, task)
+    if references:
+        references.score_base(backend.module, backend.device)
+        if rank == 0:
+            print("[raytune-ft] reference before training: " + ", ".join(f"{k} {v:.4f}" for k, v in references.before().items()), flush=True)
+    penalty = build_regularizer(config, recipe, backend, references, heads)
+    replay = Replay(recipe, references, backend.device) if recipe.get("replay") else None
+    wise_anchor = None
 
     state: dict[str, Any] = {
         "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None, "bad_evals": 0,
@@ -154,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = json.load(f)
             if os.path.exists(os.path.join(directory, BEST_WEIGHTS)):
                 best_weights = load_file(os.path.join(directory, BEST_WEIGHTS))
+            if os.path.exists(os.path.join(directory, WISE_ANCHOR)):
+                wise_anchor = load_file(os.path.join(directory, WISE_ANCHOR))
         if state["best_epoch"] is not None and state["best_epoch"] == state["epoch"]:
             best_weights = backend.snapshot()
         if rank == 0:
@@ -170,7 +199,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Reseed per (seed, epoch, rank): dropout masks then do not depend on how many epochs this
         # process has run, so a resumed run continues exactly as an uninterrupted one would.
         seed_everything(train["seed"] * 1000 + epoch * 16 + rank)
-        model.train()
+        if strategy.on_epoch_start(backend.module, epoch):
+            backend.refresh()
+        if recipe.get("wise_ft") and wise_anchor is None and body_trains(backend.module, heads):
+            wise_anchor = wise_ft_anchor(backend.snapshot(), heads, head_trained_before=epoch > 1)
+        if replay:
+            replay.start_epoch(train["seed"] * 1000 + epoch * 16 + rank)
+        backend.model.train()
         loss_sum, loss_count, wait, samples = torch.zeros(2, dtype=torch.float64), 0, 0.0, 0
         started = time.perf_counter()
         batches = iter(shards["train"].iter_torch_batches(
@@ -188,7 +223,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             boundary = (index + 1) % accum == 0 or index + 1 == micro_per_epoch
             with backend.accumulating(boundary), backend.autocast():
                 loss, _ = task.forward(backend.model, batch)
-            backend.backward(loss)
+                objective = loss
+                if replay:
+                    objective = objective + replay.loss(task, backend.model, index)
+                if penalty and boundary:  # once per optimizer step; backends divide by grad_accum
+                    objective = objective + penalty.penalty(backend.module) * accum
+            backend.backward(objective)
             backend.step(boundary)
             size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
             loss_sum += torch.tensor([float(loss.detach()) * size, size], dtype=torch.float64)
@@ -215,13 +255,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         eval_started = time.perf_counter()
         train_loss = all_reduce_sum(loss_sum)
         validation = evaluate(task, backend.module, shards.get("validation"), eval_batch, backend)
+        reference = references.evaluate(backend.module, backend.device) if references else {}
         state["eval_time_s"] += time.perf_counter() - eval_started
         record = {
             "epoch": epoch, "step": state["step"],
             "train/loss": float(train_loss[0] / train_loss[1].clamp(min=1)), "train/lr": backend.lr(),
             "train/samples_per_s": samples * world / elapsed, "train/data_wait_fraction": wait / elapsed,
-            **scalars("eval", validation),
+            **scalars("eval", validation), **reference,
         }
+        if "retention/min" in reference:
+            state["worst_retention"] = min(state.get("worst_retention", 1.0), reference["retention/min"])
+            state["ref_time_s"] = state.get("ref_time_s", 0.0) + reference["ref/time_s"]
         if stopping:
             value = record[stopping["metric"]]
             if improved(value, state["best"], stopping["mode"], stopping["min_delta"]):
@@ -233,13 +277,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(record)
         done = state["step"] >= plan["total_steps"] or state["stopped_early"]
         if rank == 0:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval/"))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min")))
             print(f"[raytune-ft] epoch {epoch} done: train/loss {record['train/loss']:.4f}, {shown}", flush=True)
-        report(record, state, backend, task, strategy, rank, export=False, best_weights=best_weights)
+        report(record, state, backend, task, strategy, rank, export=False, best_weights=best_weights, wise_anchor=wise_anchor)
         maybe_fail(config, state["step"], epoch, rank, after_checkpoint=True)
 
     if best_weights is not None and state["best_epoch"] != state["epoch"]:
         backend.restore(best_weights)  # early stopping keeps the best evaluated weights
+    if wise_anchor is not None:
+        state["wise_ft"] = wise_ft_sweep(recipe["wise_ft"], wise_anchor, task, backend, shards.get("validation"), eval_batch, references)
+        if rank == 0:
+            print(f"[raytune-ft] WiSE-FT: alpha {state['wise_ft']['alpha']} chosen", flush=True)
+    if references:
+        state["ref_before"] = references.before()
+        state["ref_final"] = references.evaluate(backend.module, backend.device)
     test = evaluate(task, backend.module, shards.get("test"), eval_batch, backend)
     state["test"] = test
     state["final"] = True

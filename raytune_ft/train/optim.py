@@ -10,14 +10,30 @@ import torch
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_")
 
 
+LR_SCALE = "raytune_ft_lr_scale"  # a parameter attribute: its lr multiplier (layer-wise decay)
+
+
 def param_groups(model: torch.nn.Module, train: dict[str, Any]) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: with weight decay, and without (biases, norms)."""
-    decay, no_decay = [], []
+    """Trainable parameters grouped by weight decay (none for biases and norms) and lr multiplier."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if any(key in name for key in NO_DECAY) else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": train["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+            key = (not any(k in name for k in NO_DECAY), getattr(parameter, LR_SCALE, 1.0))
+            groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "weight_decay": train["weight_decay"] if decays else 0.0, "lr": train["lr"] * scale}
+        for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
+    ]
+
+
+def apply_layer_lr_decay(model: torch.nn.Module, head_names: list[str], decay: float) -> None:
+    """lr x decay^depth, depth counted from the top: the head 0, the top layer 1, ..., embeddings L+1."""
+    from raytune_ft.strategies import depth_groups
+
+    parameters = dict(model.named_parameters())
+    for depth, group in enumerate(depth_groups(model, head_names)):
+        for name in group:
+            setattr(parameters[name], LR_SCALE, decay**depth)
 
 
 def build_optimizer(groups: list[dict[str, Any]], train: dict[str, Any]) -> torch.optim.Optimizer:

@@ -113,11 +113,49 @@ def build_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[str
     datasets = {}
     for split in splits:
         dataset = tabular.rows_dataset(split, data, labels).map_batches(task.preprocess, batch_format="numpy")
-        datasets[split.name] = dataset.materialize() if tabular.should_cache(split, data["cache"]) else dataset
+        if tabular.should_cache(split, data["cache"]):
+            # Evaluation shards are split by blocks: enough blocks that every worker gets a share.
+            dataset = (dataset if split.name == "train" else dataset.repartition(2 * recipe.scaling.workers)).materialize()
+        datasets[split.name] = dataset
     return datasets, datasets["train"].count()
 
 
-def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int, labels: list[str] | None) -> dict[str, Any]:
+def check_strategy(recipe: Recipe, task) -> None:
+    """Structural checks (layer counts, module names) on the model's meta-device skeleton."""
+    from raytune_ft.strategies import build_strategy
+
+    build_strategy(recipe.to_dict()).check(task.skeleton())
+
+
+def plan_references(recipe: Recipe, task_cls) -> list[dict[str, Any]]:
+    """Check every retention reference's data (driver side); its splits and label set."""
+    planned = []
+    for i, reference in enumerate(recipe.retention.references if recipe.retention else []):
+        data = reference.data.model_dump()
+        splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
+        if labels is None:
+            raise UserError(f"retention.references.{i}.data.columns", "a probe reference needs a label column")
+        # The held-out part of train is the probe's test split when no test file is given.
+        by_name = {split.name: split for split in splits}
+        test = by_name.get("test") or by_name["validation"]
+        planned.append({"name": reference.name, "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
+                        "splits": {"train": by_name["train"], "test": test}})
+    return planned
+
+
+def reference_datasets(planned: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    from raytune_ft.retention.training import reference_split
+
+    datasets = {}
+    for reference in planned:
+        for split_name, split in reference["splits"].items():
+            dataset = tabular.rows_dataset(split, reference["data"], reference["labels"]).map_batches(reference["task"].preprocess, batch_format="numpy")
+            datasets[reference_split(reference["name"], split_name)] = dataset.repartition(2 * workers).materialize()
+    return datasets
+
+
+def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int, labels: list[str] | None,
+        references: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """One Ray Train run of the loop; returns the final trainer state (history and test metrics)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -131,7 +169,10 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
     config = {
         "recipe": recipe.to_dict(), "labels": labels, "plan": plan, "splits": sorted(datasets),
         "threads": max(1, int(per_worker.get("CPU", 1))), "world_size": workers, "fault": fault_config(run_dir),
+        "references": [{"name": r["name"], "labels": r["labels"]} for r in references],
     }
+    if not references:
+        datasets = {name: dataset for name, dataset in datasets.items() if not name.startswith("ref_")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -206,6 +247,8 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
         "data_wait_fraction": state["data_wait_s"] / max(state["train_time_s"], 1e-9),
         "plan": state["plan"],
+        "retention": retention_summary(state),
+        "wise_ft": state.get("wise_ft"),
         "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl")},
     }
     plot_files = plots.write_run_plots(run_dir / "plots", history, state.get("test", {}), recipe)
@@ -214,12 +257,27 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
     return summary
 
 
+def retention_summary(state: dict[str, Any]) -> dict[str, Any] | None:
+    """Reference scores before and after, the ratios, the worst seen during the run, the cost."""
+    if "ref_final" not in state:
+        return None
+    final = state["ref_final"]
+    return {
+        "before": state["ref_before"],
+        "after": {k: v for k, v in final.items() if k.startswith("ref/") and k != "ref/time_s"},
+        "retention": {k: v for k, v in final.items() if k.startswith("retention/")},
+        "worst_during_run": state.get("worst_retention"),
+        "reference_eval_time_s": state.get("ref_time_s", 0.0),
+    }
+
+
 def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     """The same recipe with the body frozen: only a new head is trained."""
     data = recipe.to_dict()
-    data["strategy"] = {"method": "head_only"}
     data["train"].update(lr=recipe.baseline.lr, epochs=recipe.baseline.epochs, max_steps=None, early_stopping=None, warmup=0.0)
     data["baseline"]["enabled"] = False
+    data.update(retention=None, regularizer=None, replay=None, wise_ft=None)
+    data["strategy"] = {"method": "head_only"}
     data["output"]["dir"] = str(run_dir / "baseline")
     data["name"] = f"{recipe.name}-baseline"
     return Recipe(**data)
@@ -239,12 +297,15 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     recipe.data.labels = labels  # recorded explicitly, so a re-run maps labels the same way
     task = TASKS[recipe.task.type](recipe.to_dict(), labels or [])
     task.check()
+    check_strategy(recipe, task)
+    references = plan_references(recipe, TASKS[recipe.task.type])
     prepare_run_dir(run_dir, resume, force)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     init_ray(address, recipe)
 
     started = time.perf_counter()
     datasets, train_rows = build_datasets(recipe, splits, labels, task)
+    datasets.update(reference_datasets(references, recipe.scaling.workers))
     print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
     baseline = None
     if recipe.baseline.enabled:
@@ -259,5 +320,5 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
             shutil.rmtree(base_dir / "model", ignore_errors=True)  # the baseline is a measurement, not an export
             baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
         print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
-    state = fit(recipe, run_dir, datasets, train_rows, labels)
+    state = fit(recipe, run_dir, datasets, train_rows, labels, references)
     return write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started)

@@ -1,0 +1,169 @@
+"""Reference evaluations of the original capability, run on every worker and reduced.
+
+``probe``: embed a labelled reference set with the model's encoder (the task's ``embed``: pooled
+features, no head), fit a multinomial logistic-regression probe on the reference train split and
+score it on the reference test split. The probe is refit at every evaluation, so it measures what
+the features still encode, not whether one fixed readout still fits. The probe fitted on the base
+model (the "original probe") is kept: replay trains against it and EWC takes its Fisher from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from raytune_ft.tasks import ClassificationMetrics
+
+PROBE_ITERATIONS = 100
+PROBE_L2 = 1e-3
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (counts differ, and a rank may hold none), on every rank, in
+    rank order."""
+    if not distributed():
+        return values
+    shape = torch.tensor(values.shape, dtype=torch.int64)
+    shapes = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    longest = int(max(s[0] for s in shapes))
+    trailing = [int(max(s[i] for s in shapes)) for i in range(1, len(shape))]
+    padded = torch.zeros((longest, *trailing), dtype=values.dtype)
+    if values.shape[0]:
+        padded[: values.shape[0]] = values
+    parts = [torch.zeros_like(padded) for _ in shapes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)])
+
+
+@dataclass
+class Probe:
+    """A linear readout on standardised features: logits = ((x - mean) / std) @ weight + bias."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        features = (features.to(self.weight.dtype) - self.mean) / self.std
+        return features @ self.weight + self.bias
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, classes: int) -> "Probe":
+        """L2-regularised multinomial logistic regression, full-batch L-BFGS in float64 (deterministic)."""
+        features = features.double()
+        mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
+        x = (features - mean) / std
+        weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=PROBE_ITERATIONS, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ weight + bias, labels) + PROBE_L2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        return cls(mean, std, weight.detach(), bias.detach())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.mean, self.std, self.weight, self.bias]
+
+    def broadcast(self) -> "Probe":
+        if distributed():
+            for tensor in self.tensors():
+                dist.broadcast(tensor, src=0)
+        return self
+
+
+class Reference:
+    """One reference: its task (for collation and ``embed``), label count and worker shards."""
+
+    def __init__(self, name: str, task, classes: int, shards: dict[str, Any], batch_size: int):
+        self.name, self.task, self.classes, self.shards, self.batch_size = name, task, classes, shards, batch_size
+        self.original_probe: Probe | None = None
+        self.before: dict[str, float] = {}
+
+    def features(self, module, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and labels of this rank's shard of ``split``, gathered from every rank."""
+        from raytune_ft.train.loop import Collate
+
+        rows, labels = [], []
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            for batch in self.shards[split].iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task)):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                rows.append(self.task.embed(module, batch).float().cpu())
+                labels.append(batch["labels"].cpu())
+        module.train(was_training)
+        local = torch.cat(rows) if rows else torch.zeros(0, 1)
+        local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+        return gather_rows(local), gather_rows(local_labels)
+
+    def score(self, module, device) -> tuple[dict[str, float], Probe]:
+        """Refit the probe on the current features; its accuracy and macro-F1 on the test split."""
+        train_x, train_y = self.features(module, "train", device)
+        test_x, test_y = self.features(module, "test", device)
+        if not distributed() or dist.get_rank() == 0:
+            probe = Probe.fit(train_x, train_y, self.classes)
+        else:  # shapes for the broadcast; rank 0 fits, everyone gets its probe
+            dims = train_x.shape[1]
+            probe = Probe(*(torch.zeros(shape, dtype=torch.float64) for shape in ((dims,), (dims,), (dims, self.classes), (self.classes,))))
+        probe.broadcast()
+        metrics = ClassificationMetrics(self.classes)
+        logits = probe.logits(test_x)
+        metrics.update((torch.tensor(0.0), logits), {"labels": test_y})
+        result = metrics.compute(metrics.state())
+        return {key: result[key] for key in ("accuracy", "macro_f1")}, probe
+
+
+def retention_ratio(before: float, after: float) -> float:
+    """after / before for higher-is-better metrics: 1.0 means nothing was lost."""
+    return after / before if before > 0 else float(after >= before)
+
+
+class References:
+    """Every reference of a run: scores before training, re-scores, retention ratios."""
+
+    def __init__(self, references: list[Reference]):
+        self.references = references
+
+    def __bool__(self) -> bool:
+        return bool(self.references)
+
+    def named(self, name: str | None) -> Reference:
+        return next((r for r in self.references if r.name == name), self.references[0]) if name else self.references[0]
+
+    def score_base(self, module, device) -> None:
+        for reference in self.references:
+            reference.before, reference.original_probe = reference.score(module, device)
+
+    def evaluate(self, module, device) -> dict[str, float]:
+        """``ref/<name>/<metric>`` now, ``ref_before/...``, ``retention/<name>/<metric>``,
+        ``retention/min`` (the worst over every reference and metric) and the time it took."""
+        started = time.perf_counter()
+        record: dict[str, float] = {}
+        for reference in self.references:
+            scores, _ = reference.score(module, device)
+            for metric, value in scores.items():
+                record[f"ref/{reference.name}/{metric}"] = value
+                record[f"retention/{reference.name}/{metric}"] = retention_ratio(reference.before[metric], value)
+        if record:
+            record["retention/min"] = min(v for k, v in record.items() if k.startswith("retention/"))
+        record["ref/time_s"] = time.perf_counter() - started
+        return record
+
+    def before(self) -> dict[str, float]:
+        return {f"ref/{r.name}/{metric}": value for r in self.references for metric, value in r.before.items()}

@@ -1,0 +1,165 @@
+"""Capability retention on real Ray: references, mitigations and WiSE-FT on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, write_recipe
+from raytune_ft.recipe import validate_recipe
+from raytune_ft.train.runner import run
+
+
+def body_distance(tuned: dict, base: dict) -> float:
+    """Relative L2 distance of the pretrained (body) weights from the base model."""
+    moved = total = 0.0
+    for key, value in base.items():
+        after = tuned.get("bert." + key, tuned.get(key))
+        moved += float((after - value).pow(2).sum())
+        total += float(value.pow(2).sum())
+    return (moved / total) ** 0.5
+
+
+def test_nothing_trained_retains_everything(retention_recipe, local_ray):
+    retention_recipe["train"].update(lr=0.0, epochs=1)
+    summary = run(validate_recipe(retention_recipe))
+    retention = summary["retention"]
+    assert retention["before"]["ref/topics/accuracy"] > 0.5  # the random tiny encoder's features carry topic (chance 1/3)
+    assert retention["retention"]["retention/topics/accuracy"] == pytest.approx(1.0)
+    assert retention["worst_during_run"] == pytest.approx(1.0)
+    assert retention["reference_eval_time_s"] > 0
+
+
+def test_destroying_features_lowers_retention_and_wise_ft_recovers_it(retention_recipe, local_ray, tiny_bert):
+    """A huge learning rate wrecks the encoder; retention falls. WiSE-FT at alpha 0 is the base
+    body again (retention exactly 1), at alpha 1 the tuned model; min_retention picks alpha 0."""
+    retention_recipe["train"].update(lr=0.3, epochs=2, clip_grad_norm=None)
+    retention_recipe["wise_ft"] = {"alphas": [0.0, 1.0], "min_retention": 0.98}
+    summary = run(validate_recipe(retention_recipe))
+    run_dir = validate_recipe(retention_recipe).run_dir()
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in history if "train/loss" in row][-1]
+    assert last["retention/topics/accuracy"] < 0.9
+
+    rows = {row["alpha"]: row for row in summary["wise_ft"]["rows"]}
+    before = summary["retention"]["before"]
+    assert rows[0.0]["ref/topics/accuracy"] == pytest.approx(before["ref/topics/accuracy"], abs=1e-9)
+    assert rows[1.0]["ref/topics/accuracy"] == pytest.approx(last["ref/topics/accuracy"], abs=1e-9)
+    assert summary["wise_ft"]["alpha"] == 0.0
+    assert summary["retention"]["retention"]["retention/min"] == pytest.approx(1.0)
+    # The exported model is the chosen alpha: the base body (the head stays tuned).
+    exported = load_file(run_dir / "model" / "model.safetensors")
+    assert body_distance(exported, load_file(tiny_bert / "model.safetensors")) < 1e-6
+
+
+def test_freeze_keeps_bottom_layers_bit_identical(tiny_recipe, local_ray, tiny_bert):
+    tiny_recipe["strategy"] = {"method": "freeze", "layers": 1, "layer_lr_decay": 0.8}
+    tiny_recipe["train"]["epochs"] = 1
+    recipe = validate_recipe(tiny_recipe)
+    run(recipe)
+    base = load_file(tiny_bert / "model.safetensors")
+    tuned = load_file(recipe.run_dir() / "model" / "model.safetensors")
+    frozen = [k for k in base if k.startswith(("embeddings.", "encoder.layer.0."))]
+    trained = [k for k in base if k.startswith("encoder.layer.1.")]
+    assert frozen and trained
+    assert all(torch.equal(tuned["bert." + k], base[k]) for k in frozen)
+    assert all(not torch.equal(tuned["bert." + k], base[k]) for k in trained if k.endswith("weight"))
+
+
+def test_lora_leaves_base_untouched_and_merges_on_export(tiny_recipe, local_ray, tiny_bert, sentiment_data):
+    tiny_recipe["strategy"] = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["query", "value", "dense"]}
+    tiny_recipe["train"]["epochs"] = 2
+    recipe = validate_recipe(tiny_recipe)
+    summary = run(recipe)
+    base = load_file(tiny_bert / "model.safetensors")
+    tuned = load_file(recipe.run_dir() / "model" / "model.safetensors")
+    assert not any("lora" in k for k in tuned)  # merged into plain weights
+    adapted = [k for k in base if k.endswith(("query.weight", "value.weight", "dense.weight"))]
+    untouched = [k for k in base if k not in adapted]
+    assert all(torch.equal(tuned["bert." + k], base[k]) for k in untouched)
+    assert all(not torch.equal(tuned["bert." + k], base[k]) for k in adapted)
+
+    # The merged export, loaded by transformers alone, scores the test set as the adapter model did.
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(recipe.run_dir() / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(recipe.run_dir() / "model")
+    rows = pq.read_table(sentiment_data["test"]).to_pylist()
+    with torch.no_grad():
+        logits = model(**tokenizer([r["sentence"] for r in rows], return_tensors="pt", padding=True)).logits
+    labels = torch.tensor([model.config.label2id[r["sentiment"]] for r in rows])
+    assert float((logits.argmax(-1) == labels).float().mean()) == pytest.approx(summary["test"]["accuracy"])
+    assert float(torch.nn.functional.cross_entropy(logits, labels)) == pytest.approx(summary["test"]["loss"], abs=1e-4)
+
+
+def test_l2sp_with_huge_strength_stays_near_base_and_ewc_replay_run(retention_recipe, local_ray, tiny_bert):
+    base = load_file(tiny_bert / "model.safetensors")
+    distances = {}
+    for name, extra in (
+        ("plain", {}),
+        ("l2sp", {"regularizer": {"method": "l2sp", "strength": 1e4}}),
+        ("ewc_replay", {"regularizer": {"method": "ewc", "strength": 1e3, "fisher_samples": 32},
+                        "replay": {"fraction": 0.25, "loss_weight": 1.0}}),
+    ):
+        recipe_data = {**retention_recipe, **extra, "output": {"dir": str(retention_recipe["output"]["dir"]) + name}}
+        recipe_data["train"] = {**retention_recipe["train"], "epochs": 2}
+        recipe = validate_recipe(recipe_data)
+        summary = run(recipe)
+        distances[name] = body_distance(load_file(recipe.run_dir() / "model" / "model.safetensors"), base)
+        assert summary["retention"]["retention"]["retention/topics/accuracy"] > 0
+    assert distances["l2sp"] < 0.2 * distances["plain"]
+    assert distances["ewc_replay"] < distances["plain"]
+
+
+def test_gradual_and_lp_ft_schedules_on_a_real_model(tiny_recipe):
+    """What trains in each epoch, on the real tiny BERT (no Ray needed for the schedule)."""
+    from raytune_ft.strategies import build_strategy
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(tiny_recipe).to_dict()
+    task = build_task(recipe, ["negative", "positive"])
+
+    def trainable(model):  # classifier, bert.pooler, bert.encoder.layer.N, bert.embeddings
+        return {".".join(name.split(".")[:4 if ".layer." in name else 2]) for name, p in model.named_parameters() if p.requires_grad}
+
+    recipe["strategy"] = {"method": "gradual"}
+    strategy = build_strategy(recipe)
+    model = strategy.prepare(task.build_model(), task)
+    seen = []
+    for epoch in (1, 2, 3, 4, 5):
+        strategy.on_epoch_start(model, epoch)
+        seen.append(trainable(model))
+    assert seen[0] == {"classifier.weight", "classifier.bias", "bert.pooler"}  # the head and what follows the layers
+    assert seen[1] == seen[0] | {"bert.encoder.layer.1"}
+    assert seen[2] == seen[1] | {"bert.encoder.layer.0"}
+    assert seen[3] == seen[2] | {"bert.embeddings"} == seen[4]
+    assert all(p.requires_grad for p in model.parameters())
+
+    recipe["strategy"] = {"method": "lp_ft", "head_epochs": 2}
+    strategy = build_strategy(recipe)
+    model = strategy.prepare(task.build_model(), task)
+    assert strategy.on_epoch_start(model, 1) is True
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.encoder"))
+    assert strategy.on_epoch_start(model, 2) is False
+    assert strategy.on_epoch_start(model, 3) is True and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"strategy": {"method": "lora", "target_modules": ["nonexistent"]}}, "strategy.target_modules"),
+    ({"strategy": {"method": "freeze", "layers": 7}}, "strategy.layers"),
+    ({"strategy": {"method": "full", "rank": 4}}, "strategy.rank"),
+    ({"replay": {"fraction": 0.2}}, "replay"),
+    ({"regularizer": {"method": "ewc", "strength": 1.0}}, "regularizer"),
+    ({"wise_ft": {"alphas": [0.5, 2.0]}}, "wise_ft.alphas"),
+])
+def test_bad_retention_configs_are_one_line_errors(tiny_recipe, tmp_path, change, field):
+    recipe_path = write_recipe({**tiny_recipe, **change}, tmp_path / "bad.yaml")
+    result = cli("run", str(recipe_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
