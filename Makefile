@@ -5,9 +5,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-retention clean
 
 $(STAMP): pyproject.toml
+	# Debian's fortunes: the text retention reference set (see ASSETS.md).
+	test -d /usr/share/games/fortunes || { apt-get update -qq && apt-get install -y -qq fortunes; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.
@@ -27,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+bench-retention: $(STAMP)
+	$(PY) benchmarks/retention.py
 
 clean:
 	rm -rf runs .pytest_cache

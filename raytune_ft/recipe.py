@@ -303,21 +303,29 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw recipe dict (validated afterwards like the file)."""
+    """Apply ``a.b.c=value`` overrides to a raw recipe dict (validated afterwards like the file).
+    A number indexes a list: ``retention.references.0.data.max_rows=500``."""
     data = copy.deepcopy(data)
     for override in overrides:
         if "=" not in override:
             raise RecipeError("--set", [(override, "expected FIELD=VALUE, e.g. train.lr=3e-5")])
         path, text = override.split("=", 1)
         keys = path.strip().split(".")
-        node = data
+        node: Any = data
         for i, key in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError("--set", [(".".join(keys[: i + 1]), f"no item {key} in a list of {len(node)}")])
+                node = node[int(key)]
+                continue
             child = node.get(key)
             if child is None:
                 child = node[key] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise RecipeError("--set", [(".".join(keys[: i + 1]), "is not a section")])
             node = child
+        if isinstance(node, list):
+            raise RecipeError("--set", [(path.strip(), "set a field of a list item, e.g. retention.references.0.name")])
         node[keys[-1]] = parse_value(text)
     return data
 
