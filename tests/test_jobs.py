@@ -1,0 +1,165 @@
+"""The job layer on real Ray: a head with token auth on 127.0.0.1, `raytune-ft submit` and plain
+`ray job submit`, a two-node training run, and the configs under cluster/.
+
+Every head started here uses its own ports and temp dir and is stopped by killing its own process
+group, never with `ray stop` (that would stop other Ray instances on this machine too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cli, write_recipe
+
+BIN = Path(sys.executable).parent
+DASHBOARD = "http://127.0.0.1:8291"
+
+
+def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.Popen:
+    """`ray start --head --block` in its own process group; returns once ``probe`` answers HTTP."""
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", *args],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(probe, timeout=2)
+            return head
+        except urllib.error.HTTPError:  # 401: up, and asking for the token
+            return head
+        except OSError:
+            time.sleep(1)
+    stop_head(head)
+    raise RuntimeError(f"no answer from {probe} in 120 s: {log.read_text()[-2000:]}")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """Stop this head and every process it started (they share its process group)."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(grace)
+            time.sleep(1)  # workers and agents exit just after the head's `ray start`
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A real head on 127.0.0.1 with token auth, its own ports and temp dir; the job driver runs in
+    this venv (as on a cluster image that has the project installed)."""
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    head = start_head(["--node-ip-address", "127.0.0.1", "--port", "6391", "--dashboard-host", "127.0.0.1",
+                       "--dashboard-port", "8291", "--ray-client-server-port", "23091", "--dashboard-agent-listen-port", "52391",
+                       "--num-cpus", "4", "--object-store-memory", str(300 * 2**20), "--temp-dir", "/tmp/raytune_ft_jobs_test"],
+                      env, log, f"{DASHBOARD}/api/version")
+    try:
+        yield {"address": DASHBOARD, "token": token}
+    finally:
+        stop_head(head)
+
+
+def client_env(home: Path, **extra: str) -> dict:
+    """A client environment with no token but what the test gives (not even ~/.ray/auth_token)."""
+    return {"HOME": str(home), "RAY_AUTH_TOKEN": "", **extra}
+
+
+@pytest.fixture
+def job_recipe(tiny_recipe, tmp_path) -> Path:
+    """The tiny recipe, shortened, in a working directory of its own."""
+    tiny_recipe["train"]["epochs"] = 2
+    (tmp_path / "project").mkdir()
+    return write_recipe(tiny_recipe, tmp_path / "project" / "tiny.yaml")
+
+
+def test_submit_with_token_file_succeeds_and_never_shows_the_token(token_head, job_recipe, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(token_head["token"] + "\n")
+    env = client_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(token_file))
+    started = time.perf_counter()
+    result = cli("submit", str(job_recipe), "--address", token_head["address"], "--working-dir", str(job_recipe.parent),
+                 "--set", "train.seed=3", "--wait", env=env)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = result.stdout.split()[1]
+    assert result.stdout.startswith(f"submitted {job_id} to {DASHBOARD}")
+    assert result.stdout.strip().endswith(f"{job_id} SUCCEEDED")
+    print(f"submit --wait to SUCCEEDED: {elapsed:.1f} s")
+
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and (run_dir / "model" / "model.safetensors").is_file()
+    assert "seed: 3" in (run_dir / "recipe.yaml").read_text()  # --set travelled with the job
+
+    status = cli("status", job_id, "--address", DASHBOARD, env=client_env(tmp_path, RAY_AUTH_TOKEN=token_head["token"]))
+    assert status.returncode == 0 and f"{job_id}  SUCCEEDED  python -m raytune_ft.cli run tiny.yaml --set train.seed=3" in status.stdout
+    listing = cli("list", "--address", DASHBOARD, env=env)
+    assert listing.returncode == 0 and job_id in listing.stdout
+    logs = cli("logs", job_id, "--address", DASHBOARD, env=env)
+    assert logs.returncode == 0 and "[raytune-ft] tiny:" in logs.stdout
+
+    written = [result.stdout, result.stderr, status.stdout, listing.stdout, logs.stdout]
+    written += [p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".yaml", ".txt", ".log"}]
+    assert not any(token_head["token"] in text for text in written)
+
+
+@pytest.mark.parametrize("token", ["", "not-the-token"], ids=["no_token", "wrong_token"])
+def test_submit_without_the_right_token_is_a_one_line_error(token_head, job_recipe, tmp_path, token):
+    result = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+                 env=client_env(tmp_path, RAY_AUTH_TOKEN=token))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    problem = "the token was rejected" if token else "the cluster requires a token and none was sent"
+    assert result.stderr.startswith(f"error: {DASHBOARD}: {problem}; set RAY_AUTH_TOKEN")
+
+
+def test_recipe_errors_are_caught_before_submission(token_head, job_recipe, tmp_path):
+    env = client_env(tmp_path, RAY_AUTH_TOKEN=token_head["token"])
+    result = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+                 "--set", "train.lr=-1", env=env)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {job_recipe}: train.lr: Input should be greater than 0 (got -1)\n"
+    outside = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(tmp_path / "elsewhere"), env=env)
+    assert outside.returncode == 2 and outside.stderr.startswith("error: --working-dir:")
+
+
+def test_unreachable_address_is_a_one_line_error(tmp_path, job_recipe):
+    result = cli("submit", str(job_recipe), "--address", "http://127.0.0.1:8299", "--working-dir", str(job_recipe.parent),
+                 env=client_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr == ("error: --address: cannot reach the Ray dashboard at http://127.0.0.1:8299; is the cluster up, "
+                             "and the port tunnelled (ray dashboard cluster.yaml)?\n")
+
+
+def test_plain_ray_job_submit_runs_a_recipe(token_head, job_recipe, tmp_path):
+    job_recipe.write_text(job_recipe.read_text().replace(str(tmp_path / "run"), str(tmp_path / "plain")))
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+         "--", "raytune-ft", "run", "tiny.yaml"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_head["token"], "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout.lower()
+    assert (tmp_path / "plain" / "summary.json").is_file()
