@@ -163,3 +163,58 @@ def test_plain_ray_job_submit_runs_a_recipe(token_head, job_recipe, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout.lower()
     assert (tmp_path / "plain" / "summary.json").is_file()
+
+
+TWO_NODE_RUN = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from raytune_ft.recipe import load_recipe
+from raytune_ft.train.runner import run
+
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "gcs_server_port": 6392, "dashboard_port": 8292, "dashboard_agent_listen_port": 52392})
+cluster.add_node(num_cpus=1, dashboard_agent_listen_port=52393)
+cluster.wait_for_nodes()
+try:
+    run(load_recipe(sys.argv[1]), address=cluster.address)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, raise_on_missing_output=False)
+    print(json.dumps({"nodes": [node["NodeID"] for node in ray.nodes()], "worker_nodes": [w.node_id for w in workers]}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_node_run_places_one_worker_per_node_and_checkpoints_to_shared_storage(tiny_recipe, tmp_path):
+    """Two nodes of 1 CPU each: the 2 training workers can only land one per node. Checkpoints go to
+    output.storage_path (the stand-in for S3/GCS), and the outputs are copied there at the end."""
+    tiny_recipe["train"]["epochs"] = 2
+    tiny_recipe["output"]["storage_path"] = str(tmp_path / "shared")
+    recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    # RAY_TMPDIR keeps this cluster's sessions and address file away from other Ray instances here.
+    env = {**os.environ, "RAY_TMPDIR": "/tmp/rtft_2node", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-c", TWO_NODE_RUN, str(recipe)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    placement = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(placement["nodes"]) == 2
+    assert sorted(placement["worker_nodes"]) == sorted(placement["nodes"])  # one worker on each node
+
+    shared, local = tmp_path / "shared" / "run", tmp_path / "run"
+    assert list(shared.glob("checkpoint_*/trainer_state.json"))
+    assert not list(local.glob("checkpoint_*"))
+    assert (shared / "summary.json").read_text() == (local / "summary.json").read_text()
+    assert (shared / "model" / "model.safetensors").is_file()
+    assert json.loads((local / "summary.json").read_text())["outputs"]["checkpoints"] == str(shared)
+
+
+def test_shared_storage_run_is_never_overwritten(tiny_recipe, tmp_path):
+    (tmp_path / "shared" / "run" / "checkpoint_000000").mkdir(parents=True)
+    tiny_recipe["output"]["storage_path"] = str(tmp_path / "shared")
+    result = cli("run", str(write_recipe(tiny_recipe, tmp_path / "tiny.yaml")))
+    assert result.returncode == 2
+    assert result.stderr == (f"error: output.storage_path: {tmp_path / 'shared' / 'run'} already holds a run; "
+                             "pass --resume to continue it, or give the run another output.dir name\n")
