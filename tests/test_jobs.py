@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, cli, write_recipe
 
@@ -218,3 +219,105 @@ def test_shared_storage_run_is_never_overwritten(tiny_recipe, tmp_path):
     assert result.returncode == 2
     assert result.stderr == (f"error: output.storage_path: {tmp_path / 'shared' / 'run'} already holds a run; "
                              "pass --resume to continue it, or give the run another output.dir name\n")
+
+
+CLUSTER = ROOT / "cluster"
+LAUNCHER_CONFIGS = ["local-autoscale.yaml", "aws.yaml", "gcp.yaml"]
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_validates_against_rays_schema(name):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = load_yaml(CLUSTER / name)
+    jsonschema.validate(config, schema)
+    workers = {key: node for key, node in config["available_node_types"].items() if key != config["head_node_type"]}
+    assert workers and all(node["min_workers"] == 0 and node["max_workers"] >= 1 for node in workers.values())
+    assert config["idle_timeout_minutes"] > 0
+    if name != "local-autoscale.yaml":  # cloud: GPU workers, token auth on every node, loopback dashboard
+        assert all(node["resources"].get("GPU", 0) >= 1 for node in workers.values())
+        starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        assert all("RAY_AUTH_MODE=token ray start" in command for command in starts if "ray start" in command)
+        assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+        assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "0.0.0.0" not in json.dumps({k: v for k, v in config.items() if k != "provider"})
+
+
+def kuberay_clusters() -> list[tuple[str, dict]]:
+    cluster = load_yaml(CLUSTER / "kuberay" / "raycluster.yaml")
+    job = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    return [("raycluster", cluster["spec"]), ("rayjob", job["spec"]["rayClusterSpec"])]
+
+
+def test_kuberay_manifests_autoscale_with_token_auth_and_no_public_service():
+    for name, spec in kuberay_clusters():
+        assert spec["authOptions"] == {"mode": "token", "secretName": "raytune-ft-ray-token"}, name
+        assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].startswith("rayproject/ray:2.60.0")
+        for group in spec["workerGroupSpecs"]:
+            assert group["groupName"] and group["minReplicas"] == 0 < group["maxReplicas"]
+            container = group["template"]["spec"]["containers"][0]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    job = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]
+    assert job["entrypoint"].startswith("python -m raytune_ft.cli run jobs/") and job["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip") and runtime_env["pip"]
+
+
+def test_make_cluster_up_enables_token_auth_on_loopback():
+    makefile = (ROOT / "Makefile").read_text()
+    up = makefile.split("cluster-up:", 1)[1].split("cluster-down:", 1)[0]
+    assert "RAY_AUTH_MODE=token" in up and "--dashboard-host 127.0.0.1" in up
+    assert "cluster/local-autoscale.yaml" in up and "ray stop" not in makefile
+
+
+def alive_worker_nodes(token: str, dashboard: str) -> int:
+    request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"})
+    nodes = json.loads(urllib.request.urlopen(request, timeout=10).read())["data"]["result"]["result"]
+    return sum(1 for node in nodes if node["state"] == "ALIVE" and not node["is_head_node"])
+
+
+@pytest.mark.slow
+def test_local_autoscaling_cluster_scales_up_for_a_job_and_back_down(tiny_recipe, tmp_path):
+    """cluster/local-autoscale.yaml (on its own ports): no worker nodes at first; a 2-worker job
+    makes the autoscaler add nodes, the job succeeds, and the idle nodes leave again."""
+    from ray._private.services import get_node_ip_address
+
+    config = load_yaml(CLUSTER / "local-autoscale.yaml")
+    config["provider"]["gcs_address"] = f"{get_node_ip_address()}:6394"
+    (tmp_path / "autoscale.yaml").write_text(json.dumps(config))
+    token, dashboard = secrets.token_hex(32), "http://127.0.0.1:8294"
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_TMPDIR": "/tmp/rtft_scale", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = start_head(["--num-cpus", "0", "--port", "6394", "--dashboard-host", "127.0.0.1", "--dashboard-port", "8294",
+                       "--ray-client-server-port", "23094", "--dashboard-agent-listen-port", "52394",
+                       "--autoscaling-config", str(tmp_path / "autoscale.yaml")], env, tmp_path / "head.log", f"{dashboard}/api/version")
+    try:
+        assert alive_worker_nodes(token, dashboard) == 0
+        tiny_recipe["train"]["epochs"] = 1
+        (tmp_path / "project").mkdir()
+        recipe = write_recipe(tiny_recipe, tmp_path / "project" / "tiny.yaml")
+        started = time.perf_counter()
+        result = cli("submit", str(recipe), "--address", dashboard, "--working-dir", str(recipe.parent), "--wait",
+                     env=client_env(tmp_path, RAY_AUTH_TOKEN=token))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        print(f"autoscaled job SUCCEEDED after {time.perf_counter() - started:.0f} s")
+        assert alive_worker_nodes(token, dashboard) >= 2  # the two training workers needed a node each
+        assert (tmp_path / "run" / "summary.json").is_file()
+        idle_since = time.perf_counter()
+        while alive_worker_nodes(token, dashboard) and time.perf_counter() - idle_since < 180:
+            time.sleep(5)
+        assert alive_worker_nodes(token, dashboard) == 0
+        print(f"worker nodes gone {time.perf_counter() - idle_since:.0f} s after the job")
+    finally:
+        stop_head(head)
