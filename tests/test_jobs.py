@@ -305,11 +305,12 @@ def test_local_autoscaling_cluster_scales_up_for_a_job_and_back_down(tiny_recipe
     try:
         assert alive_worker_nodes(token, dashboard) == 0
         tiny_recipe["train"]["epochs"] = 1
-        (tmp_path / "project").mkdir()
-        recipe = write_recipe(tiny_recipe, tmp_path / "project" / "tiny.yaml")
+        recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
         started = time.perf_counter()
-        result = cli("submit", str(recipe), "--address", dashboard, "--working-dir", str(recipe.parent), "--wait",
-                     env=client_env(tmp_path, RAY_AUTH_TOKEN=token))
+        # No working_dir upload: fake nodes share one temp dir, and one node's cleanup would delete
+        # the unpacked directory under another's workers. The project is installed on every "node".
+        result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "raytune-ft", "run", str(recipe)],
+                                capture_output=True, text=True, timeout=600, env={**env, "HOME": str(tmp_path)})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         print(f"autoscaled job SUCCEEDED after {time.perf_counter() - started:.0f} s")
         assert alive_worker_nodes(token, dashboard) >= 2  # the two training workers needed a node each
