@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention clean
+.PHONY: install demo test bench bench-retention clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes: the text retention reference set (see ASSETS.md).
@@ -32,6 +32,22 @@ bench: $(STAMP)
 
 bench-retention: $(STAMP)
 	$(PY) benchmarks/retention.py
+
+# A local autoscaling cluster (cluster/local-autoscale.yaml): token auth, dashboard on 127.0.0.1:8265.
+# Its processes share one process group, so cluster-down stops them and no other Ray on this machine.
+CLUSTER_DIR := /tmp/raytune-ft-local
+
+cluster-up: $(STAMP)
+	@test -s $$HOME/.ray/auth_token || $(VENV)/bin/ray get-auth-token --generate > /dev/null
+	@mkdir -p $(CLUSTER_DIR)
+	RAY_FAKE_CLUSTER=1 RAY_AUTH_MODE=token RAY_TMPDIR=$(CLUSTER_DIR) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	  setsid $(VENV)/bin/ray start --head --block --num-cpus 0 --dashboard-host 127.0.0.1 --disable-usage-stats \
+	  --autoscaling-config cluster/local-autoscale.yaml > $(CLUSTER_DIR)/head.log 2>&1 & echo $$! > $(CLUSTER_DIR)/head.pid
+	@echo "starting: dashboard http://127.0.0.1:8265 (token in ~/.ray/auth_token), log $(CLUSTER_DIR)/head.log"
+
+cluster-down:
+	-kill -TERM -- -$$(cat $(CLUSTER_DIR)/head.pid) && sleep 10; kill -KILL -- -$$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null; \
+	  rm -f $(CLUSTER_DIR)/head.pid
 
 clean:
 	rm -rf runs .pytest_cache

@@ -54,6 +54,65 @@ def run(
     typer.echo(summary_table(summary))
 
 
+ADDRESS_HELP = "The head's dashboard address, e.g. http://127.0.0.1:8265; default RAY_API_SERVER_ADDRESS or RAY_ADDRESS."
+
+
+@app.command()
+def submit(
+    recipe: Path,
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    working_dir: Path = typer.Option(Path("."), help="Shipped with the job as its current directory; must hold the recipe."),
+    pip: list[str] = typer.Option([], help="A package the cluster lacks, installed for this job (repeatable)."),
+    wait: bool = typer.Option(False, help="Stream the job's logs and exit with its status (0: SUCCEEDED)."),
+):
+    """Validate a recipe here, then run it on a Ray cluster as a job; prints the job id."""
+    from raytune_ft import jobs
+
+    address, job_id = jobs.submit(recipe, set_, address, working_dir, pip)
+    typer.echo(f"submitted {job_id} to {address}")
+    if wait:
+        jobs.stream_logs(address, job_id)
+        typer.echo(f"{job_id} {jobs.final_status(address, job_id)}")
+
+
+@app.command()
+def status(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """Show a job's status."""
+    from raytune_ft import jobs
+
+    typer.echo(jobs.describe(address, job_id))
+
+
+@app.command()
+def logs(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")):
+    """Print a job's logs."""
+    from raytune_ft import jobs
+
+    if follow:
+        jobs.stream_logs(address, job_id)
+    else:
+        typer.echo(jobs.logs(address, job_id), nl=False)
+
+
+@app.command()
+def stop(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """Stop a running job."""
+    from raytune_ft import jobs
+
+    typer.echo(f"stopping {job_id}" if jobs.stop(address, job_id) else f"{job_id} had already ended")
+
+
+@app.command("list")
+def list_jobs(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """List the cluster's jobs, newest first."""
+    from raytune_ft import jobs
+
+    for row in jobs.table(address):
+        typer.echo("  ".join(row))
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; nothing else is shown."""
     from raytune_ft.train.runner import TrainingFailed

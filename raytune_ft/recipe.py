@@ -8,11 +8,12 @@ Task-specific options (``task:``) are validated by the options model the task re
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raytune_ft.errors import RecipeError, UserError
 
@@ -190,7 +191,28 @@ class BaselineSection(Section):
 
 class OutputSection(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
+    storage_path: Optional[str] = Field(
+        None,
+        description="shared storage every node reaches (s3://, gs:// or an absolute path on a shared "
+                    "filesystem): checkpoints and, at the end, the outputs land in storage_path/<run dir name>; "
+                    "default: the run directory itself",
+    )
     checkpoints_to_keep: int = Field(2, ge=1)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _shared(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^([a-z][a-z0-9+.-]*://|/|~)", value):
+            raise ValueError("give s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or an absolute path on a filesystem every node mounts")
+        return value
+
+    def storage_root(self, run_dir: Path) -> str:
+        """Where Ray Train keeps the run (``storage_root/<run dir name>``)."""
+        if self.storage_path is None:
+            return str(run_dir.parent)
+        if "://" in self.storage_path:
+            return self.storage_path.rstrip("/")
+        return str(Path(self.storage_path).expanduser().resolve())
 
 
 class Recipe(Section):

@@ -3,7 +3,9 @@
 A run directory (``output.dir``) is Ray's ``storage_path/name``: Ray keeps checkpoints there, and
 the driver adds ``recipe.yaml``, ``metrics.jsonl``, ``summary.json``, ``model/`` (the exported
 ``save_pretrained`` directory) and ``plots/``. The baseline (the base model with only a new head
-trained) runs the same loop into ``baseline/``.
+trained) runs the same loop into ``baseline/``. On a cluster, ``output.storage_path`` moves Ray's
+storage to shared storage (S3, GCS, NFS): checkpoints land in ``storage_path/name`` and the
+driver's outputs are copied there at the end, so nothing stays only on one node's disk.
 """
 
 from __future__ import annotations
@@ -74,6 +76,33 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         probe.unlink()
     except OSError as error:
         raise UserError("output.dir", f"{run_dir} is not writable ({error.strerror})") from None
+
+
+def shared_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
+    """The run's directory on shared storage, or None when Ray stores it in the run directory."""
+    return f"{recipe.output.storage_root(run_dir)}/{run_dir.name}" if recipe.output.storage_path else None
+
+
+def check_shared_storage(destination: str, resume: bool) -> None:
+    """A run on shared storage is never overwritten either; it is never moved aside or deleted."""
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(destination)
+        occupied = bool(filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True)))
+    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+        raise UserError("output.storage_path", f"cannot open {destination}: {str(error).splitlines()[0]}") from None
+    if occupied and not resume:
+        raise UserError("output.storage_path", f"{destination} already holds a run; pass --resume to continue it, "
+                                               "or give the run another output.dir name")
+
+
+def publish_outputs(run_dir: Path, destination: str) -> None:
+    """Copy the driver's outputs beside the checkpoints on shared storage."""
+    from pyarrow import fs
+
+    fs.copy_files(str(run_dir), destination)
+    print(f"[raytune-ft] outputs copied to {destination}", flush=True)
 
 
 class ExactEvalDataConfig(DataConfig):
@@ -179,7 +208,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=recipe.scaling.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            storage_path=recipe.output.storage_root(run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.output.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -249,7 +278,8 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "plan": state["plan"],
         "retention": retention_summary(state),
         "wise_ft": state.get("wise_ft"),
-        "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl")},
+        "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl"),
+                    "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
     plot_files = plots.write_run_plots(run_dir / "plots", history, state.get("test", {}), recipe)
     summary["outputs"]["plots"] = [str(p) for p in plot_files]
@@ -279,6 +309,8 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     data.update(retention=None, regularizer=None, replay=None, wise_ft=None)
     data["strategy"] = {"method": "head_only"}
     data["output"]["dir"] = str(run_dir / "baseline")
+    if recipe.output.storage_path:
+        data["output"]["storage_path"] = shared_run_dir(recipe, run_dir)
     data["name"] = f"{recipe.name}-baseline"
     return Recipe(**data)
 
@@ -300,6 +332,9 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     check_strategy(recipe, task)
     references = plan_references(recipe, TASKS[recipe.task.type])
     prepare_run_dir(run_dir, resume, force)
+    shared = shared_run_dir(recipe, run_dir)
+    if shared:
+        check_shared_storage(shared, resume)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     init_ray(address, recipe)
 
@@ -321,4 +356,7 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
             baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
         print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
     state = fit(recipe, run_dir, datasets, train_rows, labels, references)
-    return write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started)
+    summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started)
+    if shared:
+        publish_outputs(run_dir, shared)
+    return summary

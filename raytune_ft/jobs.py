@@ -1,0 +1,173 @@
+"""The job layer: ship a recipe to a Ray cluster through the Job Submission SDK, and follow it.
+
+A submitted job runs the same ``raytune-ft run`` as a laptop does; this module adds only packaging
+(the working directory as the job's runtime environment) and submission. The cluster's token is
+read the way Ray reads it (``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``) and sent as a header; it is never printed, logged or put in the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from raytune_ft.errors import UserError
+
+# Never shipped: local environments, outputs and caches (Ray also honours .gitignore).
+WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", ".cache", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"]
+TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token, RAY_AUTH_TOKEN_PATH to a file holding it, "
+              "or put it in ~/.ray/auth_token (on the head: ray get-auth-token)")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobFailed(UserError):
+    """A job ended without succeeding: reported on one line like a user error, exit code 1."""
+
+    exit_code = 1
+
+
+def auth_token() -> str | None:
+    """The cluster token, looked up in Ray's order; None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path_text = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(path_text).expanduser() if path_text else Path.home() / ".ray" / "auth_token"
+    if path_text and not path.is_file():
+        raise UserError("RAY_AUTH_TOKEN_PATH", f"{path} is not a file; {TOKEN_HELP}")
+    token = path.read_text().strip() if path.is_file() else ""
+    return token or None
+
+
+def resolve_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("--address", "give the head's dashboard address, e.g. http://127.0.0.1:8265 "
+                                     "(through an SSH tunnel: ray dashboard cluster.yaml), or set RAY_API_SERVER_ADDRESS")
+    return address
+
+
+@contextmanager
+def job_api_errors(address: str) -> Iterator[None]:
+    """Turn the SDK's connection, auth and request failures into one-line user errors."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as error:
+        problem = "the token was rejected" if "Forbidden" in str(error) else "the cluster requires a token and none was sent"
+        raise UserError(address, f"{problem}; {TOKEN_HELP}") from None
+    except ConnectionError:
+        raise UserError("--address", f"cannot reach the Ray dashboard at {address}; is the cluster up, "
+                                     "and the port tunnelled (ray dashboard cluster.yaml)?") from None
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(address, first.removeprefix("Request failed with status code ")) from None
+
+
+@contextmanager
+def job_client(address: str | None):
+    """A connected JobSubmissionClient that sends the token (if any) as a bearer header."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = resolve_address(address)
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with job_api_errors(address):
+        yield JobSubmissionClient(address, headers=headers)
+
+
+def entrypoint(recipe: Path, overrides: list[str], command: str = "run") -> str:
+    """The shell command the job runs; ``python -m`` works whether the cluster installed the
+    project or only has it in the uploaded working directory."""
+    words = ["python", "-m", "raytune_ft.cli", command, recipe.as_posix()]
+    for override in overrides:
+        words += ["--set", override]
+    return shlex.join(words)
+
+
+def runtime_env(working_dir: Path, pip: list[str]) -> dict:
+    env: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES}
+    if pip:
+        env["pip"] = pip
+    return env
+
+
+def recipe_in_working_dir(recipe: Path, working_dir: Path) -> Path:
+    """The recipe's path inside the working directory, which is the job's current directory."""
+    try:
+        return recipe.resolve().relative_to(working_dir)
+    except ValueError:
+        raise UserError(str(recipe), f"is not inside the working directory {working_dir} that ships with the job; "
+                                     "pass --working-dir") from None
+
+
+def submit(recipe: Path, overrides: list[str], address: str | None, working_dir: Path, pip: list[str]) -> tuple[str, str]:
+    """Validate locally, then submit; returns (address, job id). Nothing reaches the cluster
+    when the recipe is invalid."""
+    from raytune_ft.recipe import load_recipe
+
+    load_recipe(recipe, overrides)
+    working_dir = working_dir.expanduser().resolve()
+    if not working_dir.is_dir():
+        raise UserError("--working-dir", f"{working_dir} is not a directory")
+    relative = recipe_in_working_dir(recipe, working_dir)
+    with job_client(address) as client:
+        job_id = client.submit_job(entrypoint=entrypoint(relative, overrides), runtime_env=runtime_env(working_dir, pip),
+                                   metadata={"recipe": relative.as_posix()})
+    return resolve_address(address), job_id
+
+
+def stream_logs(address: str | None, job_id: str) -> None:
+    """Write the job's logs to stdout as they come, until the job ends."""
+    with job_client(address) as client:
+        async def tail() -> None:
+            async for chunk in client.tail_job_logs(job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+
+        asyncio.run(tail())
+
+
+def final_status(address: str | None, job_id: str, poll_s: float = 1.0) -> str:
+    """Wait for the job to end; return its status, or raise JobFailed unless it SUCCEEDED."""
+    with job_client(address) as client:
+        while (info := client.get_job_info(job_id)).status.value not in TERMINAL:
+            time.sleep(poll_s)
+    if info.status.value != "SUCCEEDED":
+        message = (info.message or "").strip().splitlines()
+        raise JobFailed(f"job {job_id}", info.status.value + (f": {message[0]}" if message else ""))
+    return info.status.value
+
+
+def describe(address: str | None, job_id: str) -> str:
+    """One line: the job's status, recipe, entrypoint and message."""
+    with job_client(address) as client:
+        info = client.get_job_info(job_id)
+    message = (info.message or "").strip().splitlines()
+    return f"{job_id}  {info.status.value}  {info.entrypoint}" + (f"  ({message[0]})" if message else "")
+
+
+def logs(address: str | None, job_id: str) -> str:
+    with job_client(address) as client:
+        return client.get_job_logs(job_id)
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    """Ask the job to stop; False when it had already ended."""
+    with job_client(address) as client:
+        return client.stop_job(job_id)
+
+
+def table(address: str | None) -> list[tuple[str, str, str, str]]:
+    """(submission id, status, started, entrypoint) of every job, newest first."""
+    with job_client(address) as client:
+        jobs = sorted(client.list_jobs(), key=lambda job: job.start_time or 0, reverse=True)
+    return [(job.submission_id or job.job_id or "-", job.status.value,
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-",
+             job.entrypoint) for job in jobs]

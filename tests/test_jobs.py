@@ -1,0 +1,324 @@
+"""The job layer on real Ray: a head with token auth on 127.0.0.1, `raytune-ft submit` and plain
+`ray job submit`, a two-node training run, and the configs under cluster/.
+
+Every head started here uses its own ports and temp dir and is stopped by killing its own process
+group, never with `ray stop` (that would stop other Ray instances on this machine too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, cli, write_recipe
+
+BIN = Path(sys.executable).parent
+DASHBOARD = "http://127.0.0.1:8291"
+
+
+def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.Popen:
+    """`ray start --head --block` in its own process group; returns once ``probe`` answers HTTP."""
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", *args],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(probe, timeout=2)
+            return head
+        except urllib.error.HTTPError:  # 401: up, and asking for the token
+            return head
+        except OSError:
+            time.sleep(1)
+    stop_head(head)
+    raise RuntimeError(f"no answer from {probe} in 120 s: {log.read_text()[-2000:]}")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """Stop this head and every process it started (they share its process group)."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(grace)
+            time.sleep(1)  # workers and agents exit just after the head's `ray start`
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A real head on 127.0.0.1 with token auth, its own ports and temp dir; the job driver runs in
+    this venv (as on a cluster image that has the project installed)."""
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    head = start_head(["--node-ip-address", "127.0.0.1", "--port", "6391", "--dashboard-host", "127.0.0.1",
+                       "--dashboard-port", "8291", "--ray-client-server-port", "23091", "--dashboard-agent-listen-port", "52391",
+                       "--num-cpus", "4", "--object-store-memory", str(300 * 2**20), "--temp-dir", "/tmp/raytune_ft_jobs_test"],
+                      env, log, f"{DASHBOARD}/api/version")
+    try:
+        yield {"address": DASHBOARD, "token": token}
+    finally:
+        stop_head(head)
+
+
+def client_env(home: Path, **extra: str) -> dict:
+    """A client environment with no token but what the test gives (not even ~/.ray/auth_token)."""
+    return {"HOME": str(home), "RAY_AUTH_TOKEN": "", **extra}
+
+
+@pytest.fixture
+def job_recipe(tiny_recipe, tmp_path) -> Path:
+    """The tiny recipe, shortened, in a working directory of its own."""
+    tiny_recipe["train"]["epochs"] = 2
+    (tmp_path / "project").mkdir()
+    return write_recipe(tiny_recipe, tmp_path / "project" / "tiny.yaml")
+
+
+def test_submit_with_token_file_succeeds_and_never_shows_the_token(token_head, job_recipe, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(token_head["token"] + "\n")
+    env = client_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(token_file))
+    started = time.perf_counter()
+    result = cli("submit", str(job_recipe), "--address", token_head["address"], "--working-dir", str(job_recipe.parent),
+                 "--set", "train.seed=3", "--wait", env=env)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = result.stdout.split()[1]
+    assert result.stdout.startswith(f"submitted {job_id} to {DASHBOARD}")
+    assert result.stdout.strip().endswith(f"{job_id} SUCCEEDED")
+    print(f"submit --wait to SUCCEEDED: {elapsed:.1f} s")
+
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and (run_dir / "model" / "model.safetensors").is_file()
+    assert "seed: 3" in (run_dir / "recipe.yaml").read_text()  # --set travelled with the job
+
+    status = cli("status", job_id, "--address", DASHBOARD, env=client_env(tmp_path, RAY_AUTH_TOKEN=token_head["token"]))
+    assert status.returncode == 0 and f"{job_id}  SUCCEEDED  python -m raytune_ft.cli run tiny.yaml --set train.seed=3" in status.stdout
+    listing = cli("list", "--address", DASHBOARD, env=env)
+    assert listing.returncode == 0 and job_id in listing.stdout
+    logs = cli("logs", job_id, "--address", DASHBOARD, env=env)
+    assert logs.returncode == 0 and "[raytune-ft] tiny:" in logs.stdout
+
+    written = [result.stdout, result.stderr, status.stdout, listing.stdout, logs.stdout]
+    written += [p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".yaml", ".txt", ".log"}]
+    assert not any(token_head["token"] in text for text in written)
+
+
+@pytest.mark.parametrize("token", ["", "not-the-token"], ids=["no_token", "wrong_token"])
+def test_submit_without_the_right_token_is_a_one_line_error(token_head, job_recipe, tmp_path, token):
+    result = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+                 env=client_env(tmp_path, RAY_AUTH_TOKEN=token))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    problem = "the token was rejected" if token else "the cluster requires a token and none was sent"
+    assert result.stderr.startswith(f"error: {DASHBOARD}: {problem}; set RAY_AUTH_TOKEN")
+
+
+def test_recipe_errors_are_caught_before_submission(token_head, job_recipe, tmp_path):
+    env = client_env(tmp_path, RAY_AUTH_TOKEN=token_head["token"])
+    result = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+                 "--set", "train.lr=-1", env=env)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {job_recipe}: train.lr: Input should be greater than 0 (got -1)\n"
+    outside = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(tmp_path / "elsewhere"), env=env)
+    assert outside.returncode == 2 and outside.stderr.startswith("error: --working-dir:")
+
+
+def test_unreachable_address_is_a_one_line_error(tmp_path, job_recipe):
+    result = cli("submit", str(job_recipe), "--address", "http://127.0.0.1:8299", "--working-dir", str(job_recipe.parent),
+                 env=client_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr == ("error: --address: cannot reach the Ray dashboard at http://127.0.0.1:8299; is the cluster up, "
+                             "and the port tunnelled (ray dashboard cluster.yaml)?\n")
+
+
+def test_plain_ray_job_submit_runs_a_recipe(token_head, job_recipe, tmp_path):
+    job_recipe.write_text(job_recipe.read_text().replace(str(tmp_path / "run"), str(tmp_path / "plain")))
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+         "--", "raytune-ft", "run", "tiny.yaml"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_head["token"], "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout.lower()
+    assert (tmp_path / "plain" / "summary.json").is_file()
+
+
+TWO_NODE_RUN = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from raytune_ft.recipe import load_recipe
+from raytune_ft.train.runner import run
+
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "gcs_server_port": 6392, "dashboard_port": 8292, "dashboard_agent_listen_port": 52392})
+cluster.add_node(num_cpus=1, dashboard_agent_listen_port=52393)
+cluster.wait_for_nodes()
+try:
+    run(load_recipe(sys.argv[1]), address=cluster.address)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, raise_on_missing_output=False)
+    print(json.dumps({"nodes": [node["NodeID"] for node in ray.nodes()], "worker_nodes": [w.node_id for w in workers]}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_node_run_places_one_worker_per_node_and_checkpoints_to_shared_storage(tiny_recipe, tmp_path):
+    """Two nodes of 1 CPU each: the 2 training workers can only land one per node. Checkpoints go to
+    output.storage_path (the stand-in for S3/GCS), and the outputs are copied there at the end."""
+    tiny_recipe["train"]["epochs"] = 2
+    tiny_recipe["output"]["storage_path"] = str(tmp_path / "shared")
+    recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    # RAY_TMPDIR keeps this cluster's sessions and address file away from other Ray instances here.
+    env = {**os.environ, "RAY_TMPDIR": "/tmp/rtft_2node", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-c", TWO_NODE_RUN, str(recipe)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    placement = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(placement["nodes"]) == 2
+    assert sorted(placement["worker_nodes"]) == sorted(placement["nodes"])  # one worker on each node
+
+    shared, local = tmp_path / "shared" / "run", tmp_path / "run"
+    assert list(shared.glob("checkpoint_*/trainer_state.json"))
+    assert not list(local.glob("checkpoint_*"))
+    assert (shared / "summary.json").read_text() == (local / "summary.json").read_text()
+    assert (shared / "model" / "model.safetensors").is_file()
+    assert json.loads((local / "summary.json").read_text())["outputs"]["checkpoints"] == str(shared)
+
+
+def test_shared_storage_run_is_never_overwritten(tiny_recipe, tmp_path):
+    (tmp_path / "shared" / "run" / "checkpoint_000000").mkdir(parents=True)
+    tiny_recipe["output"]["storage_path"] = str(tmp_path / "shared")
+    result = cli("run", str(write_recipe(tiny_recipe, tmp_path / "tiny.yaml")))
+    assert result.returncode == 2
+    assert result.stderr == (f"error: output.storage_path: {tmp_path / 'shared' / 'run'} already holds a run; "
+                             "pass --resume to continue it, or give the run another output.dir name\n")
+
+
+CLUSTER = ROOT / "cluster"
+LAUNCHER_CONFIGS = ["local-autoscale.yaml", "aws.yaml", "gcp.yaml"]
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_validates_against_rays_schema(name):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = load_yaml(CLUSTER / name)
+    jsonschema.validate(config, schema)
+    workers = {key: node for key, node in config["available_node_types"].items() if key != config["head_node_type"]}
+    assert workers and all(node["min_workers"] == 0 and node["max_workers"] >= 1 for node in workers.values())
+    assert config["idle_timeout_minutes"] > 0
+    if name != "local-autoscale.yaml":  # cloud: GPU workers, token auth on every node, loopback dashboard
+        assert all(node["resources"].get("GPU", 0) >= 1 for node in workers.values())
+        starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        assert all("RAY_AUTH_MODE=token ray start" in command for command in starts if "ray start" in command)
+        assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+        assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "0.0.0.0" not in json.dumps({k: v for k, v in config.items() if k != "provider"})
+
+
+def kuberay_clusters() -> list[tuple[str, dict]]:
+    cluster = load_yaml(CLUSTER / "kuberay" / "raycluster.yaml")
+    job = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    return [("raycluster", cluster["spec"]), ("rayjob", job["spec"]["rayClusterSpec"])]
+
+
+def test_kuberay_manifests_autoscale_with_token_auth_and_no_public_service():
+    for name, spec in kuberay_clusters():
+        assert spec["authOptions"] == {"mode": "token", "secretName": "raytune-ft-ray-token"}, name
+        assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].startswith("rayproject/ray:2.60.0")
+        for group in spec["workerGroupSpecs"]:
+            assert group["groupName"] and group["minReplicas"] == 0 < group["maxReplicas"]
+            container = group["template"]["spec"]["containers"][0]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    job = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]
+    assert job["entrypoint"].startswith("python -m raytune_ft.cli run jobs/") and job["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip") and runtime_env["pip"]
+
+
+def test_make_cluster_up_enables_token_auth_on_loopback():
+    makefile = (ROOT / "Makefile").read_text()
+    up = makefile.split("cluster-up:", 1)[1].split("cluster-down:", 1)[0]
+    assert "RAY_AUTH_MODE=token" in up and "--dashboard-host 127.0.0.1" in up
+    assert "cluster/local-autoscale.yaml" in up and "ray stop" not in makefile
+
+
+def alive_worker_nodes(token: str, dashboard: str) -> int:
+    request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"})
+    nodes = json.loads(urllib.request.urlopen(request, timeout=10).read())["data"]["result"]["result"]
+    return sum(1 for node in nodes if node["state"] == "ALIVE" and not node["is_head_node"])
+
+
+@pytest.mark.slow
+def test_local_autoscaling_cluster_scales_up_for_a_job_and_back_down(tiny_recipe, tmp_path):
+    """cluster/local-autoscale.yaml (on its own ports): no worker nodes at first; a 2-worker job
+    makes the autoscaler add nodes, the job succeeds, and the idle nodes leave again."""
+    from ray._private.services import get_node_ip_address
+
+    config = load_yaml(CLUSTER / "local-autoscale.yaml")
+    config["provider"]["gcs_address"] = f"{get_node_ip_address()}:6394"
+    (tmp_path / "autoscale.yaml").write_text(json.dumps(config))
+    token, dashboard = secrets.token_hex(32), "http://127.0.0.1:8294"
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_TMPDIR": "/tmp/rtft_scale", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = start_head(["--num-cpus", "0", "--port", "6394", "--dashboard-host", "127.0.0.1", "--dashboard-port", "8294",
+                       "--ray-client-server-port", "23094", "--dashboard-agent-listen-port", "52394",
+                       "--autoscaling-config", str(tmp_path / "autoscale.yaml")], env, tmp_path / "head.log", f"{dashboard}/api/version")
+    try:
+        assert alive_worker_nodes(token, dashboard) == 0
+        tiny_recipe["train"]["epochs"] = 1
+        recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+        started = time.perf_counter()
+        # No working_dir upload: fake nodes share one temp dir, and one node's cleanup would delete
+        # the unpacked directory under another's workers. The project is installed on every "node".
+        result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "raytune-ft", "run", str(recipe)],
+                                capture_output=True, text=True, timeout=600, env={**env, "HOME": str(tmp_path)})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        print(f"autoscaled job SUCCEEDED after {time.perf_counter() - started:.0f} s")
+        assert alive_worker_nodes(token, dashboard) >= 2  # the two training workers needed a node each
+        assert (tmp_path / "run" / "summary.json").is_file()
+        idle_since = time.perf_counter()
+        while alive_worker_nodes(token, dashboard) and time.perf_counter() - idle_since < 180:
+            time.sleep(5)
+        assert alive_worker_nodes(token, dashboard) == 0
+        print(f"worker nodes gone {time.perf_counter() - idle_since:.0f} s after the job")
+    finally:
+        stop_head(head)
