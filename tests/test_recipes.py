@@ -44,7 +44,7 @@ def broken(path: str, value) -> dict:
 
 BROKEN = [
     (broken("train.lrr", 1e-4), "train.lrr", "unknown field"),
-    (broken("train.lr", -1.0), "train.lr", "greater than 0"),
+    (broken("train.lr", -1.0), "train.lr", "greater than or equal to 0"),
     (broken("train.lr", "fast"), "train.lr", "valid number"),
     (broken("train.optimizer", "adam"), "train.optimizer", "'adamw' or 'sgd'"),
     (broken("train.schedule", "step"), "train.schedule", "'constant', 'linear' or 'cosine'"),
@@ -55,7 +55,7 @@ BROKEN = [
     (broken("train.early_stopping", {"metric": "accuracy", "mode": "max"}), "train.early_stopping.metric", "should match pattern"),
     (broken("train.backend", "horovod"), "train.backend", "allowed: ddp"),
     (broken("scaling.workers", 0), "scaling.workers", "greater than or equal to 1"),
-    (broken("strategy.method", "magic"), "strategy.method", "allowed: full, head_only"),
+    (broken("strategy.method", "magic"), "strategy.method", "allowed: freeze, full, gradual, head_only, lora, lp_ft"),
     (broken("task.type", "regression"), "task.type", "allowed: text_classification"),
     (broken("task.max_length", 4), "task.max_length", "greater than or equal to 8"),
     (broken("task.maxlen", 64), "task.maxlen", "unknown field"),
