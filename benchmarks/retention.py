@@ -22,7 +22,7 @@ METHODS = {
     "full": [],
     "freeze": ["strategy.method=freeze", "strategy.layers=4"],
     "gradual": ["strategy.method=gradual"],
-    "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "train.lr=1e-3"],
+    "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "train.lr=2e-3"],
     "lp_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1"],
     "l2sp": ["regularizer.method=l2sp", "regularizer.strength=0.1"],
     "ewc": ["regularizer.method=ewc", "regularizer.strength=100", "regularizer.fisher_samples=128"],
@@ -37,7 +37,7 @@ def run_method(method: str, seed: int, args) -> dict:
 
     out = ROOT / "runs" / "bench_retention" / f"{method}-seed{seed}"
     overrides = [
-        f"output.dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}", "train.early_stopping=null",
+        f"output.dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.early_stopping=null",
         "baseline.enabled=false", f"data.max_rows={args.train_rows}",
         f"retention.references.0.data.max_rows={args.ref_rows}", *METHODS[method],
     ]
@@ -102,8 +102,9 @@ def scatter(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-rows", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--train-rows", type=int, default=600)
     parser.add_argument("--ref-rows", type=int, default=400)
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
