@@ -10,6 +10,10 @@ recipe fields (accumulation, clipping, precision):
 - ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state, as
   safetensors + JSON; ``full_weights()``: a context in which ``module`` holds every weight, for export.
 - ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
+- ``collective_forward``: True when every forward is a collective (ZeRO-3 gathers parameters), so
+  all ranks must run the same number of forwards, in evaluation too.
+- ``check(recipe) -> [(dotted field, message)]``: recipe problems only this backend has, found
+  at validation time, before anything reaches Ray.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ class DDPBackend:
     """PyTorch DistributedDataParallel (gloo on CPU, nccl on GPU) via Ray Train's process group."""
 
     name = "ddp"
+    collective_forward = False
+
+    @staticmethod
+    def check(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+        if recipe["train"]["precision"] == "fp16":
+            return [("train.precision", "fp16 needs loss scaling, which the ddp backend does not do; use bf16, or train.backend deepspeed on GPU")]
+        return []
 
     def __init__(self, recipe: dict[str, Any]):
         self.train = recipe["train"]

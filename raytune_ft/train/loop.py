@@ -63,6 +63,25 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def in_lockstep(batches, collective_forward: bool):
+    """Yield ``(batch, counts)``. Evaluation shards differ in length by design; when every forward
+    is a collective (ZeRO-3 gathers parameters), a rank whose shard has ended keeps running its
+    last batch, uncounted, until every rank is done, so no rank waits on a forward that never comes.
+    """
+    if not collective_forward:
+        yield from ((batch, True) for batch in batches)
+        return
+    batches, last = iter(batches), None
+    while True:
+        batch = next(batches, None)
+        if not all_reduce_sum(torch.tensor([batch is not None], dtype=torch.int64)).item():
+            return
+        if batch is None and last is None:
+            raise RuntimeError("an evaluation split has fewer rows than workers; ZeRO-3 needs a batch on every rank")
+        last = batch if batch is not None else last
+        yield last, batch is not None
+
+
 def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
     """Sharded evaluation: every rank scores its shard; the metric statistics are summed."""
     if shard is None:
@@ -70,11 +89,13 @@ def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
     metrics = task.new_metrics()
     was_training = module.training
     module.eval()
+    batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task))
     with torch.no_grad(), backend.autocast():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task)):
+        for batch, counts in in_lockstep(batches, backend.collective_forward):
             batch = {key: value.to(backend.device) for key, value in batch.items()}
             _, outputs = task.forward(module, batch)
-            metrics.update(outputs, batch)
+            if counts:
+                metrics.update(outputs, batch)
     module.train(was_training)
     return metrics.compute(all_reduce_sum(metrics.state()))
 
