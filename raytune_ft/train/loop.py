@@ -64,22 +64,29 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def in_lockstep(batches, collective_forward: bool):
-    """Yield ``(batch, counts)``. Evaluation shards differ in length by design; when every forward
-    is a collective (ZeRO-3 gathers parameters), a rank whose shard has ended keeps running its
-    last batch, uncounted, until every rank is done, so no rank waits on a forward that never comes.
+    """Yield ``(batch, counts)``. Evaluation shards differ in length by design (one may even be
+    empty); when every forward is a collective (ZeRO-3 gathers parameters), a rank whose shard has
+    ended keeps running a stand-in batch, uncounted, until every rank is done, so no rank waits on
+    a forward that never comes. A rank with no batch at all gets its stand-in from another rank.
     """
     if not collective_forward:
         yield from ((batch, True) for batch in batches)
         return
-    batches, last = iter(batches), None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches, stand_in = iter(batches), None
     while True:
         batch = next(batches, None)
-        if not all_reduce_sum(torch.tensor([batch is not None], dtype=torch.int64)).item():
+        holding = torch.zeros(world, dtype=torch.int64)
+        holding[rank] = batch is not None
+        holding = all_reduce_sum(holding)
+        if not holding.any():
             return
-        if batch is None and last is None:
-            raise RuntimeError("an evaluation split has fewer rows than workers; ZeRO-3 needs a batch on every rank")
-        last = batch if batch is not None else last
-        yield last, batch is not None
+        if stand_in is None and not holding.all():  # only on the first round: later, every rank has one
+            shared = [batch]
+            dist.broadcast_object_list(shared, src=int(holding.argmax()))
+            stand_in = shared[0]
+        stand_in = batch if batch is not None else stand_in
+        yield stand_in, batch is not None
 
 
 def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
