@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,16 +46,17 @@ def held_bytes(roots) -> int:
     """Bytes of every distinct tensor storage reachable from ``roots`` through containers, tensor
     attributes (ZeRO-3's ``ds_tensor``), ``.grad`` and optimizer / DeepSpeed objects."""
     storages: dict[int, int] = {}
-    seen: set[int] = set()
+    seen: dict[int, object] = {}  # holds what it has seen, so no id is freed and reused mid-walk
     stack = list(roots)
     while stack:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, torch.nn.Module):
             continue
-        seen.add(id(obj))
+        seen[id(obj)] = obj
         if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+            if obj.device.type != "meta":  # DeepSpeed keeps shape-only meta tensors: no memory
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
             stack.extend(value for value in (obj.grad if obj.is_leaf else None, *vars(obj).values()) if value is not None)
         elif isinstance(obj, dict):
             stack.extend(obj.values())
@@ -90,12 +92,12 @@ def bench_worker(config: dict) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(num_labels=2))
+    model = BertForSequenceClassification(BertConfig(num_labels=2, num_hidden_layers=config["layers"]))
     params = sum(p.numel() for p in model.parameters())
     largest_layer = max(p.numel() for p in model.parameters())
     recipe = config["recipe"]
     backend = BACKENDS[recipe["train"]["backend"]](recipe)
-    backend.setup(model, total_steps=config["warmup"] + config["steps"])
+    backend.setup(model, total_steps=config["warmup"] + config["steps"] + 1)
 
     generator = torch.Generator().manual_seed(ray.train.get_context().get_world_rank())
     batch_size, length = recipe["train"]["batch_size"], config["seq_len"]
@@ -104,27 +106,41 @@ def bench_worker(config: dict) -> None:
         "attention_mask": torch.ones(batch_size, length, dtype=torch.int64),
         "labels": torch.randint(0, 2, (batch_size,), generator=generator),
     }
-    for step in range(config["warmup"] + config["steps"]):
-        if step == config["warmup"]:
-            started = time.perf_counter()
+
+    def train_step(measure: bool = False) -> int | None:
+        """One optimizer step; with ``measure``, the model-state bytes held between backward and
+        step, when gradients and optimizer state are both alive."""
         with backend.accumulating(True), backend.autocast():
             loss = backend.model(**batch).loss
         backend.backward(loss)
+        held = held_bytes([list(backend.module.parameters()), getattr(backend, "optimizer", None),
+                           getattr(backend.model, "optimizer", None)]) if measure else None
         backend.step(True)
-    elapsed = time.perf_counter() - started
+        return held
 
-    roots = [list(backend.module.parameters()), getattr(backend, "optimizer", None), getattr(backend.model, "optimizer", None)]
+    for _ in range(config["warmup"]):
+        train_step()
+    started = time.perf_counter()
+    for _ in range(config["steps"]):
+        train_step()
+    elapsed = time.perf_counter() - started
     mine = {
-        "model_state_bytes": held_bytes(roots),
+        "model_state_bytes": train_step(measure=True),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "samples_per_s": batch_size * config["steps"] / elapsed,
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    ray.train.report({"ranks": everyone, "params": params, "largest_layer": largest_layer})
+    result = {"ranks": everyone, "params": params, "largest_layer": largest_layer}
+    with tempfile.TemporaryDirectory() as directory:  # Ray Train V2 keeps metrics with checkpoints only
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(directory, "result.json").write_text(json.dumps(result))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(result, checkpoint=checkpoint)
 
 
-def run_config(name: str, args) -> dict:
+def run_config(name: str, precision: str, args) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -134,19 +150,20 @@ def run_config(name: str, args) -> dict:
     recipe = Recipe(
         name="bench", task={"type": "text_classification"}, model={"path": "scratch"},
         data={"train": "synthetic", "columns": {"text": "text", "label": "label"}},
-        train={"backend": backend, "batch_size": args.batch_size, "schedule": "constant"},
+        train={"backend": backend, "batch_size": args.batch_size, "schedule": "constant", "precision": precision},
         scaling={"workers": args.workers}, deepspeed=options,
     ).to_dict()
     trainer = TorchTrainer(
         bench_worker,
-        train_loop_config={"recipe": recipe, "warmup": args.warmup, "steps": args.steps, "seq_len": args.seq_len},
+        train_loop_config={"recipe": recipe, "layers": args.layers, "warmup": args.warmup, "steps": args.steps, "seq_len": args.seq_len},
         scaling_config=ray.train.ScalingConfig(num_workers=args.workers),
-        run_config=ray.train.RunConfig(name=f"bench_{name.replace(' ', '')}", storage_path=str(Path(args.storage).resolve())),
+        run_config=ray.train.RunConfig(name=f"bench_{name.replace(' ', '')}_{precision}", storage_path=str(Path(args.storage).resolve())),
     )
-    metrics = trainer.fit().metrics
+    with trainer.fit().checkpoint.as_directory() as directory:
+        metrics = json.loads(Path(directory, "result.json").read_text())
     ranks = metrics["ranks"]
     return {
-        "name": name, "params": metrics["params"],
+        "name": name, "precision": precision, "params": metrics["params"],
         "model_state_bytes": max(rank["model_state_bytes"] for rank in ranks),
         "peak_rss_bytes": max(rank["peak_rss_bytes"] for rank in ranks),
         "samples_per_s": sum(rank["samples_per_s"] for rank in ranks),
@@ -155,15 +172,15 @@ def run_config(name: str, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    ddp = rows[0]
     lines = [
-        "| backend | model states / worker | vs DDP | peak RSS / worker | vs DDP | DeepSpeed estimate (GPU, mixed precision) | samples/s | vs DDP |",
-        "|---|---|---|---|---|---|---|---|",
+        "| precision | backend | model states / worker | vs DDP | peak RSS / worker | vs DDP | DeepSpeed estimate (GPU, mixed precision) | samples/s | vs DDP |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        ddp = next(r for r in rows if r["name"] == "DDP" and r["precision"] == row["precision"])
         estimate = f"{row['deepspeed_estimate_bytes'] / MiB:,.0f} MiB" if row["deepspeed_estimate_bytes"] else "-"
         lines.append(
-            f"| {row['name']} | {row['model_state_bytes'] / MiB:,.0f} MiB | {row['model_state_bytes'] / ddp['model_state_bytes']:.2f}x "
+            f"| {row['precision']} | {row['name']} | {row['model_state_bytes'] / MiB:,.0f} MiB | {row['model_state_bytes'] / ddp['model_state_bytes']:.2f}x "
             f"| {row['peak_rss_bytes'] / MiB:,.0f} MiB | {row['peak_rss_bytes'] / ddp['peak_rss_bytes']:.2f}x | {estimate} "
             f"| {row['samples_per_s']:.2f} | {row['samples_per_s'] / ddp['samples_per_s']:.2f}x |"
         )
@@ -177,10 +194,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=12, help="BERT-base layers: 12 gives 109M parameters")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precisions", default="fp32,bf16", help="train.precision values, comma-separated")
     parser.add_argument("--storage", default="runs/bench_deepspeed")
     parser.add_argument("--output", default="benchmarks/results/deepspeed_memory.json")
     args = parser.parse_args()
@@ -188,12 +207,12 @@ def main() -> None:
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
     ray.init(num_cpus=args.workers + 1, logging_level="WARNING")
-    rows = [run_config(name, args) for name in CONFIGS]
+    rows = [run_config(name, precision, args) for precision in args.precisions.split(",") for name in CONFIGS]
     ray.shutdown()
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(f"\n{rows[0]['params'] / 1e6:.1f}M parameters, {args.workers} workers, batch {args.batch_size} x {args.seq_len} tokens, fp32, CPU\n")
+    print(f"\n{rows[0]['params'] / 1e6:.1f}M parameters, {args.workers} workers, batch {args.batch_size} x {args.seq_len} tokens, CPU\n")
     print(table(rows))
 
 

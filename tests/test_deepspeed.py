@@ -56,10 +56,11 @@ def exported_weights(summary: dict) -> dict[str, torch.Tensor]:
 
 def test_zero_stages_follow_the_ddp_loss_trajectory(straight_runs):
     """Same model, seed, data order, optimizer and schedule: only the order of floating-point sums
-    differs (DDP all-reduces gradient buckets; ZeRO reduce-scatters partitions, in another order,
-    and clips with its own norm). Those ~1e-7 relative differences compound over 42 AdamW steps at
-    lr 3e-3, so losses agree to about 1e-3 rather than bitwise; a real mismatch (a missed step, a
-    wrong accumulation or clipping scale, a different lr) moves them by 1e-2 or more."""
+    differs (DDP all-reduces gradient buckets; ZeRO reduce-scatters flat partitions and clips with
+    its own norm computation). Those ~1e-7 relative differences compound over 42 AdamW steps at
+    lr 3e-3: measured agreement is ~1e-5 relative, not bitwise. The tolerance, 1e-3, leaves room for
+    other thread counts and BLAS builds and stays below what one optimizer step changes in an
+    epoch's mean loss here (~1e-2), so a missed or extra step, a wrong boundary or lr fails it."""
     ddp = straight_runs["ddp"]
     reference = epoch_rows(ddp["outputs"]["run_dir"])
     for config, summary in straight_runs.items():
@@ -67,8 +68,8 @@ def test_zero_stages_follow_the_ddp_loss_trajectory(straight_runs):
         assert [row["step"] for row in rows] == [14, 28, 42], config
         for mine, theirs in zip(rows, reference):
             for key in ("train/loss", "eval/loss", "train/lr"):
-                assert mine[key] == pytest.approx(theirs[key], rel=2e-3, abs=1e-4), (config, mine["epoch"], key)
-        assert summary["test"]["loss"] == pytest.approx(ddp["test"]["loss"], rel=2e-3, abs=1e-4), config
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-5), (config, mine["epoch"], key)
+        assert summary["test"]["loss"] == pytest.approx(ddp["test"]["loss"], rel=1e-3, abs=1e-5), config
         assert summary["test"]["accuracy"] > 0.8, config  # chance is 0.5
 
 
@@ -98,7 +99,13 @@ def test_resume_after_crash_matches_uninterrupted_run(config, straight_runs, tin
     with pytest.raises(TrainingFailed, match="injected fault after epoch 1"):
         run(validate_recipe(recipe))
     monkeypatch.delenv("RAYTUNE_FT_FAULT")
+    checkpoint = tmp_path / "resumed" / "checkpoint_epoch_0001"
+    shards = {path.name.split("_mp_rank")[0] for path in (checkpoint / "deepspeed").glob("zero_pp_rank_*")}
+    assert shards == {"zero_pp_rank_0", "zero_pp_rank_1"}  # both ranks' shards in the one reported directory
+    epoch_1 = json.loads((checkpoint / "trainer_state.json").read_text())["history"][0]
     resumed_summary = run(validate_recipe(recipe), resume=True)
+    # Epoch 1's row, timings included, comes from the checkpoint: the run resumed, not restarted.
+    assert epoch_rows(tmp_path / "resumed")[0] == epoch_1
 
     straight, resumed = exported_weights(straight_runs[config]), exported_weights(resumed_summary)
     assert straight.keys() == resumed.keys()

@@ -7,8 +7,9 @@ recipe fields (accumulation, clipping, precision):
 - ``model`` (what forward runs) and ``module`` (the bare model, for export and evaluation).
 - ``accumulating(boundary)``: context for a micro-batch; gradients sync only at a boundary.
 - ``backward(loss)``, ``step(boundary) -> grad_norm or None``, ``lr()``.
-- ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state, as
-  safetensors + JSON; ``full_weights()``: a context in which ``module`` holds every weight, for export.
+- ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state (DDP:
+  safetensors + JSON from rank 0; DeepSpeed: every rank's shard); ``full_weights()``: a context in
+  which ``module`` holds every weight, for export.
 - ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
 - ``collective_forward``: True when every forward is a collective (ZeRO-3 gathers parameters), so
   all ranks must run the same number of forwards, in evaluation too.

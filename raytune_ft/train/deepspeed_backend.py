@@ -25,6 +25,10 @@ from raytune_ft.train.backends import register
 from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups
 
 CHECKPOINT_TAG = "deepspeed"
+# DeepSpeed's default communication buckets (5e8 elements, 2 GB each in fp32) are sized for
+# billion-parameter models and allocated up front; 2**23 elements (32 MiB in fp32) is the order of
+# DDP's buckets. deepspeed.config may set other sizes.
+BUCKET_ELEMENTS = 2**23
 OWN_OPTIMIZER_KEYS = {
     "optimizer": "train.optimizer and train.lr",
     "scheduler": "train.schedule and train.warmup",
@@ -90,6 +94,11 @@ def deepspeed_config(recipe: dict[str, Any]) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW on CPU partitions; see the module docstring
         "zero_allow_untested_optimizer": True,  # SGD is as safe as AdamW under ZeRO (elementwise update)
         "steps_per_print": 10**9,  # our own progress lines are the live view
+        "zero_optimization": {
+            "reduce_bucket_size": BUCKET_ELEMENTS,
+            "allgather_bucket_size": BUCKET_ELEMENTS,
+            "stage3_prefetch_bucket_size": BUCKET_ELEMENTS,
+        },
     }
     for key, (value, _) in recipe_settings(recipe).items():
         if value == "none":  # no offload: leave the offload section out entirely
