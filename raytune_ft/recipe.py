@@ -146,7 +146,7 @@ class EarlyStoppingSection(Section):
 
 
 class TrainSection(Section):
-    backend: str = Field("ddp", description="a registered backend: ddp")
+    backend: str = Field("ddp", description="a registered backend: ddp | deepspeed (options in the deepspeed section)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(5e-5, ge=0, le=10, description="peak learning rate; 0 trains nothing (a measurement run)")
     weight_decay: float = Field(0.01, ge=0)
@@ -159,7 +159,9 @@ class TrainSection(Section):
     eval_batch_size: Optional[int] = Field(None, ge=1, description="per worker; default 2 x batch_size")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip_grad_norm: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16: autocast (ddp) or bf16 weights (deepspeed); fp16: deepspeed on GPU, with loss scaling"
+    )
     seed: int = 42
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="overrides the model's dropout")
     early_stopping: Optional[EarlyStoppingSection] = None
@@ -179,6 +181,29 @@ class ScalingSection(Section):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+
+
+class DeepSpeedSection(Section):
+    """Options of ``train.backend: deepspeed``. Batch size, accumulation, clipping and precision come
+    from ``train``, so both backends mean the same thing by the same field."""
+
+    zero_stage: int = Field(
+        2, ge=0, le=3, description="0: replicas (like ddp); 1: shard optimizer state; 2: and gradients; 3: and parameters"
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="optimizer state and step in CPU memory (zero_stage >= 1)")
+    offload_params: Literal["none", "cpu"] = Field("none", description="parameters in CPU memory between uses (zero_stage 3)")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="raw DeepSpeed config merged over the generated one; keys the recipe sets must agree with it",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self):
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            raise ValueError(f"deepspeed.offload_optimizer: offloading the optimizer needs zero_stage 1, 2 or 3 (got {self.zero_stage})")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params: offloading parameters needs zero_stage 3 (got {self.zero_stage})")
+        return self
 
 
 class BaselineSection(Section):
@@ -223,6 +248,7 @@ class Recipe(Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     train: TrainSection = Field(default_factory=TrainSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     baseline: BaselineSection = Field(default_factory=BaselineSection)
     retention: Optional[RetentionSection] = None
     regularizer: Optional[RegularizerSection] = None
@@ -272,7 +298,8 @@ def _pydantic_problems(error: ValidationError, prefix: str = "") -> list[tuple[s
 
 
 def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
-    """Cross-checks against the registries: task, its options and columns, strategy, backend."""
+    """Cross-checks against the registries: task, its options and columns, strategy, backend and
+    the backend's own checks of the recipe."""
     from raytune_ft.strategies import STRATEGIES
     from raytune_ft.tasks import TASKS
     from raytune_ft.train.backends import BACKENDS
@@ -309,6 +336,8 @@ def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
     ):
         if value not in registry:
             problems.append((path, f"unknown {value!r}; allowed: {', '.join(sorted(registry))}"))
+    if recipe.train.backend in BACKENDS:
+        problems += BACKENDS[recipe.train.backend].check(recipe.to_dict())
     return problems
 
 

@@ -104,8 +104,7 @@ def retention_recipe(tiny_recipe, topic_data) -> dict:
     return tiny_recipe
 
 
-@pytest.fixture
-def tiny_recipe(tiny_bert, sentiment_data, tmp_path) -> dict:
+def tiny_recipe_dict(tiny_bert: Path, sentiment_data: dict[str, Path], run_dir: Path) -> dict:
     """A raw recipe dict for a fast 2-worker run; tests adjust it and write it where they need."""
     return {
         "name": "tiny",
@@ -116,8 +115,13 @@ def tiny_recipe(tiny_bert, sentiment_data, tmp_path) -> dict:
         "train": {"lr": 3e-3, "epochs": 6, "batch_size": 8, "schedule": "constant", "dropout": 0.0, "seed": 7, "log_every": 10},
         "scaling": {"workers": 2},
         "baseline": {"enabled": False},
-        "output": {"dir": str(tmp_path / "run")},
+        "output": {"dir": str(run_dir)},
     }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_bert, sentiment_data, tmp_path) -> dict:
+    return tiny_recipe_dict(tiny_bert, sentiment_data, tmp_path / "run")
 
 
 def write_recipe(data: dict, path: Path) -> Path:

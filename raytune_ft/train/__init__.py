@@ -1,1 +1,3 @@
 """The one training loop, its backends (ddp | deepspeed) and the driver that runs it on Ray Train."""
+
+from raytune_ft.train import deepspeed_backend  # noqa: F401  registers "deepspeed"; deepspeed itself is imported on use

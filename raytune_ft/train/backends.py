@@ -7,10 +7,15 @@ recipe fields (accumulation, clipping, precision):
 - ``model`` (what forward runs) and ``module`` (the bare model, for export and evaluation).
 - ``accumulating(boundary)``: context for a micro-batch; gradients sync only at a boundary.
 - ``backward(loss)``, ``step(boundary) -> grad_norm or None``, ``lr()``.
-- ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state, as
-  safetensors + JSON; ``full_weights()``: a context in which ``module`` holds every weight, for export.
+- ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state (DDP:
+  safetensors + JSON from rank 0; DeepSpeed: every rank's shard); ``full_weights()``: a context in
+  which ``module`` holds every weight, for export.
 - ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
 - ``refresh()``: the set of trainable parameters changed (gradual unfreezing): re-wrap.
+- ``collective_forward``: True when every forward is a collective (ZeRO-3 gathers parameters), so
+  all ranks must run the same number of forwards, in evaluation too.
+- ``check(recipe) -> [(dotted field, message)]``: recipe problems only this backend has, found
+  at validation time, before anything reaches Ray.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ class DDPBackend:
     """PyTorch DistributedDataParallel (gloo on CPU, nccl on GPU) via Ray Train's process group."""
 
     name = "ddp"
+    collective_forward = False
+
+    @staticmethod
+    def check(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+        if recipe["train"]["precision"] == "fp16":
+            return [("train.precision", "fp16 needs loss scaling, which the ddp backend does not do; use bf16, or train.backend deepspeed on GPU")]
+        return []
 
     def __init__(self, recipe: dict[str, Any]):
         self.train = recipe["train"]

@@ -69,6 +69,32 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def in_lockstep(batches, collective_forward: bool):
+    """Yield ``(batch, counts)``. Evaluation shards differ in length by design (one may even be
+    empty); when every forward is a collective (ZeRO-3 gathers parameters), a rank whose shard has
+    ended keeps running a stand-in batch, uncounted, until every rank is done, so no rank waits on
+    a forward that never comes. A rank with no batch at all gets its stand-in from another rank.
+    """
+    if not collective_forward:
+        yield from ((batch, True) for batch in batches)
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches, stand_in = iter(batches), None
+    while True:
+        batch = next(batches, None)
+        holding = torch.zeros(world, dtype=torch.int64)
+        holding[rank] = batch is not None
+        holding = all_reduce_sum(holding)
+        if not holding.any():
+            return
+        if stand_in is None and not holding.all():  # only on the first round: later, every rank has one
+            shared = [batch]
+            dist.broadcast_object_list(shared, src=int(holding.argmax()))
+            stand_in = shared[0]
+        stand_in = batch if batch is not None else stand_in
+        yield stand_in, batch is not None
+
+
 def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
     """Sharded evaluation: every rank scores its shard; the metric statistics are summed."""
     if shard is None:
@@ -76,11 +102,13 @@ def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
     metrics = task.new_metrics()
     was_training = module.training
     module.eval()
+    batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task))
     with torch.no_grad(), backend.autocast():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task)):
+        for batch, counts in in_lockstep(batches, backend.collective_forward):
             batch = {key: value.to(backend.device) for key, value in batch.items()}
             _, outputs = task.forward(module, batch)
-            metrics.update(outputs, batch)
+            if counts:
+                metrics.update(outputs, batch)
     module.train(was_training)
     return metrics.compute(all_reduce_sum(metrics.state()))
 

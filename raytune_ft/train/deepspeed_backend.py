@@ -1,0 +1,228 @@
+"""DeepSpeed backend: ZeRO stages 0-3 and CPU offload behind the same interface as DDP.
+
+``deepspeed.initialize`` runs inside the Ray Train worker and reuses the process group Ray Train
+set up (gloo on CPU, with ``DS_ACCELERATOR=cpu``; nccl on GPU). The optimizer and learning-rate
+schedule are the ones DDP uses (``optim.py``), handed to DeepSpeed, so a recipe trains the same
+way on either backend; with CPU offload that means torch's AdamW on the CPU partitions rather than
+DeepSpeed's compiled CPU Adam (``zero_force_ds_cpu_optimizer: false``), which needs no C++ build.
+
+Checkpoints are DeepSpeed's own: every rank writes its shard into the same reported directory and
+every rank loads its shard back. They are torch pickles, read here with ``weights_only=True`` and
+only the few DeepSpeed classes they hold allowed (DeepSpeed itself would unpickle anything); and
+only checkpoints this run wrote into its own run directory are ever loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import torch
+
+from raytune_ft.train.backends import register
+from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups
+
+CHECKPOINT_TAG = "deepspeed"
+# DeepSpeed's default communication buckets (5e8 elements, 2 GB each in fp32) are sized for
+# billion-parameter models and allocated up front; 2**23 elements (32 MiB in fp32) is the order of
+# DDP's buckets. deepspeed.config may set other sizes.
+BUCKET_ELEMENTS = 2**23
+OWN_OPTIMIZER_KEYS = {
+    "optimizer": "train.optimizer and train.lr",
+    "scheduler": "train.schedule and train.warmup",
+}
+
+
+def checkpoint_classes() -> list[type]:
+    """The non-tensor classes DeepSpeed pickles into its checkpoints (ZeRO 1-3, fp16 loss scaling)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler, LossScaleProfile
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, LossScaleProfile, fragment_address]
+
+
+def load_weights_only(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine ``load``, without unpickling arbitrary objects."""
+    with torch.serialization.safe_globals(checkpoint_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def retention_problems(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    """Retention features not (yet) supported under DeepSpeed: the trainable set cannot change
+    after deepspeed.initialize; the Fisher, replay and penalties are untested on ZeRO's gradient
+    hooks; under ZeRO-3 every forward is a collective, which reference probes do not keep in step."""
+    problems = []
+    if recipe["strategy"]["method"] in ("gradual", "lp_ft"):
+        problems.append(("strategy.method", f"{recipe['strategy']['method']} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only"))
+    for section in ("regularizer", "replay"):
+        if recipe.get(section):
+            problems.append((section, "not supported with train.backend deepspeed yet; use ddp"))
+    if recipe["deepspeed"]["zero_stage"] == 3:
+        for section in ("retention", "wise_ft"):
+            if recipe.get(section):
+                problems.append((section, "not supported with deepspeed.zero_stage 3 yet (reference probes would leave ranks out of step); use stage 0-2 or ddp"))
+    return problems
+
+
+def recipe_settings(recipe: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """Every DeepSpeed config key the recipe decides: dotted key -> (value, the recipe field)."""
+    train, options = recipe["train"], recipe["deepspeed"]
+    return {
+        "train_micro_batch_size_per_gpu": (train["batch_size"], "train.batch_size"),
+        "gradient_accumulation_steps": (train["grad_accum"], "train.grad_accum"),
+        "train_batch_size": (
+            train["batch_size"] * train["grad_accum"] * recipe["scaling"]["workers"],
+            "train.batch_size x train.grad_accum x scaling.workers",
+        ),
+        "gradient_clipping": (train["clip_grad_norm"] or 0.0, "train.clip_grad_norm"),
+        "bf16.enabled": (train["precision"] == "bf16", "train.precision"),
+        "fp16.enabled": (train["precision"] == "fp16", "train.precision"),
+        "zero_optimization.stage": (options["zero_stage"], "deepspeed.zero_stage"),
+        "zero_optimization.offload_optimizer.device": (options["offload_optimizer"], "deepspeed.offload_optimizer"),
+        "zero_optimization.offload_param.device": (options["offload_params"], "deepspeed.offload_params"),
+    }
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted key: leaf value}."""
+    leaves = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            leaves.update(flatten(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` merged into a copy of ``base``, nested dicts key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def deepspeed_config(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config: the recipe's settings, with ``deepspeed.config`` merged over them."""
+    generated: dict[str, Any] = {
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW on CPU partitions; see the module docstring
+        "zero_allow_untested_optimizer": True,  # SGD is as safe as AdamW under ZeRO (elementwise update)
+        "steps_per_print": 10**9,  # our own progress lines are the live view
+        "zero_optimization": {
+            "reduce_bucket_size": BUCKET_ELEMENTS,
+            "allgather_bucket_size": BUCKET_ELEMENTS,
+            "stage3_prefetch_bucket_size": BUCKET_ELEMENTS,
+        },
+    }
+    for key, (value, _) in recipe_settings(recipe).items():
+        if value == "none":  # no offload: leave the offload section out entirely
+            continue
+        *parents, leaf = key.split(".")
+        node = generated
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return merge(generated, recipe["deepspeed"]["config"])
+
+
+@register
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO (stages 0-3, optional CPU offload of optimizer state and parameters)."""
+
+    name = "deepspeed"
+
+    @staticmethod
+    def check(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+        """Raw-config keys that contradict the recipe, and precision the hardware cannot run."""
+        raw = recipe["deepspeed"]["config"]
+        problems = [(f"deepspeed.config.{key}", f"set by {field}; the backend builds it like ddp does, remove it here")
+                    for key, field in OWN_OPTIMIZER_KEYS.items() if key in raw]
+        leaves = flatten(raw)
+        for key, (value, field) in recipe_settings(recipe).items():
+            if key in leaves and leaves[key] != value:
+                problems.append((f"deepspeed.config.{key}", f"{leaves[key]!r} conflicts with {field} ({value!r}); set it there"))
+        if recipe["train"]["precision"] == "fp16" and not recipe["scaling"]["use_gpu"]:
+            problems.append(("train.precision", "fp16 with deepspeed needs scaling.use_gpu: true; use bf16 or fp32 on CPU"))
+        return problems + retention_problems(recipe)
+
+    def __init__(self, recipe: dict[str, Any]):
+        self.train = recipe["train"]
+        self.config = deepspeed_config(recipe)
+        self.collective_forward = self.config["zero_optimization"]["stage"] == 3
+
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        if self.device.type != "cuda":
+            os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when deepspeed is first imported
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        optimizer = build_optimizer(param_groups(model, self.train), self.train)
+        scheduler = build_scheduler(optimizer, self.train, total_steps)
+        # DeepSpeed keeps the optimizer's param_group dicts, so the schedule built on them still
+        # sets the lr it steps with; the engine steps the schedule once per optimizer step.
+        self.model, _, _, self.scheduler = deepspeed.initialize(
+            model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+            dist_init_required=False,
+        )
+        self.module = self.model.module
+        self.model.checkpoint_engine.load = load_weights_only
+
+    def accumulating(self, boundary: bool):
+        """The loop decides the boundary (an epoch's last micro-batch ends an accumulation too)."""
+        self.model.set_gradient_accumulation_boundary(boundary)
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()  # with bf16/fp16 the engine holds the weights in that dtype
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # divides by gradient_accumulation_steps, as DDP's backward does
+
+    def step(self, boundary: bool) -> float | None:
+        self.model.step()  # every micro-batch: the engine counts them and updates on the boundary
+        if not boundary:
+            return None
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: str, rank: int) -> None:
+        """Every rank writes its own shard files (rank-numbered names) into ``directory``."""
+        self.model.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.model.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=True)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
+
+    def full_weights(self):
+        """Under ZeRO-3, gather every parameter on every rank (a collective: all ranks enter)."""
+        if not self.collective_forward:
+            return contextlib.nullcontext()  # stages 0-2 keep a full copy of the weights everywhere
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        with self.full_weights():
+            return {key: value.detach().to("cpu", copy=True) for key, value in self.module.state_dict().items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights into the module (for evaluation and export; the optimizer's master copy is
+        left as it is, so training does not continue from here)."""
+        if not self.collective_forward:
+            self.module.load_state_dict(state)
+            return
+        import deepspeed
+
+        # Every rank loads the same snapshot; rank 0's copy is re-partitioned on leaving.
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
+            self.module.load_state_dict(state)
