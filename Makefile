@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention clean
+.PHONY: install demo test bench bench-retention bench-tune clean
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes: the text retention reference set (see ASSETS.md).
@@ -35,3 +35,6 @@ bench-retention: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+bench-tune: $(STAMP)
+	$(PY) benchmarks/tune_asha.py

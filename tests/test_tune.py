@@ -74,8 +74,8 @@ def test_asha_stops_the_useless_trial_at_the_first_milestone(tiny_recipe, tmp_pa
                 space={"train.lr": {"grid": [3e-3, 0.0]}})
     tiny_recipe["train"]["epochs"] = 3
     summary = run_experiment(validate_recipe(tiny_recipe))
-    epochs = {float(row["train.lr"]): int(row["epochs"]) for row in summary["rows"]}
-    assert epochs == {3e-3: 3, 0.0: 1}
+    epochs = {float(row["train.lr"]): (row["status"], int(row["epochs"])) for row in summary["rows"]}
+    assert epochs == {3e-3: ("ok", 3), 0.0: ("stopped", 1)}
     assert summary["trial_epochs"] == 4
 
 
@@ -90,12 +90,14 @@ def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, t
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {int(row["strategy.layers"]): row for row in results(tmp_path / "experiment")}
     assert rows[1]["status"] == "ok" and rows[1]["epochs"] == "2"
-    assert rows[9]["status"] == "error" and "strategy.layers: 9 layers to freeze" in rows[9]["error"]
+    assert rows[9]["status"] == "error" and "TrialFailed: strategy.layers: 9 layers to freeze" in rows[9]["error"]
     assert "resumed at epoch 1" in result.stdout + result.stderr
 
 
 def finished_trials(experiment) -> list:
-    return sorted(experiment.glob("trials/trial_*/run/summary.json"))
+    """Trials that wrote their summary and that Tune's saved experiment state records as done."""
+    state = "".join(path.read_text() for path in experiment.glob("trials/experiment_state-*.json"))
+    return sorted(experiment.glob("trials/trial_*/run/summary.json")) if "TERMINATED" in state else []
 
 
 def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path):

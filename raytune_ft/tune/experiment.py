@@ -29,21 +29,25 @@ TRIALS = "trials"
 TRIAL_ACTOR_RESOURCES = {"CPU": 0.01}
 
 
-def searcher(tune_section, seed: int | None):
-    from ray.tune.search import BasicVariantGenerator
+def searcher(tune_section):
+    """The search algorithm, limited to ``max_concurrent_trials`` running trials. (Tune ignores
+    TuneConfig.max_concurrent_trials when given a BasicVariantGenerator instance.)"""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    concurrency = tune_section.max_concurrent_trials
     if tune_section.searcher != "optuna":
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(random_state=tune_section.seed, max_concurrent=concurrency)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     # TPE handles one objective and, since Optuna 3.2, two (the MOTPE variant): no extra sampler.
     single = len(tune_section.metrics) == 1
-    return OptunaSearch(
-        sampler=optuna.samplers.TPESampler(seed=seed),
+    optuna_search = OptunaSearch(
+        sampler=optuna.samplers.TPESampler(seed=tune_section.seed),
         metric=tune_section.metrics[0] if single else tune_section.metrics,
         mode=tune_section.modes[0] if single else tune_section.modes,
     )
+    return ConcurrencyLimiter(optuna_search, max_concurrent=concurrency)
 
 
 def max_epochs(recipe: Recipe) -> int:
@@ -59,7 +63,7 @@ def scheduler(recipe: Recipe):
     if tune_section.scheduler == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(
-        metric=tune_section.metrics[0], mode=tune_section.modes[0], time_attr="training_iteration",
+        metric=tune_section.metrics[0], mode=tune_section.modes[0], time_attr="epoch",
         max_t=max_epochs(recipe), grace_period=tune_section.asha.grace_period,
         reduction_factor=tune_section.asha.reduction_factor,
     )
@@ -80,15 +84,14 @@ def build_tuner(recipe: Recipe, experiment_dir: Path, trainable, resume: bool):
     # Tune's newer console output ignores the reporter's columns; the classic table shows ours.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     reporter = tune.CLIReporter(
-        parameter_columns=list(tune_section.space), metric_columns=[*tune_section.metrics, "training_iteration"],
+        parameter_columns=list(tune_section.space), metric_columns=[*tune_section.metrics, "epoch"],
         max_report_frequency=30, max_progress_rows=40,
     )
     return tune.Tuner(
         trainable,
         param_space=param_space(tune_section),
         tune_config=tune.TuneConfig(
-            search_alg=searcher(tune_section, tune_section.seed), scheduler=scheduler(recipe),
-            num_samples=tune_section.num_samples, max_concurrent_trials=tune_section.max_concurrent_trials,
+            search_alg=searcher(tune_section), scheduler=scheduler(recipe), num_samples=tune_section.num_samples,
             trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -128,7 +131,8 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
 
 
 def trial_rows(recipe: Recipe, results) -> list[dict[str, Any]]:
-    """One row per trial: id, status, epochs, sampled values, last reported metrics, start-up time."""
+    """One row per trial: id, status (ok, stopped by the scheduler, error), epochs, sampled values,
+    last reported metrics, start-up time."""
     from raytune_ft.tune.trial import STARTUP_METRIC
 
     rows = []
@@ -136,9 +140,11 @@ def trial_rows(recipe: Recipe, results) -> list[dict[str, Any]]:
         trial = Path(result.path).name
         metrics = result.metrics or {}
         history = result.metrics_dataframe
+        # A trial the scheduler stopped never reached the end of its run, where the summary is written.
+        finished = (Path(result.path) / "run" / "summary.json").is_file()
         row = {
-            "trial": trial, "status": "error" if result.error else "ok",
-            "epochs": int(metrics.get("training_iteration", 0)),
+            "trial": trial, "status": "error" if result.error else "ok" if finished else "stopped",
+            "epochs": int(metrics.get("epoch", 0)),  # the loop's count: a retried trial resumes mid-way
             **{path: result.config.get(path) for path in recipe.tune.space},
             **{metric: metrics.get(metric) for metric in recipe.tune.metrics},
             "first_report_s": metrics.get(STARTUP_METRIC),
@@ -190,6 +196,7 @@ def write_experiment_outputs(experiment_dir: Path, recipe: Recipe, results, wall
         "name": recipe.name, "searcher": tune_section.searcher, "scheduler": tune_section.scheduler,
         "metrics": metrics, "modes": modes, "trials": len(rows),
         "failed": sum(row["status"] == "error" for row in rows),
+        "stopped": sum(row["status"] == "stopped" for row in rows),
         "trial_epochs": sum(row["epochs"] for row in rows), "wall_time_s": wall_s,
         "rows": [{k: v for k, v in row.items() if k != "curve"} for row in rows],
     }
@@ -233,7 +240,7 @@ def summary_markdown(summary: dict[str, Any], recipe: Recipe) -> str:
     lines = [
         f"# Tune experiment {summary['name']}",
         "",
-        f"{summary['trials']} trials ({summary['failed']} failed), searcher {summary['searcher']}, scheduler "
+        f"{summary['trials']} trials ({summary['stopped']} stopped early, {summary['failed']} failed), searcher {summary['searcher']}, scheduler "
         f"{summary['scheduler']}, {summary['trial_epochs']} trial-epochs, {summary['wall_time_s']:.0f} s",
         "",
         "| " + " | ".join(columns) + " |",

@@ -49,19 +49,28 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """The Tune function trainable. ``shared``: the base recipe, datasets, labels, references."""
     from ray import tune
 
+    from raytune_ft.errors import UserError
     from raytune_ft.tasks import TASKS
-    from raytune_ft.train.runner import check_strategy, fit, write_outputs
+    from raytune_ft.train.runner import TrainingFailed, check_strategy, fit, write_outputs
 
     started = time.time()
     context = tune.get_context()
     run_dir = Path(context.get_trial_dir()) / "run"
-    recipe = trial_recipe(shared["recipe"], config, context.get_trial_name(), run_dir)
-    # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
-    check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = fit(recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"],
-                callbacks=[EpochReportCallback(started)])
+    try:
+        recipe = trial_recipe(shared["recipe"], config, context.get_trial_name(), run_dir)
+        # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
+        check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = fit(recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"],
+                    callbacks=[EpochReportCallback(started)])
+    except (UserError, TrainingFailed) as error:
+        raise TrialFailed(str(error)) from None
     write_outputs(run_dir, recipe, state, None, time.time() - started)
+
+
+class TrialFailed(RuntimeError):
+    """A trial's one-line error, as a plain exception Ray can carry back to the driver (our
+    UserError and TrainingFailed take other constructor arguments, so they do not unpickle)."""
 
 
 def trial_dirname(trial) -> str:
