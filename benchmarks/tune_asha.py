@@ -71,15 +71,19 @@ def main() -> None:
             "first_report_s_median": statistics.median(startup), "first_report_s_max": max(startup),
             "epoch_s_median": epoch_s, "startup_overhead_s_median": statistics.median(startup) - epoch_s,
         }
-        print(json.dumps({kind: rows[kind]}), flush=True)
-    if "grid" in rows:
-        for kind, row in rows.items():
+        shutil.rmtree(work / kind)  # a dozen MiniLM checkpoints and exports
+        write_results(args, rows)
+
+
+def write_results(args, rows: dict) -> None:
+    """The table so far (written after every search, so a partial run keeps what it measured)."""
+    for row in rows.values():
+        if "grid" in rows:
             row["accuracy_gap_to_grid"] = rows["grid"]["best_eval_accuracy"] - row["best_eval_accuracy"]
             row["epochs_vs_grid"] = row["trial_epochs"] / rows["grid"]["trial_epochs"]
-    shutil.rmtree(work)  # a dozen MiniLM checkpoints and exports per search
     result = {"settings": vars(args), "configurations": len(LRS) * len(WEIGHT_DECAYS), "searches": rows}
     Path(args.output).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
 
 
 if __name__ == "__main__":

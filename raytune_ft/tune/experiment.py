@@ -240,8 +240,9 @@ def summary_markdown(summary: dict[str, Any], recipe: Recipe) -> str:
     lines = [
         f"# Tune experiment {summary['name']}",
         "",
-        f"{summary['trials']} trials ({summary['stopped']} stopped early, {summary['failed']} failed), searcher {summary['searcher']}, scheduler "
-        f"{summary['scheduler']}, {summary['trial_epochs']} trial-epochs, {summary['wall_time_s']:.0f} s",
+        f"{summary['trials']} trials ({summary['stopped']} stopped early, {summary['failed']} failed), "
+        f"searcher {summary['searcher']}, scheduler {summary['scheduler']}, {summary['trial_epochs']} trial-epochs, "
+        f"{summary['wall_time_s']:.0f} s",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
