@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from raytune_ft.errors import RecipeError
-from raytune_ft.recipe import set_field
+from raytune_ft.recipe import Recipe, set_field, validate_recipe
 
 SEARCHABLE = ("strategy", "train", "regularizer", "replay", "wise_ft")
 
@@ -29,8 +29,6 @@ def _leaf_types(annotation: Any) -> set[Any]:
 
 def field_annotation(path: str) -> Any:
     """The annotation of a dotted Recipe path; raises KeyError naming the first unknown part."""
-    from raytune_ft.recipe import Recipe
-
     node: Any = Recipe
     for i, key in enumerate(path.split(".")):
         models = [t for t in _leaf_types(node) if isinstance(t, type) and issubclass(t, BaseModel)]
@@ -65,8 +63,6 @@ def _describe(accepted: set[Any]) -> str:
 
 def check_space(recipe) -> list[tuple[str, str]]:
     """Every problem of ``recipe.tune`` against the rest of the recipe, as (dotted path, message)."""
-    from raytune_ft.recipe import validate_recipe
-
     problems: list[tuple[str, str]] = []
     tune = recipe.tune
     base = given_fields(recipe)
