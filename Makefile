@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention bench-deepspeed clean cluster-up cluster-down
+.PHONY: install demo test bench bench-retention bench-deepspeed bench-tune clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes: the text retention reference set (see ASSETS.md).
@@ -57,3 +57,6 @@ bench-deepspeed: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+bench-tune: $(STAMP)
+	$(PY) benchmarks/tune_asha.py

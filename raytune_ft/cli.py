@@ -113,6 +113,26 @@ def list_jobs(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
         typer.echo("  ".join(row))
 
 
+@app.command()
+def tune(
+    recipe: Path,
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, help="Experiment directory (output.dir)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted experiment; finished trials are not rerun."),
+    force: bool = typer.Option(False, help="Move an existing experiment in the output directory aside and start anew."),
+    address: Optional[str] = typer.Option(None, help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
+):
+    """Search hyperparameters: trials of the recipe over its tune: space, each a Ray Train run."""
+    from raytune_ft.tune.experiment import run_experiment
+
+    loaded = _load(recipe, set_, output=output)
+    summary = run_experiment(loaded, resume=resume, force=force, address=address)
+    typer.echo((loaded.run_dir() / "summary.md").read_text())
+    typer.echo(f"outputs: {loaded.run_dir()}  (results.csv, summary.md, best_recipe.yaml, plots/, trials/)")
+    if summary.get("best") is None:
+        raise UserError("tune", "no trial finished; see the errors in results.csv")
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; nothing else is shown."""
     from raytune_ft.train.runner import TrainingFailed

@@ -240,6 +240,98 @@ class OutputSection(Section):
         return str(Path(self.storage_path).expanduser().resolve())
 
 
+class Dimension(Section):
+    """One searched recipe field: exactly one distribution. ``randint`` bounds are inclusive."""
+
+    loguniform: Optional[list[float]] = Field(None, min_length=2, max_length=2, description="[low, high], low > 0")
+    uniform: Optional[list[float]] = Field(None, min_length=2, max_length=2, description="[low, high]")
+    randint: Optional[list[int]] = Field(None, min_length=2, max_length=2, description="[low, high], both included")
+    choice: Optional[list[Any]] = Field(None, description="values sampled uniformly")
+    grid: Optional[list[Any]] = Field(None, description="every value, one trial each (times num_samples)")
+
+    @model_validator(mode="after")
+    def _one_distribution(self):
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)} (got {', '.join(given) or 'none'})")
+        kind, values = self.kind, self.values
+        if kind in ("choice", "grid") and not values:
+            raise ValueError(f"empty {kind}: give at least one value")
+        if kind in ("loguniform", "uniform", "randint") and values[0] > values[1]:
+            raise ValueError(f"{kind} low {values[0]} is above high {values[1]}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform low must be > 0 (got {values[0]})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    @property
+    def values(self) -> list[Any]:
+        return getattr(self, self.kind)
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+METRIC_PATTERN = r"^(eval|train|ref|retention)/[A-Za-z0-9_/]+$"
+
+
+class AshaSection(Section):
+    """Asynchronous successive halving: at epochs grace_period x reduction_factor^k, only the top
+    1/reduction_factor of the trials that got there go on."""
+
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="keep the best 1/reduction_factor at each milestone")
+
+
+class TuneSection(Section):
+    """``raytune-ft tune``: trials of this recipe with the ``space`` fields sampled (dotted paths)."""
+
+    space: dict[str, Dimension] = Field(min_length=1, description="dotted recipe path -> distribution")
+    num_samples: int = Field(8, ge=1, description="random / optuna: trials; grid: repeats of the whole grid")
+    max_concurrent_trials: int = Field(2, ge=1, description="trials running at once, each with its own worker group")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers of each trial (replaces scaling.workers)")
+    metric: str | list[str] = Field("eval/accuracy", description="the metric, or two for a Pareto front")
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] = Field("max", description="per metric")
+    searcher: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha", "pbt"] = Field("fifo", description="asha and pbt act on the first metric")
+    asha: AshaSection = Field(default_factory=AshaSection)
+    max_failures: int = Field(0, ge=0, description="retries of a crashed trial, from its last checkpoint")
+    seed: Optional[int] = Field(None, description="seeds the searcher, so the same trials are proposed again")
+
+    @model_validator(mode="after")
+    def _objectives(self):
+        metrics, modes = self.metrics, self.modes
+        if len(metrics) > 2 or len(set(metrics)) != len(metrics):
+            raise ValueError(f"tune.metric: one metric, or two different ones for a Pareto front (got {metrics})")
+        for metric in metrics:
+            if not re.match(METRIC_PATTERN, metric):
+                raise ValueError(f"tune.metric: {metric!r} is not a reported metric name like eval/accuracy or retention/min")
+        if isinstance(self.mode, list) and len(modes) != len(metrics):
+            raise ValueError(f"tune.mode: give one mode per metric ({len(metrics)}), got {len(modes)}")
+        if self.scheduler == "pbt":
+            raise ValueError("tune.scheduler: pbt is not supported: a trial's Ray Train V2 run cannot be restarted "
+                             "from another trial's checkpoint yet; use asha or fifo")
+        if self.searcher == "grid":
+            random = [path for path, dimension in self.space.items() if dimension.kind != "grid"]
+            if random:
+                raise ValueError(f"tune.searcher: grid searches grid dimensions only; {', '.join(random)} "
+                                 "samples (use grid: [...], or searcher random)")
+        if self.searcher == "optuna":
+            grids = [path for path, dimension in self.space.items() if dimension.kind == "grid"]
+            if grids:
+                raise ValueError(f"tune.searcher: optuna samples every dimension; use choice instead of grid for {', '.join(grids)}")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return self.mode if isinstance(self.mode, list) else [self.mode] * len(self.metrics)
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: TaskSection
@@ -255,6 +347,7 @@ class Recipe(Section):
     replay: Optional[ReplaySection] = None
     wise_ft: Optional[WiseFTSection] = None
     output: OutputSection = Field(default_factory=OutputSection)
+    tune: Optional[TuneSection] = Field(None, description="raytune-ft tune: the search space and how to search it")
 
     @model_validator(mode="after")
     def _retention_links(self):
@@ -353,31 +446,36 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def set_field(data: dict[str, Any], path: str, value: Any, source: str = "--set") -> None:
+    """Set the dotted ``path`` of a raw recipe dict in place, creating missing sections.
+    A number indexes a list: ``retention.references.0.data.max_rows``."""
+    keys = path.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(source, [(".".join(keys[: i + 1]), f"no item {key} in a list of {len(node)}")])
+            node = node[int(key)]
+            continue
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, (dict, list)):
+            raise RecipeError(source, [(".".join(keys[: i + 1]), "is not a section")])
+        node = child
+    if isinstance(node, list):
+        raise RecipeError(source, [(path, "set a field of a list item, e.g. retention.references.0.name")])
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw recipe dict (validated afterwards like the file).
-    A number indexes a list: ``retention.references.0.data.max_rows=500``."""
+    """Apply ``a.b.c=value`` overrides to a raw recipe dict (validated afterwards like the file)."""
     data = copy.deepcopy(data)
     for override in overrides:
         if "=" not in override:
             raise RecipeError("--set", [(override, "expected FIELD=VALUE, e.g. train.lr=3e-5")])
         path, text = override.split("=", 1)
-        keys = path.strip().split(".")
-        node: Any = data
-        for i, key in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise RecipeError("--set", [(".".join(keys[: i + 1]), f"no item {key} in a list of {len(node)}")])
-                node = node[int(key)]
-                continue
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, (dict, list)):
-                raise RecipeError("--set", [(".".join(keys[: i + 1]), "is not a section")])
-            node = child
-        if isinstance(node, list):
-            raise RecipeError("--set", [(path.strip(), "set a field of a list item, e.g. retention.references.0.name")])
-        node[keys[-1]] = parse_value(text)
+        set_field(data, path.strip(), parse_value(text))
     return data
 
 
@@ -406,6 +504,10 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     except TypeError as error:
         raise RecipeError(source, [("", str(error))]) from None
     problems = _check_registered(recipe)
+    if recipe.tune and not problems:
+        from raytune_ft.tune.space import check_space
+
+        problems = check_space(recipe)
     if problems:
         raise RecipeError(source, problems)
     return recipe

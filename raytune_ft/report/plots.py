@@ -70,3 +70,38 @@ def write_run_plots(directory: Path, history: list[dict[str, Any]], test: dict[s
         labels = recipe.data.labels or [str(i) for i in range(len(test["confusion"]))]
         written.append(confusion_matrix(directory / "confusion_matrix.png", test["confusion"], labels, f"{recipe.name}: test"))
     return written
+
+
+def trial_curves(path: Path, curves: dict[str, list[dict[str, Any]]], metrics: list[str]) -> Path:
+    """Every trial's learning curve: one panel per searched metric, one line per trial."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for trial, history in curves.items():
+            rows = [row for row in history if metric in row]
+            axis.plot([row["epoch"] for row in rows], [row[metric] for row in rows], marker="o", label=trial)
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def pareto_plot(path: Path, points: list[tuple[float, float]], front: list[int], labels: list[str], metrics: list[str]) -> Path:
+    """All trials in the plane of the two objectives, the non-dominated front joined in red."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 5))
+    axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:gray", label="trials")
+    members = sorted((points[i], labels[i]) for i in front)
+    axis.plot([p[0] for p, _ in members], [p[1] for p, _ in members], "o-", color="tab:red", label="Pareto front")
+    for point, label in members:
+        axis.annotate(label, point, textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xlabel(metrics[0])
+    axis.set_ylabel(metrics[1])
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -32,8 +32,9 @@ QUIET_RAY = {
 }
 
 
-def init_ray(address: str | None, recipe: Recipe) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray."""
+def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray sized for
+    ``workers`` training workers at once (default ``scaling.workers``)."""
     import ray
     from ray.data import DataContext
 
@@ -48,7 +49,7 @@ def init_ray(address: str | None, recipe: Recipe) -> None:
             # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
             # may exceed cores because tokenisation is light next to a training step.
             per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
-            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(recipe.scaling.workers * per_worker) + 2)
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2)
         try:
             ray.init(**kwargs)
         except ConnectionError as error:
@@ -184,8 +185,9 @@ def reference_datasets(planned: list[dict[str, Any]], workers: int) -> dict[str,
 
 
 def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int, labels: list[str] | None,
-        references: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """One Ray Train run of the loop; returns the final trainer state (history and test metrics)."""
+        references: list[dict[str, Any]] = (), callbacks: list[Any] = ()) -> dict[str, Any]:
+    """One Ray Train run of the loop; returns the final trainer state (history and test metrics).
+    ``callbacks``: Ray Train callbacks (a Tune trial forwards the reports to Tune with one)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -212,6 +214,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.output.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=ExactEvalDataConfig(),
@@ -315,22 +318,38 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     return Recipe(**data)
 
 
-def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
-    """Run a recipe end to end and return its summary."""
+def plan_run(recipe: Recipe) -> tuple[list[tabular.Split], list[str] | None, Any, list[dict[str, Any]]]:
+    """Driver-side checks before anything reaches Ray: the model path, the data splits and label
+    set (recorded in the recipe), the task, the strategy and the retention references."""
     from raytune_ft.data import assets
     from raytune_ft.tasks import TASKS
 
-    run_dir = recipe.run_dir()
-    if resume and (run_dir / "summary.json").is_file():
-        print(f"[raytune-ft] {run_dir} is already finished")
-        return json.loads((run_dir / "summary.json").read_text())
     recipe.model.path = assets.resolve(recipe.model.path, "model.path")
     splits, labels = tabular.plan_splits(recipe.data.model_dump())
     recipe.data.labels = labels  # recorded explicitly, so a re-run maps labels the same way
     task = TASKS[recipe.task.type](recipe.to_dict(), labels or [])
     task.check()
     check_strategy(recipe, task)
-    references = plan_references(recipe, TASKS[recipe.task.type])
+    return splits, labels, task, plan_references(recipe, TASKS[recipe.task.type])
+
+
+def prepare_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[str] | None, task,
+                     references: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The target splits and the reference splits as Ray Datasets, and the train row count."""
+    started = time.perf_counter()
+    datasets, train_rows = build_datasets(recipe, splits, labels, task)
+    datasets.update(reference_datasets(references, recipe.scaling.workers))
+    print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
+    return datasets, train_rows
+
+
+def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run a recipe end to end and return its summary."""
+    run_dir = recipe.run_dir()
+    if resume and (run_dir / "summary.json").is_file():
+        print(f"[raytune-ft] {run_dir} is already finished")
+        return json.loads((run_dir / "summary.json").read_text())
+    splits, labels, task, references = plan_run(recipe)
     prepare_run_dir(run_dir, resume, force)
     shared = shared_run_dir(recipe, run_dir)
     if shared:
@@ -339,9 +358,7 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     init_ray(address, recipe)
 
     started = time.perf_counter()
-    datasets, train_rows = build_datasets(recipe, splits, labels, task)
-    datasets.update(reference_datasets(references, recipe.scaling.workers))
-    print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
+    datasets, train_rows = prepare_datasets(recipe, splits, labels, task, references)
     baseline = None
     if recipe.baseline.enabled:
         base = baseline_recipe(recipe, run_dir)

@@ -1,0 +1,90 @@
+"""Grid vs ASHA vs Optuna+ASHA over one search space on the real text recipe (MiniLM-L6, drug reviews).
+
+    make bench-tune                                   # the full comparison (see README for timings)
+    .venv/bin/python benchmarks/tune_asha.py --max-rows 64 --epochs 2 --searches grid,asha
+
+Every search sees the same 12 configurations (lr x weight decay), the same data (prepared once per
+search) and one worker per trial. Reported per search: the best validation accuracy, trial-epochs
+used (the cost), wall time, and the per-trial start-up overhead (trial start to first report).
+Writes benchmarks/results/tune_asha.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LRS = [1e-5, 3e-5, 1e-4, 3e-4]
+WEIGHT_DECAYS = [0.0, 0.01, 0.1]
+
+
+def search_section(kind: str, concurrency: int) -> dict:
+    grid = {"train.lr": {"grid": LRS}, "train.weight_decay": {"grid": WEIGHT_DECAYS}}
+    section = {"space": grid, "searcher": "grid", "num_samples": 1, "metric": "eval/accuracy", "mode": "max",
+               "max_concurrent_trials": concurrency, "workers_per_trial": 1, "seed": 0}
+    if kind in ("asha", "optuna_asha"):
+        section.update(scheduler="asha", asha={"grace_period": 1, "reduction_factor": 3})
+    if kind == "optuna_asha":
+        section.update(searcher="optuna", num_samples=len(LRS) * len(WEIGHT_DECAYS),
+                       space={"train.lr": {"choice": LRS}, "train.weight_decay": {"choice": WEIGHT_DECAYS}})
+    return section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-rows", type=int, default=300, help="rows of each split (data.max_rows)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of a full trial (ASHA's max_t)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per review")
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at once")
+    parser.add_argument("--searches", default="grid,asha,optuna_asha")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "tune_asha.json"))
+    args = parser.parse_args()
+
+    from raytune_ft.recipe import load_recipe
+    from raytune_ft.tune.experiment import run_experiment
+
+    work = Path(tempfile.mkdtemp(prefix="bench_tune_"))
+    rows = {}
+    for kind in args.searches.split(","):
+        recipe = load_recipe(ROOT / "jobs" / "text_classification.yaml", [
+            f"data.max_rows={args.max_rows}", f"task.max_length={args.max_length}", f"train.epochs={args.epochs}",
+            "train.early_stopping=null", "retention=null", "baseline.enabled=false", "output.checkpoints_to_keep=1",
+            f"output.dir={work / kind}", f"tune={json.dumps(search_section(kind, args.concurrency))}",
+        ])
+        started = time.perf_counter()
+        summary = run_experiment(recipe)
+        startup = [row["first_report_s"] for row in summary["rows"] if row["first_report_s"] is not None]
+        # Trial start to first report includes epoch 1 itself; subtract a typical epoch (train +
+        # evaluation, from the trials that finished) to see the start-up overhead alone.
+        finished = [json.loads(path.read_text()) for path in (work / kind).glob("trials/trial_*/run/summary.json")]
+        epoch_s = statistics.median((t["train_time_s"] + t["eval_time_s"]) / t["epochs"] for t in finished)
+        rows[kind] = {
+            "trials": summary["trials"], "failed": summary["failed"],
+            "best_eval_accuracy": summary["best"]["eval/accuracy"], "best_trial": summary["best"]["trial"],
+            "trial_epochs": summary["trial_epochs"], "wall_s": time.perf_counter() - started,
+            "first_report_s_median": statistics.median(startup), "first_report_s_max": max(startup),
+            "epoch_s_median": epoch_s, "startup_overhead_s_median": statistics.median(startup) - epoch_s,
+        }
+        shutil.rmtree(work / kind)  # a dozen MiniLM checkpoints and exports
+        write_results(args, rows)
+
+
+def write_results(args, rows: dict) -> None:
+    """The table so far (written after every search, so a partial run keeps what it measured)."""
+    for row in rows.values():
+        if "grid" in rows:
+            row["accuracy_gap_to_grid"] = rows["grid"]["best_eval_accuracy"] - row["best_eval_accuracy"]
+            row["epochs_vs_grid"] = row["trial_epochs"] / rows["grid"]["trial_epochs"]
+    result = {"settings": vars(args), "configurations": len(LRS) * len(WEIGHT_DECAYS), "searches": rows}
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()

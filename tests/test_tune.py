@@ -1,0 +1,177 @@
+"""Hyperparameter search on real Ray Tune: tiny BERT trials, one worker each, one or a few epochs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, cli, write_recipe
+from raytune_ft.recipe import load_recipe, validate_recipe
+from raytune_ft.tune.experiment import run_experiment
+from raytune_ft.tune.pareto import hypervolume, pareto_front
+
+
+def with_search(recipe: dict, tmp_path, **tune) -> dict:
+    recipe["train"]["epochs"] = 1
+    recipe["output"]["dir"] = str(tmp_path / "experiment")
+    recipe["tune"] = {"workers_per_trial": 1, "max_concurrent_trials": 2, "num_samples": 1, **tune}
+    return recipe
+
+
+def results(experiment_dir) -> list[dict]:
+    with open(experiment_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(retention_recipe, tmp_path, local_ray):
+    with_search(retention_recipe, tmp_path, searcher="grid", space={"train.lr": {"grid": [1e-3, 3e-3]}},
+                metric=["eval/accuracy", "retention/min"], mode=["max", "max"])
+    summary = run_experiment(validate_recipe(retention_recipe))
+    experiment = tmp_path / "experiment"
+
+    rows = results(experiment)
+    assert sorted(float(row["train.lr"]) for row in rows) == [1e-3, 3e-3]
+    assert all(row["status"] == "ok" and row["epochs"] == "1" for row in rows)
+    assert all(float(row["first_report_s"]) > 0 for row in rows)
+    for name in ("summary.md", "plots/trial_curves.png", "plots/pareto.png"):
+        assert (experiment / name).stat().st_size > 0, name
+    front = summary["pareto"]["front"]
+    assert front and summary["pareto"]["hypervolume"] > 0 and summary["pareto"]["reference_point"] == [0.0, 0.0]
+    for trial in front:  # every front member is a recipe the user can run as it is
+        chosen = load_recipe(experiment / "front" / f"{trial}.yaml")
+        assert chosen.tune is None and chosen.train.lr in (1e-3, 3e-3)
+    best = load_recipe(experiment / "best_recipe.yaml")
+    assert best.train.lr == float(next(row["train.lr"] for row in rows if row["trial"] == summary["best"]["trial"]))
+    assert (experiment / "trials" / summary["best"]["trial"] / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_samplers_stay_inside_the_declared_space(searcher, tiny_recipe, tmp_path, local_ray):
+    with_search(tiny_recipe, tmp_path, searcher=searcher, num_samples=2, seed=3, space={
+        "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"randint": [8, 12]},
+    })
+    summary = run_experiment(validate_recipe(tiny_recipe))
+    rows = results(tmp_path / "experiment")
+    assert len(rows) == 2 and summary["failed"] == 0
+    for row in rows:
+        assert 1e-4 <= float(row["train.lr"]) <= 1e-2
+        assert 8 <= int(row["train.batch_size"]) <= 12
+        assert float(row["eval/accuracy"]) >= 0
+
+
+def test_asha_stops_the_useless_trial_at_the_first_milestone(tiny_recipe, tmp_path, local_ray):
+    """One trial at a time, the useful lr first: at epoch 1 the lr-0 trial (nothing learned, the
+    initial loss) is below the milestone's median and stops; the useful one runs all 3 epochs."""
+    with_search(tiny_recipe, tmp_path, searcher="grid", scheduler="asha", max_concurrent_trials=1,
+                metric="eval/loss", mode="min", asha={"grace_period": 1, "reduction_factor": 2},
+                space={"train.lr": {"grid": [3e-3, 0.0]}})
+    tiny_recipe["train"]["epochs"] = 3
+    summary = run_experiment(validate_recipe(tiny_recipe))
+    epochs = {float(row["train.lr"]): (row["status"], int(row["epochs"])) for row in summary["rows"]}
+    assert epochs == {3e-3: ("ok", 3), 0.0: ("stopped", 1)}
+    assert summary["trial_epochs"] == 4
+
+
+def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, tmp_path):
+    """Every trial raises once after epoch 1 (RAYTUNE_FT_FAULT) and is retried from its checkpoint;
+    the trial that freezes more layers than the model has fails for good, the other finishes."""
+    tiny_recipe["strategy"] = {"method": "freeze", "layers": 1}
+    with_search(tiny_recipe, tmp_path, searcher="grid", max_failures=1, space={"strategy.layers": {"grid": [1, 9]}})
+    tiny_recipe["train"]["epochs"] = 2
+    path = write_recipe(tiny_recipe, tmp_path / "tune.yaml")
+    result = cli("tune", str(path), env={"RAYTUNE_FT_FAULT": "raise_after_epoch:1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {int(row["strategy.layers"]): row for row in results(tmp_path / "experiment")}
+    assert rows[1]["status"] == "ok" and rows[1]["epochs"] == "2"
+    assert rows[9]["status"] == "error" and "TrialFailed: strategy.layers: 9 layers to freeze" in rows[9]["error"]
+    assert "resumed at epoch 1" in result.stdout + result.stderr
+
+
+def finished_trials(experiment) -> list:
+    """Trials that wrote their summary and that Tune's saved experiment state records as done."""
+    state = "".join(path.read_text() for path in experiment.glob("trials/experiment_state-*.json"))
+    return sorted(experiment.glob("trials/trial_*/run/summary.json")) if "TERMINATED" in state else []
+
+
+def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path):
+    with_search(tiny_recipe, tmp_path, searcher="grid", max_concurrent_trials=1,
+                space={"train.lr": {"grid": [1e-3, 3e-3]}})
+    path = write_recipe(tiny_recipe, tmp_path / "tune.yaml")
+    experiment = tmp_path / "experiment"
+    process = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "tune", str(path)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not finished_trials(experiment) and time.time() < deadline and process.poll() is None:
+        time.sleep(1)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-experiment
+    process.wait()
+    first = finished_trials(experiment)
+    assert len(first) == 1, "the first trial did not finish in time"
+    finished_at = first[0].stat().st_mtime
+
+    resumed = cli("tune", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert first[0].stat().st_mtime == finished_at  # the finished trial was not run again
+    rows = results(experiment)
+    assert sorted(float(row["train.lr"]) for row in rows) == [1e-3, 3e-3]
+    assert all(row["status"] == "ok" for row in rows)
+
+
+BAD_SPACES = [
+    ({"train.lrr": {"choice": [1e-3]}}, "tune.space.train.lrr: unknown field train.lrr"),
+    ({"train.lr": {"choice": []}}, "tune.space.train.lr: empty choice"),
+    ({"train.lr": {"uniform": [1e-2, 1e-4]}}, "tune.space.train.lr: uniform low 0.01 is above high 0.0001"),
+    ({"train.lr": {"loguniform": [0, 1e-3]}}, "tune.space.train.lr: loguniform low must be > 0"),
+    ({"train.batch_size": {"loguniform": [8, 32]}}, "tune.space.train.batch_size: loguniform samples floats; this field takes int"),
+    ({"train.batch_size": {"choice": [8, 0]}}, "tune.space.train.batch_size: choice value 0 is not valid: train.batch_size"),
+    ({"strategy.method": {"grid": ["full", "bogus"]}}, "tune.space.strategy.method: grid value 'bogus' is not valid"),
+    ({"data.max_rows": {"choice": [10]}}, "tune.space.data.max_rows: data cannot be searched"),
+    ({"train.lr": {"normal": [0, 1]}}, "tune.space.train.lr.normal: unknown field"),
+]
+
+
+@pytest.mark.parametrize("space,message", BAD_SPACES, ids=[message.split(":")[1].strip() + "-" + str(i) for i, (_, message) in enumerate(BAD_SPACES)])
+def test_bad_search_space_is_one_line_before_any_trial(space, message, tiny_recipe, tmp_path):
+    with_search(tiny_recipe, tmp_path, space=space)
+    result = cli("tune", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "experiment").exists()
+
+
+@pytest.mark.parametrize("tune,message", [
+    ({"metric": "retention/min"}, "tune.metric: retention/min needs a retention: section"),
+    ({"searcher": "optuna", "space": {"train.lr": {"grid": [1e-3]}}}, "tune.searcher: optuna samples every dimension"),
+    ({"scheduler": "pbt"}, "tune.scheduler: pbt is not supported"),
+    ({"metric": ["eval/accuracy", "eval/loss"], "mode": "max"}, None),
+])
+def test_search_settings_are_checked(tune, message, tiny_recipe, tmp_path):
+    with_search(tiny_recipe, tmp_path, **{"space": {"train.lr": {"choice": [1e-3]}}, **tune})
+    if message is None:
+        assert validate_recipe(tiny_recipe).tune.modes == ["max", "max"]
+        return
+    result = cli("validate", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_pareto_front_and_hypervolume():
+    points = [(0.9, 0.5), (0.8, 0.8), (0.7, 0.7), (0.5, 0.95)]
+    assert pareto_front(points, ["max", "max"]) == [0, 1, 3]
+    # Rectangles from the reference (0, 0): 0.9*0.5 + 0.8*(0.8-0.5) + 0.5*(0.95-0.8)
+    assert hypervolume([points[i] for i in (0, 1, 3)], ["max", "max"], (0.0, 0.0)) == pytest.approx(0.765)
+    assert pareto_front([(1.0, 0.2), (2.0, 0.1)], ["min", "max"]) == [0]
+
+
+def test_shipped_recipe_with_a_search_space_validates():
+    recipe = yaml.safe_load((ROOT / "jobs" / "text_classification.yaml").read_text())
+    recipe["tune"] = {"space": {"train.lr": {"loguniform": [1e-5, 1e-3]}, "strategy.method": {"choice": ["full", "lp_ft"]}},
+                      "metric": ["eval/macro_f1", "retention/min"], "mode": ["max", "max"], "searcher": "optuna"}
+    assert validate_recipe(recipe).tune.metrics == ["eval/macro_f1", "retention/min"]
