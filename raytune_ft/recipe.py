@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raytune_ft.errors import RecipeError, UserError
 
@@ -202,6 +202,12 @@ class Dimension(Section):
     randint: Optional[list[int]] = Field(None, min_length=2, max_length=2, description="[low, high], both included")
     choice: Optional[list[Any]] = Field(None, description="values sampled uniformly")
     grid: Optional[list[Any]] = Field(None, description="every value, one trial each (times num_samples)")
+
+    @field_validator("choice", "grid")
+    @classmethod
+    def _yaml_floats(cls, values):
+        # YAML 1.1 reads 1e-5 as a string; take the float people mean, as --set does.
+        return [parse_value(value) if isinstance(value, str) else value for value in values] if values else values
 
     @model_validator(mode="after")
     def _one_distribution(self):
