@@ -249,6 +249,12 @@ class Dimension(Section):
     choice: Optional[list[Any]] = Field(None, description="values sampled uniformly")
     grid: Optional[list[Any]] = Field(None, description="every value, one trial each (times num_samples)")
 
+    @field_validator("choice", "grid")
+    @classmethod
+    def _yaml_floats(cls, values):
+        # YAML 1.1 reads 1e-5 as a string; take the float people mean, as --set does.
+        return [parse_value(value) if isinstance(value, str) else value for value in values] if values else values
+
     @model_validator(mode="after")
     def _one_distribution(self):
         given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]

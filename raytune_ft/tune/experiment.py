@@ -51,7 +51,7 @@ def searcher(tune_section):
 
 
 def max_epochs(recipe: Recipe) -> int:
-    """The most epochs a trial can run: ASHA's max_t."""
+    """The most epochs a trial can run."""
     space = recipe.tune.space.get("train.epochs")
     return max(space.values) if space and space.kind != "uniform" else (recipe.train.epochs or 100)
 
@@ -64,7 +64,9 @@ def scheduler(recipe: Recipe):
         return FIFOScheduler()
     return ASHAScheduler(
         metric=tune_section.metrics[0], mode=tune_section.modes[0], time_attr="epoch",
-        max_t=max_epochs(recipe), grace_period=tune_section.asha.grace_period,
+        # One past the last epoch: ASHA stops a trial that reaches max_t, which would cut off the
+        # run's final test evaluation and model export.
+        max_t=max_epochs(recipe) + 1, grace_period=tune_section.asha.grace_period,
         reduction_factor=tune_section.asha.reduction_factor,
     )
 
