@@ -424,7 +424,10 @@ def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
                 problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(task_cls.columns)}"))
     strategy = recipe.strategy
     allowed = SHARED_STRATEGY_OPTIONS | STRATEGY_OPTIONS.get(strategy.method, set())
-    for field in sorted(strategy.model_fields_set - allowed):
+    # Only fields that differ from their default count as set: a written-out recipe (every
+    # default spelled out, e.g. a run's recipe.yaml) validates like the file it came from.
+    changed = {f for f in strategy.model_fields_set if getattr(strategy, f) != type(strategy).model_fields[f].get_default(call_default_factory=True)}
+    for field in sorted(changed - allowed):
         owners = [method for method, fields in STRATEGY_OPTIONS.items() if field in fields]
         problems.append((f"strategy.{field}", f"applies to method {' / '.join(owners)}, not {strategy.method}"))
     if strategy.method == "freeze" and strategy.layers is None and not strategy.modules:
