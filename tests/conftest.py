@@ -67,30 +67,26 @@ def tiny_bert(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="session")
-def sentiment_data(tmp_path_factory) -> dict[str, Path]:
+def write_splits(directory: Path, make_rows, splits: tuple[tuple[str, int, int], ...]) -> dict[str, Path]:
+    """One parquet file per (split, row count, seed) of ``make_rows(count, seed)``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    directory = tmp_path_factory.mktemp("sentiment")
     paths = {}
-    for split, count, seed in (("train", 400, 1), ("test", 96, 2)):
+    for split, count, seed in splits:
         paths[split] = directory / f"{split}.parquet"
-        pq.write_table(pa.Table.from_pylist(sentiment_rows(count, seed)), paths[split])
+        pq.write_table(pa.Table.from_pylist(make_rows(count, seed)), paths[split])
     return paths
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory) -> dict[str, Path]:
+    return write_splits(tmp_path_factory.mktemp("sentiment"), sentiment_rows, (("train", 400, 1), ("test", 96, 2)))
 
 
 @pytest.fixture(scope="session")
 def topic_data(tmp_path_factory) -> dict[str, Path]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    directory = tmp_path_factory.mktemp("topics")
-    paths = {}
-    for split, count, seed in (("train", 240, 3), ("test", 120, 4)):
-        paths[split] = directory / f"{split}.parquet"
-        pq.write_table(pa.Table.from_pylist(topic_rows(count, seed)), paths[split])
-    return paths
+    return write_splits(tmp_path_factory.mktemp("topics"), topic_rows, (("train", 240, 3), ("test", 120, 4)))
 
 
 @pytest.fixture
