@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -159,6 +160,9 @@ class DeepSpeedBackend:
         self.device = ray.train.torch.get_device()
         if self.device.type != "cuda":
             os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when deepspeed is first imported
+            # The CPU accelerator JIT-builds a small op; build it beside this Python environment,
+            # not in a cache shared by every environment (where a killed build's lock hangs all).
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
