@@ -140,7 +140,7 @@ def test_recipe_errors_are_caught_before_submission(token_head, job_recipe, tmp_
     result = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
                  "--set", "train.lr=-1", env=env)
     assert result.returncode == 2
-    assert result.stderr == f"error: {job_recipe}: train.lr: Input should be greater than 0 (got -1)\n"
+    assert result.stderr == f"error: {job_recipe}: train.lr: Input should be greater than or equal to 0 (got -1)\n"
     outside = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(tmp_path / "elsewhere"), env=env)
     assert outside.returncode == 2 and outside.stderr.startswith("error: --working-dir:")
 
