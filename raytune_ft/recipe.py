@@ -368,11 +368,6 @@ class Recipe(Section):
                 raise ValueError(f"{section}.{field}: unknown reference {getattr(value, field)!r}; defined: {', '.join(names)}")
         return self
 
-    def reference_named(self, name: Optional[str]) -> "ReferenceSection":
-        """The named retention reference, or the first one."""
-        references = self.retention.references
-        return next((r for r in references if r.name == name), references[0]) if name else references[0]
-
     def run_dir(self) -> Path:
         return Path(self.output.dir or f"runs/{self.name}").expanduser().resolve()
 

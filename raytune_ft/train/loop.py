@@ -226,15 +226,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch = state["epoch"] + 1
         # Reseed per (seed, epoch, rank): dropout masks then do not depend on how many epochs this
         # process has run, so a resumed run continues exactly as an uninterrupted one would.
-        seed_everything(train["seed"] * 1000 + epoch * 16 + rank)
+        epoch_seed = train["seed"] * 1000 + epoch * 16 + rank
+        seed_everything(epoch_seed)
         if strategy.on_epoch_start(backend.module, epoch):
             backend.refresh()
         if recipe.get("wise_ft") and wise_anchor is None and body_trains(backend.module, heads):
             wise_anchor = wise_ft_anchor(backend.snapshot(), heads, head_trained_before=epoch > 1)
         if replay:
-            replay.start_epoch(train["seed"] * 1000 + epoch * 16 + rank)
+            replay.start_epoch(epoch_seed)
         backend.model.train()
-        loss_sum, loss_count, wait, samples = torch.zeros(2, dtype=torch.float64), 0, 0.0, 0
+        loss_sum, wait, samples = torch.zeros(2, dtype=torch.float64), 0.0, 0
         started = time.perf_counter()
         batches = iter(shards["train"].iter_torch_batches(
             batch_size=train["batch_size"], collate_fn=Collate(task),
