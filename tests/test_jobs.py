@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,10 +147,13 @@ def test_recipe_errors_are_caught_before_submission(token_head, job_recipe, tmp_
 
 
 def test_unreachable_address_is_a_one_line_error(tmp_path, job_recipe):
-    result = cli("submit", str(job_recipe), "--address", "http://127.0.0.1:8299", "--working-dir", str(job_recipe.parent),
-                 env=client_env(tmp_path))
+    with socket.socket() as closed_port:  # bound but never listening: connections to it are refused
+        closed_port.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{closed_port.getsockname()[1]}"
+        result = cli("submit", str(job_recipe), "--address", address, "--working-dir", str(job_recipe.parent),
+                     env=client_env(tmp_path))
     assert result.returncode == 2
-    assert result.stderr == ("error: --address: cannot reach the Ray dashboard at http://127.0.0.1:8299; is the cluster up, "
+    assert result.stderr == (f"error: --address: cannot reach the Ray dashboard at {address}; is the cluster up, "
                              "and the port tunnelled (ray dashboard cluster.yaml)?\n")
 
 
