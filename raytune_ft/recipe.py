@@ -129,7 +129,7 @@ class WiseFTSection(Section):
 
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     metric: str = Field("eval/accuracy", pattern=r"^eval/[A-Za-z0-9_]+$", description="target metric (higher is better)")
-    min_retention: float = Field(0.98, gt=0, le=1.5, description="pick the best target score among alphas with retention >= this")
+    min_retention: float = Field(0.98, ge=0, le=1.5, description="pick the best target score among alphas with retention >= this (0: no limit)")
 
     @model_validator(mode="after")
     def _alphas_in_range(self):

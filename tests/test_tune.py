@@ -33,6 +33,7 @@ def results(experiment_dir) -> list[dict]:
 def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(retention_recipe, tmp_path, local_ray):
     with_search(retention_recipe, tmp_path, searcher="grid", space={"train.lr": {"grid": [1e-3, 3e-3]}},
                 metric=["eval/accuracy", "retention/min"], mode=["max", "max"])
+    retention_recipe["wise_ft"] = {"alphas": [0.0, 0.5, 1.0], "metric": "eval/accuracy", "min_retention": 0.0}
     summary = run_experiment(validate_recipe(retention_recipe))
     experiment = tmp_path / "experiment"
 
@@ -44,9 +45,15 @@ def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(retention_recipe
         assert (experiment / name).stat().st_size > 0, name
     front = summary["pareto"]["front"]
     assert front and summary["pareto"]["hypervolume"] > 0 and summary["pareto"]["reference_point"] == [0.0, 0.0]
-    for trial in front:  # every front member is a recipe the user can run as it is
-        chosen = load_recipe(experiment / "front" / f"{trial}.yaml")
+    # Each trial's WiSE-FT sweep widens the front for free: alpha 0 is the pretrained body again.
+    points = {point["trial"]: point for point in summary["pareto"]["points"]}
+    assert len(points) == 3 * len(rows)
+    assert all(points[f"{row['trial']}-alpha0"]["retention/min"] > 0.999 for row in rows)
+    assert summary["pareto"]["hypervolume"] >= summary["pareto"]["hypervolume_trials_only"] > 0
+    for member in front:  # every front member is a recipe the user can run as it is
+        chosen = load_recipe(experiment / "front" / f"{member}.yaml")
         assert chosen.tune is None and chosen.train.lr in (1e-3, 3e-3)
+        assert chosen.wise_ft.alphas == ([float(member.split("-alpha")[1])] if "-alpha" in member else [0.0, 0.5, 1.0])
     best = load_recipe(experiment / "best_recipe.yaml")
     assert best.train.lr == float(next(row["train.lr"] for row in rows if row["trial"] == summary["best"]["trial"]))
     assert (experiment / "trials" / summary["best"]["trial"] / "run" / "model" / "model.safetensors").is_file()

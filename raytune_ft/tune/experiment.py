@@ -172,7 +172,11 @@ def write_recipe(path: Path, recipe: Recipe, row: dict[str, Any]) -> Path:
     """A recipe a user can re-run with ``raytune-ft run``: the base with this trial's values."""
     from raytune_ft.tune.trial import trial_recipe
 
-    chosen = trial_recipe(given_fields(recipe), {p: row[p] for p in recipe.tune.space}, row["trial"], None)
+    values = {p: row[p] for p in recipe.tune.space}
+    if "alpha" in row:  # a WiSE-FT point: the same run, interpolated at this alpha
+        values["wise_ft.alphas"] = [row["alpha"]]
+        values["wise_ft.min_retention"] = 0.0
+    chosen = trial_recipe(given_fields(recipe), values, row["trial"], None)
     header = f"# {row['trial']} of tune experiment {recipe.name}: " + ", ".join(f"{m} {row[m]:.4f}" for m in recipe.tune.metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = given_fields(chosen)
@@ -214,25 +218,41 @@ def write_experiment_outputs(experiment_dir: Path, recipe: Recipe, results, wall
     return summary
 
 
+def wise_ft_points(experiment_dir: Path, row: dict[str, Any], metrics: list[str]) -> list[dict[str, Any]]:
+    """A finished trial's WiSE-FT sweep (recipe ``wise_ft``): one extra candidate per alpha < 1,
+    scored on the trial's checkpoint without retraining (alpha 1 is the trial itself)."""
+    summary_path = experiment_dir / TRIALS / row["trial"] / "run" / "summary.json"
+    sweep = (json.loads(summary_path.read_text()).get("wise_ft") or {}).get("rows", [])
+    return [{**row, **{m: point[m] for m in metrics}, "trial": f"{row['trial']}-alpha{point['alpha']:g}", "alpha": point["alpha"]}
+            for point in sweep if point["alpha"] < 1 and all(_number(point.get(m)) for m in metrics)]
+
+
 def write_pareto(experiment_dir: Path, recipe: Recipe, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The front over every finished trial and every WiSE-FT point of theirs; a recipe per member."""
     from raytune_ft.report import plots
     from raytune_ft.tune import pareto
 
     metrics, modes = recipe.tune.metrics, recipe.tune.modes
-    finished = [row for row in rows if row["status"] == "ok" and all(_number(row.get(m)) for m in metrics)]
-    if not finished:
+    trials = [row for row in rows if row["status"] == "ok" and all(_number(row.get(m)) for m in metrics)]
+    candidates = trials + [point for row in trials for point in wise_ft_points(experiment_dir, row, metrics)]
+    if not candidates:
         return {"front": [], "hypervolume": 0.0}
-    points = [(row[metrics[0]], row[metrics[1]]) for row in finished]
+    points = [(row[metrics[0]], row[metrics[1]]) for row in candidates]
     front = pareto.pareto_front(points, modes)
     reference = pareto.default_reference(points, modes)
     for i in front:
-        write_recipe(experiment_dir / "front" / f"{finished[i]['trial']}.yaml", recipe, finished[i])
-    plots.pareto_plot(experiment_dir / "plots" / "pareto.png", points, front, [row["trial"] for row in finished], metrics)
-    return {
-        "front": [finished[i]["trial"] for i in front],
+        write_recipe(experiment_dir / "front" / f"{candidates[i]['trial']}.yaml", recipe, candidates[i])
+    plots.pareto_plot(experiment_dir / "plots" / "pareto.png", points, front, [row["trial"] for row in candidates], metrics)
+    trials_only = pareto.pareto_front(points[:len(trials)], modes)
+    result = {
+        "front": [candidates[i]["trial"] for i in front],
         "hypervolume": pareto.hypervolume([points[i] for i in front], modes, reference),
+        "hypervolume_trials_only": pareto.hypervolume([points[i] for i in trials_only], modes, reference),
         "reference_point": list(reference),
+        "points": [{"trial": row["trial"], **{m: row[m] for m in metrics}} for row in candidates],
     }
+    (experiment_dir / "pareto.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def summary_markdown(summary: dict[str, Any], recipe: Recipe) -> str:
@@ -257,7 +277,8 @@ def summary_markdown(summary: dict[str, Any], recipe: Recipe) -> str:
     if "pareto" in summary:
         front = summary["pareto"]
         lines += ["", f"Pareto front ({metrics[0]} vs {metrics[1]}): {', '.join(front['front']) or 'none'}; "
-                      f"hypervolume {front.get('hypervolume', 0):.4f} against reference point {front.get('reference_point')} "
+                      f"hypervolume {front.get('hypervolume', 0):.4f} ({front.get('hypervolume_trials_only', 0):.4f} "
+                      f"without WiSE-FT points) against reference point {front.get('reference_point')} "
                       "(recipes in front/, plot in plots/pareto.png)"]
     return "\n".join(lines) + "\n"
 
