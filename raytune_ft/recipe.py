@@ -290,6 +290,24 @@ class AshaSection(Section):
     reduction_factor: float = Field(2.0, gt=1, description="keep the best 1/reduction_factor at each milestone")
 
 
+class PbtSection(Section):
+    """Population based training: every ``interval`` epochs, a trial in the bottom ``quantile`` copies
+    the weights of one in the top quantile and perturbs its hyperparameters (x0.8 / x1.2, or the
+    neighbouring choice; resampled from the space with probability ``resample_probability``)."""
+
+    interval: int = Field(1, ge=1, description="epochs between exploit/explore steps")
+    quantile: float = Field(0.25, gt=0, le=0.5, description="fraction of trials in the top and bottom groups")
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    synchronous: bool = Field(False, description="every trial waits at each interval for the others (reproducible, "
+                                                 "slower) instead of being perturbed as it arrives")
+
+
+# What a PBT trial can change when it continues another trial's run: read afresh at every restart,
+# none of them shapes the data, the step plan or the parameter set.
+PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.clip_grad_norm", "train.dropout",
+               "regularizer.strength", "replay.loss_weight")
+
+
 class TuneSection(Section):
     """``raytune-ft tune``: trials of this recipe with the ``space`` fields sampled (dotted paths)."""
 
@@ -302,6 +320,7 @@ class TuneSection(Section):
     searcher: Literal["random", "grid", "optuna"] = "random"
     scheduler: Literal["fifo", "asha", "pbt"] = Field("fifo", description="asha and pbt act on the first metric")
     asha: AshaSection = Field(default_factory=AshaSection)
+    pbt: PbtSection = Field(default_factory=PbtSection)
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial, from its last checkpoint")
     seed: Optional[int] = Field(None, description="seeds the searcher, so the same trials are proposed again")
 
@@ -316,8 +335,12 @@ class TuneSection(Section):
         if isinstance(self.mode, list) and len(modes) != len(metrics):
             raise ValueError(f"tune.mode: give one mode per metric ({len(metrics)}), got {len(modes)}")
         if self.scheduler == "pbt":
-            raise ValueError("tune.scheduler: pbt is not supported: a trial's Ray Train V2 run cannot be restarted "
-                             "from another trial's checkpoint yet; use asha or fifo")
+            fixed = [path for path in self.space if path not in PBT_MUTABLE]
+            if fixed:
+                raise ValueError(f"tune.space: pbt continues one trial's run with another's hyperparameters, so it can "
+                                 f"only search {', '.join(PBT_MUTABLE)}; not {', '.join(fixed)}")
+            if self.searcher == "optuna":
+                raise ValueError("tune.searcher: pbt proposes its own configurations; use random or grid")
         if self.searcher == "grid":
             random = [path for path, dimension in self.space.items() if dimension.kind != "grid"]
             if random:

@@ -121,8 +121,14 @@ class DDPBackend:
 
         load_model(self.module, f"{directory}/weights.safetensors", strict=True, device=str(self.device))
         state = load_state(directory, "optimizer")
+        from_recipe = [(group["initial_lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # State comes from the checkpoint, hyperparameters from the recipe: a PBT trial continues
+        # another trial's run with its own lr and weight decay (a plain resume sets the same values).
+        self.scheduler.base_lrs = [lr for lr, _ in from_recipe]
+        for group, (lr, decay), multiplier in zip(self.optimizer.param_groups, from_recipe, self.scheduler.lr_lambdas):
+            group.update(initial_lr=lr, weight_decay=decay, lr=lr * multiplier(self.scheduler.last_epoch))
 
     def full_weights(self):
         """Context in which ``module`` holds the full weights on rank 0 (replicas already do)."""

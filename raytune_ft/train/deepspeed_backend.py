@@ -147,6 +147,9 @@ class DeepSpeedBackend:
                 problems.append((f"deepspeed.config.{key}", f"{leaves[key]!r} conflicts with {field} ({value!r}); set it there"))
         if recipe["train"]["precision"] == "fp16" and not recipe["scaling"]["use_gpu"]:
             problems.append(("train.precision", "fp16 with deepspeed needs scaling.use_gpu: true; use bf16 or fp32 on CPU"))
+        if (recipe.get("tune") or {}).get("scheduler") == "pbt":
+            problems.append(("tune.scheduler", "pbt restarts trials with changed hyperparameters, which the deepspeed "
+                                               "backend's restored optimizer does not take yet; use ddp, or asha"))
         return problems + retention_problems(recipe)
 
     def __init__(self, recipe: dict[str, Any]):

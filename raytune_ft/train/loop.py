@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "train_time_s": 0.0, "data_wait_s": 0.0, "train_samples": 0, "eval_time_s": 0.0, "stopped_early": False,
     }
     best_weights = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint:
         from safetensors.torch import load_file
 

@@ -185,9 +185,10 @@ def reference_datasets(planned: list[dict[str, Any]], workers: int) -> dict[str,
 
 
 def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int, labels: list[str] | None,
-        references: list[dict[str, Any]] = (), callbacks: list[Any] = ()) -> dict[str, Any]:
+        references: list[dict[str, Any]] = (), callbacks: list[Any] = (), resume_from=None) -> dict[str, Any]:
     """One Ray Train run of the loop; returns the final trainer state (history and test metrics).
-    ``callbacks``: Ray Train callbacks (a Tune trial forwards the reports to Tune with one)."""
+    ``callbacks``: Ray Train callbacks (a Tune trial forwards the reports to Tune with one);
+    ``resume_from``: a checkpoint to start from when the run has none of its own (PBT)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -201,6 +202,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
         "recipe": recipe.to_dict(), "labels": labels, "plan": plan, "splits": sorted(datasets),
         "threads": max(1, int(per_worker.get("CPU", 1))), "world_size": workers, "fault": fault_config(run_dir),
         "references": [{"name": r["name"], "labels": r["labels"]} for r in references],
+        "resume_from": resume_from,
     }
     if not references:
         datasets = {name: dataset for name, dataset in datasets.items() if not name.startswith("ref_")}

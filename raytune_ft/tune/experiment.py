@@ -57,11 +57,20 @@ def max_epochs(recipe: Recipe) -> int:
 
 
 def scheduler(recipe: Recipe):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     tune_section = recipe.tune
     if tune_section.scheduler == "fifo":
         return FIFOScheduler()
+    if tune_section.scheduler == "pbt":
+        from raytune_ft.tune.space import mutations
+
+        return PopulationBasedTraining(
+            time_attr="epoch", metric=tune_section.metrics[0], mode=tune_section.modes[0],
+            perturbation_interval=tune_section.pbt.interval, hyperparam_mutations=mutations(tune_section),
+            quantile_fraction=tune_section.pbt.quantile, resample_probability=tune_section.pbt.resample_probability,
+            synch=tune_section.pbt.synchronous,
+        )
     return ASHAScheduler(
         metric=tune_section.metrics[0], mode=tune_section.modes[0], time_attr="epoch",
         # One past the last epoch: ASHA stops a trial that reaches max_t, which would cut off the
@@ -99,6 +108,8 @@ def build_tuner(recipe: Recipe, experiment_dir: Path, trainable, resume: bool):
         run_config=tune.RunConfig(
             name=TRIALS, storage_path=str(experiment_dir), progress_reporter=reporter, verbose=1,
             failure_config=tune.FailureConfig(max_failures=tune_section.max_failures),
+            # Only PBT reports Tune checkpoints, and it may exploit any of them: all are kept.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         ),
     )
 
@@ -126,6 +137,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     started = time.perf_counter()
     datasets, train_rows = prepare_datasets(recipe, splits, labels, task, references)
     shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
+              "pbt": tune_section.scheduler == "pbt",
               "references": [{"name": r["name"], "labels": r["labels"]} for r in references]}
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
     results = build_tuner(recipe, experiment_dir, trainable, resume).fit()

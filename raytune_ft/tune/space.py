@@ -122,3 +122,11 @@ def param_space(tune) -> dict[str, Any]:
         "grid": ray_tune.grid_search,
     }
     return {path: domains[dimension.kind](dimension.values) for path, dimension in tune.space.items()}
+
+
+def mutations(tune) -> dict[str, Any]:
+    """PBT's hyperparam_mutations: lists for choice and grid (explore moves to a neighbour),
+    Tune domains for ranges (explore scales by 0.8 or 1.2)."""
+    domains = param_space(tune)
+    return {path: list(dimension.values) if dimension.kind in ("choice", "grid") else domains[path]
+            for path, dimension in tune.space.items()}

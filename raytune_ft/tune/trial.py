@@ -3,11 +3,14 @@
 The trial function runs in a Tune trial actor and starts its own TorchTrainer (its own worker
 group). The data were prepared once on the driver and arrive as shared Ray Datasets; the Train
 reports reach Tune through ``EpochReportCallback``. A retried or resumed trial reuses its run
-directory, so Ray Train continues from the trial's last checkpoint.
+directory, so Ray Train continues from the trial's last checkpoint; under PBT, Tune restarts a
+trial from a Tune checkpoint (its own or another trial's) and the run starts afresh from that.
 """
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,14 @@ STARTUP_METRIC = "trial/first_report_s"
 
 class EpochReportCallback(TuneReportCallback):
     """Forward each epoch's report to Tune, with the trial's start-up time (trial start to first
-    report). The loop's last report (test metrics only) is not an epoch: schedulers count epochs."""
+    report). The loop's last report (test metrics only) is not an epoch: schedulers count epochs.
+    With a ``queue`` (PBT), (report, checkpoint path) go there instead, for the trial function to
+    report with a Tune checkpoint: Tune's own forwarding carries only the path."""
 
-    def __init__(self, trial_started: float):
+    def __init__(self, trial_started: float, queue=None):
         super().__init__()
         self.trial_started = trial_started
+        self.queue = queue
         self.first_report_s = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -31,7 +37,20 @@ class EpochReportCallback(TuneReportCallback):
             return
         if self.first_report_s is None:
             self.first_report_s = time.time() - self.trial_started
-        super().after_report(run_context, [{**metrics[0], STARTUP_METRIC: self.first_report_s}], checkpoint)
+        report = {**metrics[0], STARTUP_METRIC: self.first_report_s}
+        if self.queue is None:
+            super().after_report(run_context, [report], checkpoint)
+        else:
+            self.queue.put((report, checkpoint.path if checkpoint else None))
+
+
+def forward_to_tune(queue) -> None:
+    """Drain the PBT queue into ``tune.report`` until the ``None`` that ends the run."""
+    from ray import tune
+
+    while (item := queue.get()) is not None:
+        report, path = item
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
 
 
 def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_dir: Path | None):
@@ -56,16 +75,40 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     started = time.time()
     context = tune.get_context()
     run_dir = Path(context.get_trial_dir()) / "run"
+    # Only PBT reports Tune checkpoints; one here means "continue from it" (another trial's epoch
+    # after an exploit, or this trial's own after a retry), so this trial's own run starts afresh.
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
     try:
         recipe = trial_recipe(shared["recipe"], config, context.get_trial_name(), run_dir)
         # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
         check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
         run_dir.mkdir(parents=True, exist_ok=True)
-        state = fit(recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"],
-                    callbacks=[EpochReportCallback(started)])
+        args = (recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"])
+        if shared["pbt"]:
+            state = fit_reporting_checkpoints(args, started, restored)
+        else:
+            state = fit(*args, callbacks=[EpochReportCallback(started)])
     except (UserError, TrainingFailed) as error:
         raise TrialFailed(str(error)) from None
     write_outputs(run_dir, recipe, state, None, time.time() - started)
+
+
+def fit_reporting_checkpoints(args: tuple, started: float, restored) -> dict[str, Any]:
+    """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them)."""
+    from ray.util.queue import Queue
+
+    from raytune_ft.train.runner import fit
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    forwarder = threading.Thread(target=forward_to_tune, args=(queue,), daemon=True)
+    forwarder.start()
+    try:
+        return fit(*args, callbacks=[EpochReportCallback(started, queue)], resume_from=restored)
+    finally:
+        queue.put(None)
+        forwarder.join()
 
 
 class TrialFailed(RuntimeError):
