@@ -14,15 +14,13 @@ import json
 import pickle
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli, write_recipe
-from raytune_ft.cli import main
+from conftest import Payload, cli, snapshot, write_recipe
 from raytune_ft.recipe import set_field
 
 DELETE = object()
@@ -373,24 +371,8 @@ CASES = [pytest.param(changed(*spec), id=name) for name, spec in RECIPE_CASES.it
 ]
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """``raytune-ft ARGS`` in this process: (exit code, stderr)."""
-    def no_ray(*_, **__):
-        raise AssertionError("this case reached Ray; it should fail before")
-
-    monkeypatch.setattr("raytune_ft.train.runner.init_ray", no_ray)
-    monkeypatch.setattr(sys, "argv", ["raytune-ft", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_harmless(case, tiny_recipe, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line_and_harmless(case, tiny_recipe, tmp_path, cli_in_process):
     expected = case(tiny_recipe, tmp_path)
     expected = [expected] if isinstance(expected, str) else list(expected)
     extra = expected.pop() if isinstance(expected[-1], list) else []
@@ -399,7 +381,7 @@ def test_bad_input_is_one_line_and_harmless(case, tiny_recipe, tmp_path, monkeyp
         write_recipe(tiny_recipe, recipe_path)
     args = extra if extra[:1] == ["run"] else ["run", str(recipe_path), *extra]
     before = snapshot(tmp_path)
-    code, stderr = run_in_process(args, monkeypatch, capsys)
+    code, stderr = cli_in_process(*args)
     assert code == 2, stderr
     lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
@@ -412,7 +394,7 @@ def test_cases_cover_every_area():
 
 
 @pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.safetensors"])
-def test_pickled_model_weights_are_refused_unrun(weights, tiny_recipe, tmp_path, monkeypatch, capsys):
+def test_pickled_model_weights_are_refused_unrun(weights, tiny_recipe, tmp_path, cli_in_process):
     """A pickle whose unpickling would run code, where model weights are expected, is never loaded."""
     armed = tmp_path / "armed"
     pickle.loads(pickle.dumps(Payload(armed)))
@@ -422,21 +404,11 @@ def test_pickled_model_weights_are_refused_unrun(weights, tiny_recipe, tmp_path,
     shutil.copytree(tiny_recipe["model"]["path"], model, ignore=shutil.ignore_patterns("model.safetensors"))
     (model / weights).write_bytes(pickle.dumps(Payload(marker)))
     tiny_recipe["model"]["path"] = str(model)
-    code, stderr = run_in_process(["run", str(write_recipe(tiny_recipe, tmp_path / "r.yaml"))], monkeypatch, capsys)
+    code, stderr = cli_in_process("run", str(write_recipe(tiny_recipe, tmp_path / "r.yaml")))
     assert code == 2 and len(stderr.splitlines()) == 1, stderr
     assert {"pytorch_model.bin": "has only pickle weights (pytorch_model.bin), which are never loaded",
             "model.safetensors": "model.safetensors: cannot read the weights (not a safetensors file)"}[weights] in stderr
     assert not marker.exists()
-
-
-class Payload:
-    """Unpickling this creates ``marker``: stands for any code a malicious pickle runs."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_real_command_line_prints_one_line(tiny_recipe, tmp_path):
