@@ -71,13 +71,15 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
             header = json.loads(f.read(length))
         except ValueError:  # also UnicodeDecodeError
             raise ValueError("not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file")
-    header.pop("__metadata__", None)
-    expected = 8 + length + max((tensor["data_offsets"][1] for tensor in header.values()), default=0)
+    try:
+        header.pop("__metadata__", None)
+        expected = 8 + length + max((int(tensor["data_offsets"][1]) for tensor in header.values()), default=0)
+        shapes = {name: list(tensor["shape"]) for name, tensor in header.items()}
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise ValueError("not a safetensors file (its header lists no tensors)") from None
     if size != expected:
         raise ValueError(f"incomplete: {size} bytes where its header describes {expected}")
-    return {name: tensor["shape"] for name, tensor in header.items()}
+    return shapes
 
 
 def verify_checkpoint(directory: str | os.PathLike) -> None:

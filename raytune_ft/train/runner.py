@@ -25,7 +25,7 @@ from ray.train import DataConfig
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import Recipe
-from raytune_ft.train.checkpoint import write_text_atomic
+from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
@@ -93,20 +93,19 @@ def check_resume_checkpoint(run_dir: Path) -> None:
     """The checkpoint Ray Train will resume from (the latest in its run snapshot) must be whole.
     Ray registers a checkpoint only once every worker's files are in storage, so a write cut
     short is never in the snapshot; this catches a registered one damaged since."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    from raytune_ft.train.checkpoint import verify_checkpoint
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # internal: no public name
 
     snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
     if not snapshot.is_file():
         return
     try:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-    except (ValueError, AttributeError):
-        raise UserError("--resume", f"{snapshot}: not Ray Train's run snapshot (not a JSON object)") from None
+        directory = run_dir / latest["checkpoint_dir_name"] if latest else None
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise UserError("--resume", f"{snapshot}: not Ray Train's run snapshot") from None
     try:
-        if latest:
-            verify_checkpoint(run_dir / latest["checkpoint_dir_name"])
+        if directory:
+            verify_checkpoint(directory)
     except ValueError as error:
         raise UserError("--resume", f"{error}; the checkpoint to resume from is damaged, nothing was changed "
                                     "(start anew with --force)") from None
