@@ -60,18 +60,22 @@ def main() -> None:
         recipe = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [f"output.dir={base}/run_{index:03d}"])
         run_started = time.perf_counter()
         summary = run(recipe)
+        time.sleep(5)  # let Ray reap the run's actors before counting what is left
         per_run.append({"run": index, "wall_s": time.perf_counter() - run_started,
                         "test_accuracy": summary["test"].get("accuracy"), **measure()})
         print(f"[soak] run {index + 1}/{RUNS}: {per_run[-1]}", flush=True)
-    time.sleep(5)  # let Ray reap the last run's actors before the final count
-    after = measure()
-    result = {"runs": RUNS, "setup": {"model": "MiniLM-L6", "overrides": OVERRIDES, "cpu_count": os.cpu_count()},
-              "before": before, "after": after, "per_run": per_run, "total_s": time.perf_counter() - started,
-              "growth": {key: after[key] - before[key] for key in before}}
+        write_results(before, per_run, time.perf_counter() - started)  # after every run: a cut-short soak still reports
+
+
+def write_results(before: dict, per_run: list[dict], total_s: float) -> None:
+    after = per_run[-1]
+    result = {"runs_requested": RUNS, "runs_done": len(per_run),
+              "setup": {"model": "MiniLM-L6", "overrides": OVERRIDES, "cpu_count": os.cpu_count()},
+              "before": before, "after_last_run": after, "total_s": total_s,
+              "growth": {key: after[key] - before[key] for key in before}, "per_run": per_run}
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=2))
-    print("[soak] growth over", RUNS, "runs:", json.dumps(result["growth"]))
 
 
 if __name__ == "__main__":
