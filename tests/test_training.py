@@ -155,3 +155,16 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     epochs = [row for row in rows if "train/loss" in row]
     assert [row["epoch"] for row in epochs] == [1, 2, 3]
     assert f"resumed at epoch 1, step {epochs[0]['step']}" in resumed.stdout + resumed.stderr
+
+
+def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(tiny_recipe, tmp_path):
+    """A worker process SIGKILLed mid-epoch 2 (rank 1): with train.max_failures the worker group
+    restarts from epoch 1's checkpoint within the same run, which finishes with each epoch once."""
+    tiny_recipe["train"].update(epochs=2, max_failures=1)
+    recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    result = cli("run", str(recipe_path), env={"RAYTUNE_FT_FAULT": "kill_at_step:25"})  # 20 steps per epoch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / ".fault_fired").exists()
+    assert "resumed at epoch 1, step 20" in result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2]
