@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention bench-deepspeed bench-tune clean cluster-up cluster-down
+.PHONY: install demo test bench bench-retention bench-deepspeed bench-tune bench-soak clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes: the text retention reference set (see ASSETS.md).
@@ -60,3 +60,7 @@ clean:
 
 bench-tune: $(STAMP)
 	$(PY) benchmarks/tune_asha.py
+
+# N consecutive tiny runs on one local Ray (SOAK_RUNS=N, default 20): what each run leaves behind.
+bench-soak: $(STAMP)
+	$(PY) benchmarks/soak.py

@@ -414,6 +414,18 @@ def _pydantic_problems(error: ValidationError, prefix: str = "") -> list[tuple[s
     return problems
 
 
+def eval_metric_fields(recipe: Recipe) -> list[tuple[str, str]]:
+    """(dotted field, metric) for every field naming an evaluation metric."""
+    fields = []
+    if recipe.train.early_stopping:
+        fields.append(("train.early_stopping.metric", recipe.train.early_stopping.metric))
+    if recipe.wise_ft:
+        fields.append(("wise_ft.metric", recipe.wise_ft.metric))
+    if recipe.tune:
+        fields += [("tune.metric", metric) for metric in recipe.tune.metrics if metric.startswith("eval/")]
+    return fields
+
+
 def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
     """Cross-checks against the registries: task, its options and columns, strategy, backend and
     the backend's own checks of the recipe."""
@@ -440,6 +452,10 @@ def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
                 problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(task_cls.columns)})"))
             if unknown:
                 problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(task_cls.columns)}"))
+        reported = [f"eval/{name}" for name in task_cls.metrics]
+        for path, metric in eval_metric_fields(recipe):
+            if metric not in reported:
+                problems.append((path, f"{metric!r} is not a metric task {recipe.task.type} reports; allowed: {', '.join(reported)}"))
     strategy = recipe.strategy
     allowed = SHARED_STRATEGY_OPTIONS | STRATEGY_OPTIONS.get(strategy.method, set())
     # Only fields that differ from their default count as set: a written-out recipe (every

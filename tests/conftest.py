@@ -133,6 +133,41 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
     )
 
 
+@pytest.fixture
+def cli_in_process(monkeypatch, capsys):
+    """``raytune-ft ARGS`` in this process, for cases that must fail before Ray starts (starting
+    it is an AssertionError): returns (exit code, stderr)."""
+    from raytune_ft.cli import main
+
+    def no_ray(*_, **__):
+        raise AssertionError("this case reached Ray; it should fail before")
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr("raytune_ft.train.runner.init_ray", no_ray)
+        monkeypatch.setattr(sys, "argv", ["raytune-ft", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main()
+        return exited.value.code, capsys.readouterr().err
+
+    return run
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root``: its mtime and bytes, to show nothing was created, changed or lost."""
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class Payload:
+    """A malicious pickle: unpickling it creates ``marker`` (stands for any code it could run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One embedded local Ray for the in-process integration tests."""

@@ -1,10 +1,17 @@
-"""Checkpoint files hold tensors in safetensors and structure in JSON: nothing is unpickled."""
+"""Checkpoint files hold tensors in safetensors and structure in JSON: nothing is unpickled;
+a checkpoint missing a file or holding a truncated one is named before anything resumes from it."""
 
 from __future__ import annotations
 
-import torch
+import json
+import pickle
 
-from raytune_ft.train.checkpoint import load_state, save_state
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import Payload
+from raytune_ft.train.checkpoint import load_state, save_state, verify_checkpoint, write_text_atomic
 
 
 def test_optimizer_state_round_trips(tmp_path):
@@ -20,3 +27,38 @@ def test_optimizer_state_round_trips(tmp_path):
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(fresh.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+
+def whole_checkpoint(directory):
+    model = torch.nn.Linear(4, 3)
+    save_state({"optimizer": torch.optim.AdamW(model.parameters()).state_dict()}, directory, "optimizer")
+    save_file(model.state_dict(), directory / "weights.safetensors")
+    (directory / "trainer_state.json").write_text(json.dumps({"epoch": 1}))
+    torch.save({"shard": torch.zeros(3)}, directory / "zero_shard.pt")  # DeepSpeed's files are torch zips
+    return directory
+
+
+def cut(path, keep=-10):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: cut(d / "weights.safetensors"), "weights.safetensors: incomplete"),
+    (lambda d: (d / "weights.safetensors").write_bytes(pickle.dumps(Payload(d / "pwned"))), "weights.safetensors: not a safetensors file"),
+    (lambda d: cut(d / "optimizer.json"), "optimizer.json:"),
+    (lambda d: cut(d / "zero_shard.pt"), "zero_shard.pt:"),
+    (lambda d: (d / "trainer_state.json").unlink(), "trainer_state.json: missing"),
+])
+def test_a_damaged_checkpoint_is_named(damage, problem, tmp_path):
+    verify_checkpoint(whole_checkpoint(tmp_path))  # whole: no error
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=problem):
+        verify_checkpoint(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_atomic_write_leaves_whole_files_only(tmp_path):
+    write_text_atomic(tmp_path / "summary.json", "{}")
+    write_text_atomic(tmp_path / "summary.json", '{"done": true}')
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"done": True}

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, write_recipe
+from conftest import ROOT, Payload, cli, snapshot, write_recipe
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
 
@@ -88,3 +96,75 @@ def test_real_minilm_smoke(local_ray, tmp_path):
     summary = run(recipe)
     assert summary["steps"] == 2 and summary["test"]["count"] == 64
     assert (tmp_path / "minilm" / "model" / "model.safetensors").is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint Ray Train has registered last (and would resume from), if any."""
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return run_dir / latest["checkpoint_dir_name"] if latest else None
+
+
+def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recipe, tmp_path, cli_in_process):
+    """SIGKILL the `raytune-ft run` process once epoch 1's checkpoint is on disk; --resume then
+    finishes. The interrupted epoch restarts from its beginning (the step count at epoch 1's end),
+    so metrics.jsonl holds every epoch exactly once. Damaged copies of the killed run are refused."""
+    tiny_recipe["train"]["epochs"] = 3
+    recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "run", str(recipe_path)], cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    local_ray = []
+    try:
+        deadline = time.monotonic() + 500
+        while latest_checkpoint(run_dir) is None:
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.5)
+        local_ray = psutil.Process(driver.pid).children(recursive=True)
+        driver.kill()
+        driver.wait()
+    finally:
+        for process in local_ray:  # the killed driver's embedded Ray: nothing of it may outlive the test
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(local_ray, timeout=30)
+    killed_at = latest_checkpoint(run_dir)
+    assert killed_at.name == "checkpoint_epoch_0001" and not (run_dir / "summary.json").exists()
+
+    # A damaged newest checkpoint is never resumed from: refused before Ray starts, nothing changed.
+    for damage in ("truncated", "pickled"):
+        copy = tmp_path / damage
+        shutil.copytree(run_dir, copy)
+        weights = copy / killed_at.name / "weights.safetensors"
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[:-100])
+        else:
+            weights.write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
+        before = snapshot(copy)
+        code, stderr = cli_in_process("run", str(recipe_path), "--output", str(copy), "--resume")
+        assert code == 2 and stderr.splitlines() == [stderr.strip()] and "Traceback" not in stderr, stderr
+        assert stderr.startswith(f"error: --resume: {weights}: ") and "checkpoint to resume from is damaged" in stderr
+        assert snapshot(copy) == before and not (tmp_path / "pwned").exists()
+
+    resumed = cli("run", str(recipe_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in rows if "train/loss" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3]
+    assert f"resumed at epoch 1, step {epochs[0]['step']}" in resumed.stdout + resumed.stderr
+
+
+def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(tiny_recipe, tmp_path):
+    """A worker process SIGKILLed mid-epoch 2 (rank 1): with train.max_failures the worker group
+    restarts from epoch 1's checkpoint within the same run, which finishes with each epoch once."""
+    tiny_recipe["train"].update(epochs=2, max_failures=1)
+    recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    result = cli("run", str(recipe_path), env={"RAYTUNE_FT_FAULT": "kill_at_step:25"})  # 20 steps per epoch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / ".fault_fired").exists()
+    assert "resumed at epoch 1, step 20" in result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2]

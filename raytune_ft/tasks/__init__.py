@@ -1,7 +1,9 @@
 """Tasks: what a model learns. Each task registers itself by short name.
 
 A task is the only task-specific code the training loop sees. It declares the data columns it
-needs (``columns``: role names the recipe maps to real columns), its typed ``Options``, and:
+needs (``columns``: role names the recipe maps to real columns), the metrics it reports
+(``metrics``: ``eval/<name>``, so a recipe naming another metric fails validation), its typed
+``Options``, and:
 
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
   must be picklable and cheap to construct.
@@ -15,9 +17,14 @@ needs (``columns``: role names the recipe maps to real columns), its typed ``Opt
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
+
+from raytune_ft.errors import UserError
+from raytune_ft.train.checkpoint import safetensors_shapes
 
 TASKS: dict[str, type["Task"]] = {}
 
@@ -25,6 +32,8 @@ TASKS: dict[str, type["Task"]] = {}
 class Metrics(Protocol):
     """Accumulates per-rank statistics whose element-wise sum over ranks is sufficient to
     compute the metrics (so evaluation is sharded and reduced, never rank 0 alone)."""
+
+    names: ClassVar[tuple[str, ...]]  # the scalar metrics ``compute`` returns
 
     def update(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None: ...
     def state(self) -> torch.Tensor: ...
@@ -34,6 +43,7 @@ class Metrics(Protocol):
 class Task(Protocol):
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
+    metrics: ClassVar[tuple[str, ...]]
     Options: ClassVar[type]
 
     def __init__(self, recipe: dict[str, Any], labels: list[str]): ...
@@ -49,6 +59,46 @@ class Task(Protocol):
     def save_pretrained(self, model: torch.nn.Module, directory: str) -> None: ...
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_pretrained_weights(model_path: str, skeleton: torch.nn.Module) -> None:
+    """Driver-side: a local model directory holds safetensors weights, whole, whose tensors belong
+    to ``skeleton`` (the task's model on the meta device) with the shapes its config gives.
+    Pickle weights (``pytorch_model.bin``) are refused, never loaded: unpickling can run code."""
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return  # a hub id: transformers fetches it, safetensors only (see the tasks' build_model)
+    index = directory / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            ["model.safetensors"] if (directory / "model.safetensors").is_file() else []
+    except (ValueError, KeyError, AttributeError):
+        raise UserError("model.path", f"{index}: not a safetensors index (no weight_map)") from None
+    if not files:
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern))
+        if pickles:
+            raise UserError("model.path", f"{directory} has only pickle weights ({', '.join(pickles)}), which are never loaded "
+                                          "(unpickling can run code); save the model with safe_serialization=True")
+        raise UserError("model.path", f"no weights (model.safetensors) in {directory}")
+    expected = {name: list(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    matched = 0
+    for name in files:
+        try:
+            shapes = safetensors_shapes(directory / name)
+        except (OSError, ValueError) as error:
+            raise UserError("model.path", f"{directory / name}: cannot read the weights ({error})") from None
+        for key, shape in shapes.items():
+            target = key if key in expected else f"{skeleton.base_model_prefix}.{key}"
+            if target in expected:
+                matched += 1
+                if expected[target] != shape:
+                    raise UserError("model.path", f"{directory / name}: tensor {key} has shape {shape}, "
+                                                  f"but the model's config.json gives {expected[target]}")
+    if not matched:
+        raise UserError("model.path", f"none of the tensors in {directory} belong to a {type(skeleton).__name__}")
+
+
 def register(cls):
     """Class decorator: make a task available to recipes as ``task.type: <cls.name>``."""
     TASKS[cls.name] = cls
@@ -61,6 +111,8 @@ def build_task(recipe: dict[str, Any], labels: list[str]) -> "Task":
 
 class ClassificationMetrics:
     """Confusion-matrix counts plus summed loss; accuracy, macro-F1 and loss from their sum."""
+
+    names = ("loss", "accuracy", "macro_f1", "count")
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes

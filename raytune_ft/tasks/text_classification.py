@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytune_ft.errors import UserError
-from raytune_ft.tasks import ClassificationMetrics, register
+from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, register
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,6 +44,7 @@ def pad_sequences(sequences, pad_id: int, multiple: int = 8) -> tuple[torch.Tens
 class TextClassification:
     name = "text_classification"
     columns = ("text", "label")
+    metrics = ClassificationMetrics.names
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -55,9 +57,12 @@ class TextClassification:
         self.dropout = recipe["train"].get("dropout")
 
     def check(self) -> None:
-        """Driver-side: the model directory holds a config and a tokenizer this task can use."""
+        """Driver-side: the model directory holds a config, a tokenizer and whole safetensors
+        weights of an architecture this task can use."""
         from transformers import AutoConfig
 
+        if self.model_path.startswith(("/", ".", "~")) and not Path(self.model_path).expanduser().is_dir():
+            raise UserError("model.path", f"directory not found: {self.model_path}")
         try:
             config = AutoConfig.from_pretrained(self.model_path)
             load_tokenizer(self.model_path)
@@ -66,6 +71,11 @@ class TextClassification:
         limit = getattr(config, "max_position_embeddings", None)
         if limit and self.options.max_length > limit:
             raise UserError("task.max_length", f"{self.options.max_length} exceeds the model's {limit} positions")
+        try:
+            skeleton = self.skeleton()
+        except (ValueError, KeyError) as error:  # transformers: no sequence-classification class for this config
+            raise UserError("model.path", f"a {config.model_type} model cannot do {self.name} ({str(error).splitlines()[0][:120]})") from None
+        check_pretrained_weights(self.model_path, skeleton)
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
         tokenizer = load_tokenizer(self.model_path)
@@ -103,7 +113,8 @@ class TextClassification:
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        model, info = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=self.config(), output_loading_info=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            self.model_path, config=self.config(), output_loading_info=True, use_safetensors=True)  # never unpickle
         # The head is whatever the checkpoint did not provide: the classifier, and for encoders
         # saved without one (sentence-transformers) the pooler too.
         model.raytune_ft_new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})

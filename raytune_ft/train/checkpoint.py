@@ -2,12 +2,14 @@
 
 A nested state (an optimizer's ``state_dict()``, say) is split into a flat tensor file and a JSON
 skeleton that refers to each tensor by key, so loading a checkpoint never unpickles anything.
+``verify_checkpoint`` checks a checkpoint is whole (no file truncated) before a run resumes from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,52 @@ def load_state(directory: str | os.PathLike, name: str) -> Any:
     directory = Path(directory)
     tensors = load_file(directory / f"{name}.safetensors")
     return _join(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the header alone. Raises ValueError when the file is not
+    safetensors (a pickle, say) or is shorter or longer than its header says (half-written)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise ValueError("not a safetensors file")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:  # also UnicodeDecodeError
+            raise ValueError("not a safetensors file (its header is not JSON)") from None
+    try:
+        header.pop("__metadata__", None)
+        expected = 8 + length + max((int(tensor["data_offsets"][1]) for tensor in header.values()), default=0)
+        shapes = {name: list(tensor["shape"]) for name, tensor in header.items()}
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise ValueError("not a safetensors file (its header lists no tensors)") from None
+    if size != expected:
+        raise ValueError(f"incomplete: {size} bytes where its header describes {expected}")
+    return shapes
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Raise ValueError naming the first file of a checkpoint that is missing, truncated or not
+    what its suffix says; reads headers and structure only, never the tensors."""
+    directory = Path(directory)
+    if not (directory / "trainer_state.json").is_file():
+        raise ValueError(f"{directory / 'trainer_state.json'}: missing")
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                safetensors_shapes(path)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".pt":  # DeepSpeed's shards: zip archives, whose index sits at the end
+                zipfile.ZipFile(path).close()
+        except (ValueError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file whole or not at all: a reader (or a resumed run) never sees half of it."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

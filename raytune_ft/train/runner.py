@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ray.train import DataConfig
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import Recipe
+from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
@@ -59,14 +61,60 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force."""
+def check_ray_address(address: str | None) -> None:
+    """An explicit ``host:port`` must answer before anything is written: ray.init would otherwise
+    retry for minutes, printing its own warnings."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    host, _, port = (address or "").rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return  # none (embedded Ray), "auto" or a ray:// client address: ray.init decides
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError("--address", f"cannot reach Ray at {address} ({error.strerror or error})") from None
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force.
+    Checked before anything is written, so a refused run leaves no trace."""
+    if resume and force:
+        raise UserError("--force", "cannot be combined with --resume (continue the run, or move it aside and start anew)")
     occupied = run_dir.exists() and any(run_dir.iterdir())
     if resume and not occupied:
         raise UserError("--resume", f"no run to resume in {run_dir}")
-    if occupied and not resume:
-        if not force:
-            raise UserError("output.dir", f"{run_dir} already holds a run; pass --resume to continue it or --force to move it aside")
+    if occupied and not resume and not force:
+        raise UserError("output.dir", f"{run_dir} already holds a run; pass --resume to continue it or --force to move it aside")
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError("output.dir", f"{run_dir} is not writable ({existing} is not a writable directory)")
+
+
+def check_resume_checkpoint(run_dir: Path) -> None:
+    """The checkpoint Ray Train will resume from (the latest in its run snapshot) must be whole.
+    Ray registers a checkpoint only once every worker's files are in storage, so a write cut
+    short is never in the snapshot; this catches a registered one damaged since."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # internal: no public name
+
+    snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if not snapshot.is_file():
+        return
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        directory = run_dir / latest["checkpoint_dir_name"] if latest else None
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise UserError("--resume", f"{snapshot}: not Ray Train's run snapshot") from None
+    try:
+        if directory:
+            verify_checkpoint(directory)
+    except ValueError as error:
+        raise UserError("--resume", f"{error}; the checkpoint to resume from is damaged, nothing was changed "
+                                    "(start anew with --force)") from None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Create the run directory (moving an existing run aside with --force) and check it is writable."""
+    check_run_dir(run_dir, resume, force)
+    if force and run_dir.exists() and any(run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)
         print(f"[raytune-ft] moved the existing run to {aside}")
@@ -263,11 +311,8 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
 
     history = state["history"]
     test = {key: value for key, value in state.get("test", {}).items() if isinstance(value, (int, float))}
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-        if test:
-            f.write(json.dumps({"epoch": state["epoch"], "step": state["step"], **{f"test/{k}": v for k, v in test.items()}}) + "\n")
+    rows = history + ([{"epoch": state["epoch"], "step": state["step"], **{f"test/{k}": v for k, v in test.items()}}] if test else [])
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     final_eval = {k.removeprefix("eval/"): v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
     target = test or final_eval
     base_target = (baseline or {}).get("test") or (baseline or {}).get("eval") or {}
@@ -288,7 +333,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
     }
     plot_files = plots.write_run_plots(run_dir / "plots", history, state.get("test", {}), recipe)
     summary["outputs"]["plots"] = [str(p) for p in plot_files]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))  # written last: its presence means finished
     return summary
 
 
@@ -348,16 +393,20 @@ def prepare_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[s
 def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run a recipe end to end and return its summary."""
     run_dir = recipe.run_dir()
+    check_run_dir(run_dir, resume, force)
     if resume and (run_dir / "summary.json").is_file():
         print(f"[raytune-ft] {run_dir} is already finished")
         return json.loads((run_dir / "summary.json").read_text())
     splits, labels, task, references = plan_run(recipe)
-    prepare_run_dir(run_dir, resume, force)
+    if resume:
+        check_resume_checkpoint(run_dir)
+    check_ray_address(address)
     shared = shared_run_dir(recipe, run_dir)
     if shared:
         check_shared_storage(shared, resume)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     init_ray(address, recipe)
+    prepare_run_dir(run_dir, resume, force)
+    write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     started = time.perf_counter()
     datasets, train_rows = prepare_datasets(recipe, splits, labels, task, references)

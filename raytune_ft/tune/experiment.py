@@ -118,7 +118,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Run the search of ``recipe.tune`` end to end; write and return the experiment summary."""
     from ray import tune
 
-    from raytune_ft.train.runner import init_ray, plan_run, prepare_datasets, prepare_run_dir
+    from raytune_ft.train.runner import check_ray_address, init_ray, plan_run, prepare_datasets, prepare_run_dir
     from raytune_ft.tune.trial import run_trial
 
     if recipe.tune is None:
@@ -128,6 +128,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     # Assigned as a whole section, so that it counts as given (trials see only given fields).
     recipe.scaling = recipe.scaling.model_copy(update={"workers": tune_section.workers_per_trial})
     splits, labels, task, references = plan_run(recipe)
+    check_ray_address(address)
     prepare_run_dir(experiment_dir, resume, force)
     if resume and not (experiment_dir / TRIALS).is_dir():
         raise UserError("--resume", f"{experiment_dir} holds no tune experiment")

@@ -1,0 +1,82 @@
+"""Soak: N consecutive tiny runs on ONE local Ray instance, in-process (what a notebook or a tune
+driver does). Measures what each run leaves behind: Ray worker processes alive, placement
+groups not removed, files under Ray's session directory, checkpoint temp dirs, driver RSS.
+
+Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N to change N, default 20)
+"""
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from raytune_ft.recipe import load_recipe
+from raytune_ft.train.runner import init_ray, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RUNS = int(os.environ.get("SOAK_RUNS", "20"))
+OVERRIDES = ["data.max_rows=64", "train.epochs=1", "train.batch_size=16", "baseline.enabled=false",
+             "train.early_stopping=null", "scaling.workers=2"]
+
+
+def measure() -> dict:
+    import ray
+    from ray._private.worker import _global_node
+
+    ours = psutil.Process().children(recursive=True)  # the embedded Ray this driver started
+    workers = [p for p in ours if _cmdline(p) and "default_worker.py" in " ".join(_cmdline(p))]
+    groups = ray.util.placement_group_table().values()
+    session = Path(_global_node.get_session_dir_path())
+    session_files = [p for p in session.rglob("*") if p.is_file()]
+    return {
+        "ray_worker_processes": len(workers),
+        "placement_groups_not_removed": sum(group["state"] != "REMOVED" for group in groups),
+        "placement_groups_total": len(groups),
+        "session_dir_files": len(session_files),
+        "session_dir_mb": sum(p.stat().st_size for p in session_files if p.exists()) / 2**20,
+        "checkpoint_temp_dirs": len(list(Path(tempfile.gettempdir()).glob("raytune_ft_ckpt_*"))),
+        "driver_rss_mb": psutil.Process().memory_info().rss / 2**20,
+    }
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def main() -> None:
+    base = tempfile.mkdtemp(prefix="raytune_ft_soak_")
+    first = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [f"output.dir={base}/run_000"])
+    init_ray(None, first)
+    before = measure()
+    per_run, started = [], time.perf_counter()
+    for index in range(RUNS):
+        recipe = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [f"output.dir={base}/run_{index:03d}"])
+        run_started = time.perf_counter()
+        summary = run(recipe)
+        time.sleep(5)  # let Ray reap the run's actors before counting what is left
+        per_run.append({"run": index, "wall_s": time.perf_counter() - run_started,
+                        "test_accuracy": summary["test"].get("accuracy"), **measure()})
+        print(f"[soak] run {index + 1}/{RUNS}: {per_run[-1]}", flush=True)
+        write_results(before, per_run, time.perf_counter() - started)  # after every run: a cut-short soak still reports
+
+
+def write_results(before: dict, per_run: list[dict], total_s: float) -> None:
+    after = per_run[-1]
+    result = {"runs_requested": RUNS, "runs_done": len(per_run),
+              "setup": {"model": "MiniLM-L6", "overrides": OVERRIDES, "cpu_count": os.cpu_count()},
+              "before": before, "after_last_run": after, "total_s": total_s,
+              "growth": {key: after[key] - before[key] for key in before}, "per_run": per_run}
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
