@@ -4,7 +4,8 @@ A task is the only task-specific code the training loop sees. It declares the da
 needs (``columns``: role names the recipe maps to real columns), its typed ``Options``, and:
 
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
-  must be picklable and cheap to construct.
+  must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
+  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips).
 - ``collate(batch) -> dict[str, Tensor]``: numpy batch from the shard iterator to model inputs.
 - ``build_model() -> nn.Module`` and ``head_names()``: module-name prefixes of the newly
   initialised head (what ``head_only`` trains); ``skeleton()``: the model on the meta device.
@@ -95,4 +96,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import text_classification  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import image_classification, text_classification  # noqa: E402,F401  (registers built-in tasks)
