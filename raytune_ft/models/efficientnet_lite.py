@@ -45,7 +45,7 @@ class SameConv2d(nn.Conv2d):
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=0.01)
+    return nn.BatchNorm2d(channels, eps=BN_EPS)  # momentum 0.1, not TF's 0.01: short fine-tuning runs need statistics that catch up
 
 
 class MBConvBlock(nn.Module):

@@ -60,6 +60,13 @@ def build_task(recipe: dict[str, Any], labels: list[str]) -> "Task":
     return TASKS[recipe["task"]["type"]](recipe, labels)
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Cross-entropy of logits [B, C]: the mean to train on, and (summed loss, logits) for
+    ``ClassificationMetrics``."""
+    losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # [B]
+    return losses.mean(), (losses.detach().sum(), logits.detach())
+
+
 class ClassificationMetrics:
     """Confusion-matrix counts plus summed loss; accuracy, macro-F1 and loss from their sum."""
 

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytune_ft.errors import UserError
-from raytune_ft.tasks import ClassificationMetrics, register
+from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,9 +165,7 @@ class ImageClassification:
         return {"pixels": (pixels - mean) / std, "labels": torch.from_numpy(np.asarray(batch["labels"]))}
 
     def forward(self, model, batch):
-        logits = model(batch["pixels"])  # [B, C]
-        losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")  # [B]
-        return losses.mean(), (losses.detach().sum(), logits.detach())
+        return classification_loss(model(batch["pixels"]), batch["labels"])
 
     def embed(self, model, batch) -> torch.Tensor:
         """Globally pooled features [B, head_channels], without the head."""
