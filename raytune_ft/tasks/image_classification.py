@@ -162,7 +162,7 @@ class ImageClassification:
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return {"pixels": (pixels - mean) / std, "labels": torch.from_numpy(np.asarray(batch["labels"]))}
+        return {"pixels": (pixels - mean) / std, "labels": torch.tensor(batch["labels"])}
 
     def forward(self, model, batch):
         return classification_loss(model(batch["pixels"]), batch["labels"])

@@ -58,6 +58,7 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
+    context.raise_original_map_exception = True  # a UserError in preprocess arrives as itself, not as UserCodeException
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
@@ -141,7 +142,13 @@ def step_plan(train_rows: int, recipe: Recipe) -> dict[str, int]:
 @contextlib.contextmanager
 def data_errors(split: tabular.Split):
     """A UserError raised inside Ray Data (a row the task cannot preprocess) as the one-line
-    error it is; one that names no file gets the split's path."""
+    error it is; one that names no file gets the split's path. Ray Data's own log of the failure
+    (a traceback, as for an internal error) is held back: the exception carries it."""
+    import logging
+
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.CRITICAL)
     try:
         yield
     except Exception as error:
@@ -151,6 +158,8 @@ def data_errors(split: tabular.Split):
         if found.where:
             raise UserError(found.where, found.message) from None
         raise UserError(f"data.{split.name}", f"{split.path}: {found.message}") from None
+    finally:
+        data_logger.setLevel(level)
 
 
 def count_bad_rows(split: tabular.Split, read: int, kept: int, max_fraction: float) -> int:
