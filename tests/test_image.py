@@ -175,15 +175,19 @@ def test_corrupt_image_is_a_one_line_error(tiny_efficientnet, image_folder, tmp_
 
 
 def test_skip_mode_counts_bad_rows_and_refuses_too_many(tiny_efficientnet, image_folder, tmp_path, local_ray):
-    recipe = image_recipe(tiny_efficientnet, tmp_path / "run", train=str(image_folder), test=None, max_rows=None,
-                          validation_fraction=0.2, on_bad_rows="skip", max_bad_fraction=0.2)
-    recipe["train"].update(epochs=1)
-    recipe["baseline"]["enabled"] = False
-    summary = run(validate_recipe(recipe))
-    assert sum(summary["bad_rows_skipped"].values()) == 1
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["bad_rows_skipped"] == summary["bad_rows_skipped"]
+    """The driver's data preparation (no training): the image folder's bad file is skipped and
+    counted (what summary.json's bad_rows_skipped reports), and a fraction above the limit refused."""
+    from raytune_ft.train.runner import init_ray, plan_run, prepare_datasets
 
-    recipe["data"]["max_bad_fraction"] = 0.0
-    recipe["output"]["dir"] = str(tmp_path / "refused")
-    with pytest.raises(UserError, match="data.max_bad_fraction: 1 of .* are bad"):
-        run(validate_recipe(recipe))
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, tmp_path / "run", train=str(image_folder), test=None, max_rows=None,
+                                          validation_fraction=0.2, on_bad_rows="skip", max_bad_fraction=0.2))
+    splits, labels, task, references = plan_run(recipe)
+    assert labels == ["Bag", "Trouser"]
+    init_ray(None, recipe)
+    datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
+    assert sum(bad_rows.values()) == 1
+    assert train_rows + datasets["validation"].count() == 24  # every good image, once
+
+    recipe.data.max_bad_fraction = 0.0
+    with pytest.raises(UserError, match=r"data.max_bad_fraction: 1 of \d+ rows of data.(train|validation) .* are bad"):
+        prepare_datasets(recipe, splits, labels, task, references)
