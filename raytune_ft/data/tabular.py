@@ -1,4 +1,5 @@
-"""Tabular data (parquet / jsonl / csv / tsv): driver-side checks and the Ray Data pipeline.
+"""Tabular data (parquet / jsonl / csv / tsv) and image folders: driver-side checks and the Ray
+Data pipeline.
 
 The driver checks what it cheaply can before any worker starts (files exist, columns present,
 rows present, every label in the label set), reading only the label column. The pipeline then
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from raytune_ft.data import assets
+from raytune_ft.data import assets, images
 from raytune_ft.errors import UserError
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -30,7 +31,9 @@ def detect_format(path: str, declared: str) -> str:
     for candidate in candidates:
         if candidate.suffix.lower() in SUFFIX_FORMATS:
             return SUFFIX_FORMATS[candidate.suffix.lower()]
-    raise UserError(path, "cannot tell the data format from the file names; set data.format (parquet, jsonl, csv, tsv)")
+    if images.is_image_folder(path):
+        return "images"
+    raise UserError(path, "cannot tell the data format from the file names; set data.format (parquet, jsonl, csv, tsv, images)")
 
 
 def _is_remote(path: str) -> bool:
@@ -64,6 +67,11 @@ def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefi
     """Read the label column (the cheap check) and verify every mapped column exists."""
     if not _is_remote(path) and not Path(path).exists():
         raise UserError(field, f"file not found: {path}")
+    if fmt == "images":
+        labels = images.folder_labels(path, columns, field, prefix)
+        if not labels:
+            raise UserError(field, f"{path} has no images")
+        return labels
     try:
         dataset = arrow_dataset(path, fmt)
         names = dataset.schema.names
@@ -126,6 +134,8 @@ class SelectRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {role: batch[column] for role, column in self.columns.items()}
+        if "path" in batch:  # image folders: the file, for errors that name it
+            out["path"] = batch["path"]
         if self.label_ids is not None:
             out["label"] = np.array([self.label_ids[str(v)] for v in out["label"]], dtype=np.int64)
         if self.holdout != "all":
@@ -156,6 +166,8 @@ def read_ray(split: Split):
 
     if split.fmt == "parquet":
         return ray.data.read_parquet(split.path)
+    if split.fmt == "images":
+        return images.read_folder(split.path)
     if split.fmt == "jsonl":
         return ray.data.read_json(split.path, lines=True)
     if split.fmt == "tsv":
@@ -165,7 +177,7 @@ def read_ray(split: Split):
 
 def rows_dataset(split: Split, data: dict[str, Any], labels: list[str] | None):
     """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded."""
-    dataset = read_ray(split).select_columns(list(data["columns"].values()))
+    dataset = read_ray(split).select_columns(list(data["columns"].values()) + (["path"] if split.fmt == "images" else []))
     select = SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"])
     dataset = dataset.map_batches(select, batch_format="numpy")
     if data.get("max_rows"):

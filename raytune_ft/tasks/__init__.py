@@ -6,7 +6,8 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
 ``Options``, and:
 
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
-  must be picklable and cheap to construct.
+  must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
+  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips).
 - ``collate(batch) -> dict[str, Tensor]``: numpy batch from the shard iterator to model inputs.
 - ``build_model() -> nn.Module`` and ``head_names()``: module-name prefixes of the newly
   initialised head (what ``head_only`` trains); ``skeleton()``: the model on the meta device.
@@ -109,6 +110,13 @@ def build_task(recipe: dict[str, Any], labels: list[str]) -> "Task":
     return TASKS[recipe["task"]["type"]](recipe, labels)
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Cross-entropy of logits [B, C]: the mean to train on, and (summed loss, logits) for
+    ``ClassificationMetrics``."""
+    losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # [B]
+    return losses.mean(), (losses.detach().sum(), logits.detach())
+
+
 class ClassificationMetrics:
     """Confusion-matrix counts plus summed loss; accuracy, macro-F1 and loss from their sum."""
 
@@ -147,4 +155,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import text_classification  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import image_classification, text_classification  # noqa: E402,F401  (registers built-in tasks)

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytune_ft.errors import UserError
-from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, register
+from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,9 +124,7 @@ class TextClassification:
         return list(getattr(model, "raytune_ft_new_modules", None) or ["classifier"])
 
     def forward(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
-        losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")  # [B]
-        return losses.mean(), (losses.detach().sum(), logits.detach())
+        return classification_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
 
     def embed(self, model, batch) -> torch.Tensor:
         """Mean-pooled last hidden states [B, H]: the encoder's features, without the head."""

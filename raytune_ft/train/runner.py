@@ -10,6 +10,7 @@ driver's outputs are copied there at the end, so nothing stays only on one node'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import yaml
 from ray.train import DataConfig
 
 from raytune_ft.data import tabular
-from raytune_ft.errors import UserError
+from raytune_ft.errors import UserError, find_user_error
 from raytune_ft.recipe import Recipe
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
@@ -59,6 +60,7 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
+    context.raise_original_map_exception = True  # a UserError in preprocess arrives as itself, not as UserCodeException
 
 
 def check_ray_address(address: str | None) -> None:
@@ -185,17 +187,61 @@ def step_plan(train_rows: int, recipe: Recipe) -> dict[str, int]:
     }
 
 
-def build_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[str] | None, task) -> tuple[dict[str, Any], int]:
-    """Every split as a preprocessed Ray Dataset (cached when small), and the train row count."""
+@contextlib.contextmanager
+def data_errors(split: tabular.Split):
+    """A UserError raised inside Ray Data (a row the task cannot preprocess) as the one-line
+    error it is; one that names no file gets the split's path. Ray Data's own log of the failure
+    (a traceback, as for an internal error) is held back: the exception carries it."""
+    import logging
+
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception as error:
+        found = find_user_error(error)
+        if found is None:
+            raise
+        if found.where:
+            raise UserError(found.where, found.message) from None
+        raise UserError(f"data.{split.name}", f"{split.path}: {found.message}") from None
+    finally:
+        data_logger.setLevel(level)
+
+
+def count_bad_rows(split: tabular.Split, read: int, kept: int, max_fraction: float) -> int:
+    """Rows ``on_bad_rows: skip`` dropped from a split; refuse more than ``max_fraction`` of them."""
+    bad = read - kept
+    if read and bad / read > max_fraction:
+        raise UserError("data.max_bad_fraction", f"{bad} of {read} rows of data.{split.name} ({split.path}) are bad ({bad / read:.1%}), "
+                                                 f"more than {max_fraction:.1%}; set data.on_bad_rows: fail to see the first")
+    if bad:
+        print(f"[raytune-ft] data.{split.name}: skipped {bad} bad rows of {read}", flush=True)
+    return bad
+
+
+def build_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[str] | None, task) -> tuple[dict[str, Any], int, dict[str, int]]:
+    """Every split as a preprocessed Ray Dataset (cached when small; train augmented anew each
+    epoch when the task augments), the train row count, and the bad rows skipped per split."""
     data = recipe.data.model_dump()
-    datasets = {}
+    datasets, bad_rows = {}, {}
     for split in splits:
-        dataset = tabular.rows_dataset(split, data, labels).map_batches(task.preprocess, batch_format="numpy")
-        if tabular.should_cache(split, data["cache"]):
-            # Evaluation shards are split by blocks: enough blocks that every worker gets a share.
-            dataset = (dataset if split.name == "train" else dataset.repartition(2 * recipe.scaling.workers)).materialize()
+        rows = tabular.rows_dataset(split, data, labels)
+        dataset = rows.map_batches(task.preprocess, batch_format="numpy")
+        with data_errors(split):
+            if tabular.should_cache(split, data["cache"]):
+                # Evaluation shards are split by blocks: enough blocks that every worker gets a share.
+                dataset = (dataset if split.name == "train" else dataset.repartition(2 * recipe.scaling.workers)).materialize()
+            if split.name == "train":
+                train_rows = dataset.count()
+            if data["on_bad_rows"] == "skip":
+                kept = train_rows if split.name == "train" else dataset.count()
+                bad_rows[split.name] = count_bad_rows(split, rows.count(), kept, data["max_bad_fraction"])
+        if split.name == "train" and hasattr(task, "augment"):
+            dataset = dataset.map_batches(task.augment, batch_format="numpy")
         datasets[split.name] = dataset
-    return datasets, datasets["train"].count()
+    return datasets, train_rows, bad_rows
 
 
 def check_strategy(recipe: Recipe, task) -> None:
@@ -297,16 +343,18 @@ class TrainingFailed(Exception):
         failures = getattr(error, "worker_failures", None) or {}
         first = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
         cause = getattr(first, "cause", None) or first
-        if isinstance(cause, UserError):
-            self.exit_code = cause.exit_code
-            message = str(cause)
+        user_error = find_user_error(first)
+        if user_error is not None:
+            self.exit_code = user_error.exit_code
+            message = f"{user_error.where}: {user_error.message}" if user_error.where else user_error.message
         else:
             lines = [line for line in str(cause).strip().splitlines() if line.strip()]
             message = f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"
         super().__init__(message)
 
 
-def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float) -> dict[str, Any]:
+def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,
+                  bad_rows: dict[str, int] | None = None) -> dict[str, Any]:
     from raytune_ft.report import plots
 
     history = state["history"]
@@ -326,6 +374,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
         "data_wait_fraction": state["data_wait_s"] / max(state["train_time_s"], 1e-9),
         "plan": state["plan"],
+        "bad_rows_skipped": bad_rows,
         "retention": retention_summary(state),
         "wise_ft": state.get("wise_ft"),
         "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl"),
@@ -381,13 +430,14 @@ def plan_run(recipe: Recipe) -> tuple[list[tabular.Split], list[str] | None, Any
 
 
 def prepare_datasets(recipe: Recipe, splits: list[tabular.Split], labels: list[str] | None, task,
-                     references: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
-    """The target splits and the reference splits as Ray Datasets, and the train row count."""
+                     references: list[dict[str, Any]]) -> tuple[dict[str, Any], int, dict[str, int]]:
+    """The target splits and the reference splits as Ray Datasets, the train row count and the
+    bad rows skipped per split."""
     started = time.perf_counter()
-    datasets, train_rows = build_datasets(recipe, splits, labels, task)
+    datasets, train_rows, bad_rows = build_datasets(recipe, splits, labels, task)
     datasets.update(reference_datasets(references, recipe.scaling.workers))
     print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
-    return datasets, train_rows
+    return datasets, train_rows, bad_rows
 
 
 def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
@@ -409,7 +459,7 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     started = time.perf_counter()
-    datasets, train_rows = prepare_datasets(recipe, splits, labels, task, references)
+    datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
     baseline = None
     if recipe.baseline.enabled:
         base = baseline_recipe(recipe, run_dir)
@@ -424,7 +474,7 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
             baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
         print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
     state = fit(recipe, run_dir, datasets, train_rows, labels, references)
-    summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started)
+    summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, bad_rows)
     if shared:
         publish_outputs(run_dir, shared)
     return summary

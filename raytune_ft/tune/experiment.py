@@ -136,7 +136,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     init_ray(address, recipe, workers=tune_section.max_concurrent_trials * tune_section.workers_per_trial)
 
     started = time.perf_counter()
-    datasets, train_rows = prepare_datasets(recipe, splits, labels, task, references)
+    datasets, train_rows, _ = prepare_datasets(recipe, splits, labels, task, references)
     shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
               "pbt": tune_section.scheduler == "pbt",
               "references": [{"name": r["name"], "labels": r["labels"]} for r in references]}

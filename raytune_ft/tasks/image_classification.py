@@ -1,0 +1,179 @@
+"""Image classification with a pretrained CNN: EfficientNet-Lite0 (ImageNet) and a new head.
+
+``model.path`` is either a weights-only EfficientNet-Lite torch file (``asset:efficientnet-lite0``)
+or a directory this task exported (``config.json`` + ``model.safetensors``; a tiny EfficientNet
+saved the same way makes a fast test model). Images of any mode and size become RGB at
+``image_size`` (grey is replicated to 3 channels), normalised with the ImageNet mean and std.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytune_ft.errors import UserError
+from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD = "classifier"
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Image file bytes -> [size, size, 3] uint8 RGB (PIL raises on anything undecodable)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def random_affine(count: int, rng: np.random.Generator, min_scale: float, flip: bool, degrees: float) -> torch.Tensor:
+    """[count, 2, 3] affine_grid matrices: a random crop of area min_scale..1 and aspect 3/4..4/3,
+    rotated by up to +-degrees, mirrored left-right with probability 1/2."""
+    area = rng.uniform(min_scale, 1.0, count)
+    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), count))
+    width, height = np.minimum(np.sqrt(area * aspect), 1.0), np.minimum(np.sqrt(area / aspect), 1.0)
+    shift_x, shift_y = rng.uniform(-1, 1, count) * (1 - width), rng.uniform(-1, 1, count) * (1 - height)
+    angle = np.radians(rng.uniform(-degrees, degrees, count))
+    mirror = np.where(rng.random(count) < 0.5, -1.0, 1.0) if flip else np.ones(count)
+    cos, sin = np.cos(angle), np.sin(angle)
+    theta = np.stack([
+        np.stack([cos * width * mirror, -sin * height, shift_x], 1),
+        np.stack([sin * width * mirror, cos * height, shift_y], 1),
+    ], 1)
+    return torch.from_numpy(theta).float()
+
+
+def save_model(model: torch.nn.Module, directory: str | Path) -> None:
+    """The export layout: ``config.json`` (architecture, labels) and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(model.config, indent=2))
+
+
+@register
+class ImageClassification:
+    name = "image_classification"
+    columns = ("image", "label")
+    metrics = ClassificationMetrics.names
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        image_size: int = Field(64, ge=16, le=1024, description="pixels per side the model sees (images are resized)")
+        crop_scale: float = Field(0.8, gt=0, le=1, description="train: random resized crop keeps this to 100% of the area; 1 turns it off")
+        flip: bool = Field(True, description="train: mirror left-right with probability 1/2")
+        rotation: float = Field(10.0, ge=0, le=180, description="train: rotate by up to +-this many degrees; 0 turns it off")
+
+    def __init__(self, recipe: dict[str, Any], labels: list[str]):
+        self.model_path = recipe["model"]["path"]
+        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
+        self.labels = labels
+        self.dropout = recipe["train"].get("dropout")
+        self.skip_bad_rows = recipe["data"].get("on_bad_rows") == "skip"
+
+    def pretrained(self) -> tuple[dict[str, Any], Path | None]:
+        """The base model's config and weights file (None: a checkpoint file carries no config)."""
+        from raytune_ft.models.efficientnet_lite import LITE0
+
+        path = Path(self.model_path)
+        if path.is_file():
+            return dict(LITE0), None
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise UserError("model.path", f"{path} is neither an EfficientNet-Lite weights file nor a directory with config.json and model.safetensors")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("architecture") != "efficientnet_lite":
+            raise UserError("model.path", f"{path}/config.json: architecture {config.get('architecture')!r} is not efficientnet_lite")
+        return config, path / "model.safetensors"
+
+    def check(self) -> None:
+        """Driver-side: the weights exist and match the architecture (read weights-only)."""
+        self.build_model()
+
+    def config(self) -> dict[str, Any]:
+        config, _ = self.pretrained()
+        config.update(num_labels=len(self.labels), labels=list(self.labels), image_size=self.options.image_size,
+                      mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+        if self.dropout is not None:
+            config["dropout"] = self.dropout
+        return config
+
+    def skeleton(self) -> torch.nn.Module:
+        from raytune_ft.models.efficientnet_lite import EfficientNetLite
+
+        with torch.device("meta"):
+            return EfficientNetLite(self.config())
+
+    def build_model(self) -> torch.nn.Module:
+        """The pretrained body, strictly (every tensor used, none missing), and a new head."""
+        from safetensors.torch import load_file
+
+        from raytune_ft.models.efficientnet_lite import EfficientNetLite, read_legacy_checkpoint
+
+        _, weights = self.pretrained()
+        state = read_legacy_checkpoint(Path(self.model_path)) if weights is None else load_file(weights)
+        model = EfficientNetLite(self.config())
+        body = {key: value for key, value in state.items() if not key.startswith(HEAD + ".")}
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        missing = [key for key in missing if not key.startswith(HEAD + ".")]
+        if missing or unexpected:
+            raise UserError("model.path", f"{self.model_path}: weights do not fit the architecture "
+                                          f"(missing {', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'})")
+        return model
+
+    def head_names(self, model: torch.nn.Module) -> list[str]:
+        return [HEAD]
+
+    def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Decode and resize (Ray Data map_batches): pixels [B, S, S, 3] uint8, labels [B]."""
+        size, pixels, keep = self.options.image_size, [], []
+        for row, data in enumerate(batch["image"]):
+            try:
+                pixels.append(decode_image(data, size))
+                keep.append(row)
+            except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError, ...
+                if not self.skip_bad_rows:
+                    where = str(batch["path"][row]) if "path" in batch else ""
+                    raise UserError(where, f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        pixels = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), dtype=np.uint8)
+        return {"pixels": pixels, "labels": np.asarray(batch["label"], dtype=np.int64)[keep]}
+
+    def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Train-only (Ray Data map_batches, drawn anew every epoch): random resized crop, flip, rotation."""
+        options = self.options
+        augments = options.crop_scale < 1 or options.flip or options.rotation > 0
+        if not augments or not len(batch["labels"]):
+            return batch
+        images = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float()  # [B, 3, S, S]
+        theta = random_affine(len(images), np.random.default_rng(), options.crop_scale, options.flip, options.rotation)
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        moved = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        batch["pixels"] = moved.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return batch
+
+    def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return {"pixels": (pixels - mean) / std, "labels": torch.tensor(batch["labels"])}
+
+    def forward(self, model, batch):
+        return classification_loss(model(batch["pixels"]), batch["labels"])
+
+    def embed(self, model, batch) -> torch.Tensor:
+        """Globally pooled features [B, head_channels], without the head."""
+        return getattr(model, "module", model).features(batch["pixels"])
+
+    def new_metrics(self) -> ClassificationMetrics:
+        return ClassificationMetrics(len(self.labels))
+
+    def save_pretrained(self, model: torch.nn.Module, directory: str) -> None:
+        save_model(model, directory)

@@ -1,0 +1,192 @@
+"""Image classification: a tiny EfficientNet on real Fashion-MNIST through the real pipeline (two
+Ray Train workers), the real EfficientNet-Lite0 weights read weights-only, and bad images."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, write_recipe
+from raytune_ft.errors import UserError
+from raytune_ft.recipe import validate_recipe
+from raytune_ft.train.runner import run
+
+TINY = {
+    "architecture": "efficientnet_lite", "stem_channels": 8,
+    "stages": [[3, 1, 1, 8, 1], [3, 2, 4, 16, 1], [5, 2, 4, 24, 2]],
+    "head_channels": 32, "dropout": 0.0, "num_labels": 10,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_efficientnet(tmp_path_factory) -> Path:
+    """A 3-stage, 8-32 channel EfficientNet-Lite with random weights, saved like an export."""
+    from raytune_ft.models.efficientnet_lite import EfficientNetLite
+    from raytune_ft.tasks.image_classification import save_model
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_efficientnet")
+    save_model(EfficientNetLite(TINY), directory)
+    return directory
+
+
+def image_recipe(model: Path, run_dir: Path, **data) -> dict:
+    return {
+        "name": "tiny_image",
+        "task": {"type": "image_classification", "image_size": 32, "crop_scale": 0.85, "rotation": 5},
+        "model": {"path": str(model)},
+        "data": {"train": "asset:fashion-mnist/train", "test": "asset:fashion-mnist/test", "max_rows": 320,
+                 "validation_fraction": 0.1, "columns": {"image": "image", "label": "label"}, **data},
+        "train": {"lr": 5e-3, "epochs": 4, "batch_size": 16, "schedule": "constant", "seed": 3, "log_every": 10},
+        "scaling": {"workers": 2},
+        "baseline": {"enabled": False},  # the shipped recipe's run measures it; here it would double the time
+        "output": {"dir": str(run_dir)},
+    }
+
+
+def png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """``root/<class>/<n>.png``: 24 real Fashion-MNIST images of two classes, and one file that is
+    not an image (``Trouser/broken.png``)."""
+    import pyarrow.dataset as pads
+
+    from raytune_ft.data import assets
+
+    table = pads.dataset(assets.fashion_mnist("test")).head(200).to_pylist()
+    root = tmp_path / "images"
+    for name in ("Trouser", "Bag"):
+        (root / name).mkdir(parents=True)
+        for i, row in enumerate([r for r in table if r["label"] == name][:12]):
+            (root / name / f"{i}.png").write_bytes(row["image"])
+    (root / "Trouser" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not an image")
+    return root
+
+
+def test_tiny_efficientnet_learns_fashion_mnist_on_two_workers(tiny_efficientnet, local_ray, tmp_path):
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, tmp_path / "run"))
+    summary = run(recipe)
+    run_dir = recipe.run_dir()
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in rows if "train/loss" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert summary["test"]["count"] == 320  # sharded evaluation drops and repeats no row
+    assert summary["test"]["accuracy"] > 0.3  # chance is 0.1
+    assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 0
+    assert (run_dir / "plots" / "confusion_matrix.png").stat().st_size > 0
+
+    # The export is safetensors + JSON only, and reloads without raytune_ft's task or recipe.
+    from safetensors.torch import load_file
+
+    from raytune_ft.models.efficientnet_lite import EfficientNetLite
+
+    assert sorted(p.name for p in (run_dir / "model").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["labels"][0] == "Ankle boot" and config["num_labels"] == 10 and config["image_size"] == 32
+    model = EfficientNetLite(config)
+    model.load_state_dict(load_file(run_dir / "model" / "model.safetensors"), strict=True)
+    assert model.classifier.out_features == 10
+
+
+def test_frozen_body_keeps_batch_norm_statistics(tiny_efficientnet):
+    """Head-only training must leave the body bit-identical: frozen batch norms stay in eval mode."""
+    from raytune_ft.strategies import build_strategy
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused"))).to_dict()
+    task = build_task(recipe, [str(i) for i in range(3)])
+    model = build_strategy({"strategy": {"method": "head_only"}}).prepare(task.build_model(), task)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier")}
+    model.train()
+    loss, _ = task.forward(model, {"pixels": torch.randn(8, 3, 32, 32), "labels": torch.randint(0, 3, (8,))})
+    loss.backward()
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    assert model.classifier.weight.grad is not None and model._conv_stem.weight.grad is None
+
+
+def test_efficientnet_lite0_loads_weights_only_and_recognises_a_photo():
+    """All 296 tensors of the real package load strictly into our architecture (weights-only
+    unpickling of the legacy file), and Grace Hopper's photo (shipped with matplotlib) is ImageNet
+    class 652, military uniform."""
+    import matplotlib
+    from PIL import Image
+
+    from raytune_ft.data import assets
+    from raytune_ft.models.efficientnet_lite import LITE0, EfficientNetLite, read_legacy_checkpoint
+    from raytune_ft.tasks.image_classification import ImageClassification
+
+    state = read_legacy_checkpoint(assets.efficientnet_lite0())
+    assert len(state) == 296
+    model = EfficientNetLite(LITE0)
+    model.load_state_dict(state, strict=True)  # every tensor used, none missing
+    model.eval()
+    photo = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB").resize((224, 224))
+    task = ImageClassification({"model": {"path": "unused"}, "task": {"image_size": 224}, "train": {}, "data": {}}, ["a", "b"])
+    batch = task.collate({"pixels": np.asarray(photo)[None], "labels": np.zeros(1, dtype=np.int64)})
+    with torch.no_grad():
+        probabilities = model(batch["pixels"]).softmax(-1)[0]  # [1000]
+    assert probabilities.shape == (1000,) and abs(float(probabilities.sum()) - 1) < 1e-4
+    assert int(probabilities.argmax()) == 652
+
+    # The task keeps that body and puts a new head on it.
+    task.model_path = str(assets.efficientnet_lite0())
+    tuned = task.build_model()
+    assert tuned.classifier.out_features == 2
+    assert torch.equal(tuned._blocks[15]._project_conv.weight, state["_blocks.15._project_conv.weight"])
+
+
+class Payload:
+    """Not a tensor: a weights-only load must refuse to build it."""
+
+
+def test_checkpoint_with_objects_is_refused(tmp_path):
+    from raytune_ft.models.efficientnet_lite import read_legacy_checkpoint
+
+    path = tmp_path / "evil.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(1), "payload": Payload()}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match="is not a weights-only torch checkpoint"):
+        read_legacy_checkpoint(path)
+
+
+def test_corrupt_image_is_a_one_line_error(tiny_efficientnet, image_folder, tmp_path):
+    recipe = image_recipe(tiny_efficientnet, tmp_path / "run", train=str(image_folder), test=None, max_rows=None)
+    result = cli("run", str(write_recipe(recipe, tmp_path / "r.yaml")))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if "broken.png" in line or line.startswith("error")]
+    assert len(lines) == 1, result.stderr[-2000:]  # Ray's own start-up warnings aside, one line
+    assert lines[0].startswith(f"error: {image_folder / 'Trouser' / 'broken.png'}: cannot decode image"), lines[0]
+    assert result.stderr.strip().splitlines()[-1] == lines[0]
+
+
+def test_skip_mode_counts_bad_rows_and_refuses_too_many(tiny_efficientnet, image_folder, tmp_path, local_ray):
+    """The driver's data preparation (no training): the image folder's bad file is skipped and
+    counted (what summary.json's bad_rows_skipped reports), and a fraction above the limit refused."""
+    from raytune_ft.train.runner import init_ray, plan_run, prepare_datasets
+
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, tmp_path / "run", train=str(image_folder), test=None, max_rows=None,
+                                          validation_fraction=0.2, on_bad_rows="skip", max_bad_fraction=0.2))
+    splits, labels, task, references = plan_run(recipe)
+    assert labels == ["Bag", "Trouser"]
+    init_ray(None, recipe)
+    datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
+    assert sum(bad_rows.values()) == 1
+    assert train_rows + datasets["validation"].count() == 24  # every good image, once
+
+    recipe.data.max_bad_fraction = 0.0
+    with pytest.raises(UserError, match=r"data.max_bad_fraction: 1 of \d+ rows of data.(train|validation) .* are bad"):
+        prepare_datasets(recipe, splits, labels, task, references)
