@@ -60,6 +60,8 @@ def job_api_errors(address: str) -> Iterator[None]:
     try:
         yield
     except AuthenticationError as error:
+        if not str(error).startswith("Authentication "):  # Ray's own check, before any request
+            raise UserError("RAY_AUTH_MODE", f"is token but no token was found; {TOKEN_HELP}") from None
         problem = "the token was rejected" if "Forbidden" in str(error) else "the cluster requires a token and none was sent"
         raise UserError(address, f"{problem}; {TOKEN_HELP}") from None
     except ConnectionError:

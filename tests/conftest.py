@@ -126,10 +126,12 @@ def write_recipe(data: dict, path: Path) -> Path:
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real ``raytune-ft`` command line."""
+    """Run the real ``raytune-ft`` command line, in the environment of a user's shell: without the
+    RAY_AUTH_MODE that an in-process ``ray.init`` sets here and never unsets."""
+    base = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_MODE"}
     return subprocess.run(
         [sys.executable, "-m", "raytune_ft.cli", *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=ROOT,
+        env={**base, **(env or {})}, cwd=ROOT,
     )
 
 

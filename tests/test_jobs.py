@@ -157,6 +157,15 @@ def test_unreachable_address_is_a_one_line_error(tmp_path, job_recipe):
                              "and the port tunnelled (ray dashboard cluster.yaml)?\n")
 
 
+def test_token_mode_without_a_token_is_a_one_line_error(tmp_path, job_recipe):
+    """Ray's client refuses before any request when RAY_AUTH_MODE=token and no token is set."""
+    result = cli("submit", str(job_recipe), "--address", DASHBOARD, "--working-dir", str(job_recipe.parent),
+                 env=client_env(tmp_path, RAY_AUTH_MODE="token"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: RAY_AUTH_MODE: is token but no token was found; set RAY_AUTH_TOKEN")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_plain_ray_job_submit_runs_a_recipe(token_head, job_recipe, tmp_path):
     job_recipe.write_text(job_recipe.read_text().replace(str(tmp_path / "run"), str(tmp_path / "plain")))
     result = subprocess.run(
