@@ -118,7 +118,8 @@ def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, t
     rows = {int(row["strategy.layers"]): row for row in results(tmp_path / "experiment")}
     assert rows[1]["status"] == "ok" and rows[1]["epochs"] == "2"
     assert rows[9]["status"] == "error" and "TrialFailed: strategy.layers: 9 layers to freeze" in rows[9]["error"]
-    assert "resumed at epoch 1" in result.stdout + result.stderr
+    summary = json.loads((tmp_path / "experiment" / "trials" / rows[1]["trial"] / "run" / "summary.json").read_text())
+    assert summary["resumed_at"] == [{"epoch": 1, "step": summary["steps"] // 2}]
 
 
 def finished_trials(experiment) -> list:

@@ -197,6 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {
         "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None, "bad_evals": 0,
         "train_time_s": 0.0, "data_wait_s": 0.0, "train_samples": 0, "eval_time_s": 0.0, "stopped_early": False,
+        "resumed_at": [],
     }
     best_weights = None
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
@@ -213,6 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 wise_anchor = load_file(os.path.join(directory, WISE_ANCHOR))
         if state["best_epoch"] is not None and state["best_epoch"] == state["epoch"]:
             best_weights = backend.snapshot()
+        state.setdefault("resumed_at", []).append({"epoch": state["epoch"], "step": state["step"]})
         if rank == 0:
             print(f"[raytune-ft] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
 

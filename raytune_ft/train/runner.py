@@ -368,6 +368,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "name": recipe.name, "task": recipe.task.type, "model": recipe.model.path, "strategy": recipe.strategy.method,
         "backend": recipe.train.backend, "workers": recipe.scaling.workers,
         "epochs": state["epoch"], "steps": state["step"], "stopped_early": state["stopped_early"], "best_epoch": state["best_epoch"],
+        "resumed_at": state.get("resumed_at", []),  # where restarts (worker faults, --resume) picked up
         "eval": final_eval, "test": test, "baseline": base_target or None,
         "gain": {k: target[k] - base_target[k] for k in ("accuracy", "macro_f1") if k in target and k in base_target},
         "wall_time_s": wall_s, "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"],
