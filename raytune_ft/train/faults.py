@@ -3,13 +3,16 @@
 Set ``RAYTUNE_FT_FAULT`` on the driver (it travels in the loop config), e.g.
 ``raise_after_epoch:1`` (rank 0 raises right after epoch 1's checkpoint is reported) or
 ``kill_at_step:5`` (rank 1, or 0 alone, kills its own process mid-epoch). The fault fires once
-per run directory: a marker file there stops it firing again after the restart.
+per run directory: a marker file there stops it firing again after the restart. A fault first waits
+until the Train controller has taken every report already made, so the restart deterministically
+picks up from the last reported checkpoint (a real kill may land earlier and lose that one).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,23 @@ def maybe_fail(config: dict[str, Any], step: int, epoch: int, rank: int, after_c
         return
     victim = 1 if config["world_size"] > 1 else 0
     if fault["kind"] == "raise_after_epoch" and after_checkpoint and epoch == fault["at"] and rank == 0:
+        wait_until_reports_taken()
         Path(fault["marker"]).touch()
         raise RuntimeError(f"injected fault after epoch {epoch}")
     if fault["kind"] == "kill_at_step" and not after_checkpoint and step == fault["at"] and rank == victim:
+        wait_until_reports_taken()
         Path(fault["marker"]).touch()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_until_reports_taken(timeout_s: float = 60.0) -> None:
+    """Block until this worker's reports have all been handed to the controller (it polls every ~2 s)."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    context = get_train_context()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if context.current_report_index == context.report_call_index and context.get_result_queue().empty():
+            time.sleep(1.0)  # the controller registers the checkpoint right after taking the report
+            return
+        time.sleep(0.1)
