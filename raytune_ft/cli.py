@@ -133,6 +133,27 @@ def tune(
         raise UserError("tune", "no trial finished; see the errors in results.csv")
 
 
+@app.command()
+def post(
+    run_dir: Path,
+    step: list[str] = typer.Option([], "--step", help="A step to run (repeatable): quantize, prune, explain; default: the recipe's post: steps."),
+    set_: list[str] = typer.Option([], "--set", help="Override a step option, e.g. --set post.prune.sparsity=0.7."),
+):
+    """Post-training steps on a finished run: compression and saliency, results under RUN_DIR/post/."""
+    from raytune_ft.post import STEPS, configured_steps, run_steps
+    from raytune_ft.post.finished import FinishedRun
+
+    unknown = [name for name in step if name not in STEPS]
+    if unknown:
+        raise UserError("--step", f"unknown step {unknown[0]!r}; steps: {', '.join(STEPS)}")
+    finished = FinishedRun.open(run_dir, set_)
+    names = step or configured_steps(finished.recipe)
+    if not names:
+        raise UserError("--step", f"the run's recipe configures no post: steps; name one with --step ({', '.join(STEPS)})")
+    run_steps(finished, names)
+    typer.echo(f"outputs: {finished.run_dir / 'post'}")
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; nothing else is shown."""
     from raytune_ft.train.runner import TrainingFailed

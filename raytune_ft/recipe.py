@@ -365,6 +365,45 @@ class TuneSection(Section):
         return self.mode if isinstance(self.mode, list) else [self.mode] * len(self.metrics)
 
 
+class QuantizeSection(Section):
+    """Dynamic int8 quantisation of the Linear layers (PyTorch's own): size, CPU latency, accuracy."""
+
+    latency_batches: int = Field(20, ge=1, description="test batches timed for CPU inference latency")
+
+
+class PruneSection(Section):
+    """Magnitude pruning to a target sparsity, optionally followed by a short mask-keeping fine-tune."""
+
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of the pruned weights set to zero")
+    scope: Literal["global", "layer"] = Field("global", description="global: one threshold over all layers; layer: each layer to the sparsity")
+    finetune_steps: int = Field(0, ge=0, description="optimizer steps of fine-tuning after pruning, the mask kept (0: none)")
+    finetune_lr: float = Field(1e-5, gt=0)
+
+
+class ExplainSection(Section):
+    """Saliency for a few test examples: the ones given, else the run's most confident errors."""
+
+    method: Literal["integrated_gradients", "gradient_x_input"] = "integrated_gradients"
+    examples: int = Field(4, ge=1, le=64, description="how many examples to explain")
+    rows: Optional[list[int]] = Field(None, description="test-split row numbers to explain (default: the most confident errors)")
+    steps: int = Field(32, ge=1, description="integrated-gradients interpolation steps")
+    attention: bool = Field(True, description="transformers: also render the last layer's attention maps")
+
+
+class PostSection(Section):
+    """Post-training steps run on the finished run (also: ``raytune-ft post RUN_DIR``); each writes
+    ``post/<step>.json`` and appears in the HTML report."""
+
+    quantize: Optional[QuantizeSection] = None
+    prune: Optional[PruneSection] = None
+    explain: Optional[ExplainSection] = None
+    report: bool = Field(True, description="write report.html at the end of the run")
+
+    def options(self, step: str) -> Section:
+        """The step's options as configured, or its defaults when the recipe leaves it out."""
+        return getattr(self, step) or {"quantize": QuantizeSection, "prune": PruneSection, "explain": ExplainSection}[step]()
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: TaskSection
@@ -379,6 +418,7 @@ class Recipe(Section):
     regularizer: Optional[RegularizerSection] = None
     replay: Optional[ReplaySection] = None
     wise_ft: Optional[WiseFTSection] = None
+    post: PostSection = Field(default_factory=PostSection)
     output: OutputSection = Field(default_factory=OutputSection)
     tune: Optional[TuneSection] = Field(None, description="raytune-ft tune: the search space and how to search it")
 

@@ -25,6 +25,7 @@ from ray.train import DataConfig
 
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError, find_user_error
+from raytune_ft.post import configured_steps, run_steps
 from raytune_ft.recipe import Recipe
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
@@ -476,6 +477,10 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
         print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
     state = fit(recipe, run_dir, datasets, train_rows, labels, references)
     summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, bad_rows)
+    if configured_steps(recipe):
+        from raytune_ft.post.finished import FinishedRun
+
+        summary["post"] = run_steps(FinishedRun.open(run_dir), configured_steps(recipe))
     if shared:
         publish_outputs(run_dir, shared)
     return summary

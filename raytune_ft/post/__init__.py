@@ -1,0 +1,44 @@
+"""Post-training steps on a finished run: compression, interpretability (and, across runs, fusion).
+
+A step is a function ``step(run: FinishedRun, options) -> dict`` named in ``STEPS``; the name is
+also its field in the recipe's ``post:`` section, whose (validated) value is ``options``. A step
+writes what it makes under ``<run_dir>/post/`` and returns a JSON-able result, which lands in
+``post/<name>.json`` for the summary table and the HTML report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+STEPS = {
+    "quantize": "raytune_ft.post.compression:quantize",
+    "prune": "raytune_ft.post.compression:prune",
+    "explain": "raytune_ft.post.explain:explain",
+}
+
+
+def configured_steps(recipe) -> list[str]:
+    return [name for name in STEPS if getattr(recipe.post, name) is not None]
+
+
+def run_steps(run, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the named steps (default: those the recipe configures) and write ``post/<name>.json``."""
+    from raytune_ft.train.checkpoint import write_text_atomic
+
+    results = {}
+    for name in names or configured_steps(run.recipe):
+        options = run.recipe.post.options(name)
+        module, _, function = STEPS[name].partition(":")
+        print(f"[raytune-ft] post: {name}", flush=True)
+        results[name] = getattr(importlib.import_module(module), function)(run, options)
+        (run.run_dir / "post").mkdir(exist_ok=True)
+        write_text_atomic(run.run_dir / "post" / f"{name}.json", json.dumps(results[name], indent=2) + "\n")
+    return results
+
+
+def read_results(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every step's result a run directory holds, by step name."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(Path(run_dir, "post").glob("*.json"))}

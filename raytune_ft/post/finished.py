@@ -1,0 +1,129 @@
+"""A finished run, in one process: its recipe, task, exported model and data splits.
+
+The post-training steps (compression, fusion, interpretability, the report) work on what a run
+left in its directory: ``recipe.yaml`` (labels and model path recorded), ``summary.json`` and the
+exported ``model/``. They read a split the way the run's pipeline did (same columns, label ids,
+validation hold-out and ``data.max_rows``) without Ray, so a step is a plain CPU process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from raytune_ft.errors import UserError
+
+
+def read_split_rows(split, data: dict[str, Any], labels: list[str] | None, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """One split's rows, columns named by task role and labels encoded, in read order."""
+    from raytune_ft.data import images, tabular
+
+    select = tabular.SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"])
+    if split.fmt == "images":
+        files = images.image_files(split.path)
+        raw = ({"image": np.array([f.read_bytes() for f in files[i:i + batch_size]], dtype=object),
+                "path": np.array([str(f) for f in files[i:i + batch_size]], dtype=object),
+                "label": np.array([f.parent.name for f in files[i:i + batch_size]], dtype=object)}
+               for i in range(0, len(files), batch_size))
+    else:
+        columns = list(data["columns"].values())
+        raw = ({name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
+               for batch in tabular.arrow_dataset(split.path, split.fmt).to_batches(columns=columns, batch_size=batch_size))
+    remaining = data.get("max_rows") or None
+    for batch in raw:
+        rows = select(batch)
+        if remaining is not None:
+            rows = {key: values[:remaining] for key, values in rows.items()}
+            remaining -= len(next(iter(rows.values())))
+        if len(next(iter(rows.values()))):
+            yield rows
+        if remaining is not None and remaining <= 0:
+            return
+
+
+@dataclass
+class FinishedRun:
+    run_dir: Path
+    recipe: Any  # raytune_ft.recipe.Recipe, as the run recorded it
+    summary: dict[str, Any]
+
+    @classmethod
+    def open(cls, run_dir: str | Path, overrides: list[str] = ()) -> "FinishedRun":
+        """A run directory with ``recipe.yaml``, ``summary.json`` and ``model/``; a clear error otherwise.
+        ``overrides`` (``post.prune.sparsity=0.7``) change the recorded recipe for this use only."""
+        from raytune_ft.recipe import load_recipe
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise UserError(str(run_dir), "not a directory; give the run directory (output.dir) of a finished run")
+        for needed in ("recipe.yaml", "summary.json", "model"):
+            if not (run_dir / needed).exists():
+                raise UserError(str(run_dir / needed), "missing; is this the directory of a finished run?")
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except ValueError:
+            raise UserError(str(run_dir / "summary.json"), "not valid JSON") from None
+        return cls(run_dir.resolve(), load_recipe(run_dir / "recipe.yaml"), summary)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.recipe.data.labels or [])
+
+    def task(self, model_dir: str | Path | None = None):
+        """The run's task, building from ``model_dir`` (default: the run's exported model)."""
+        from raytune_ft.tasks import build_task
+
+        recipe = self.recipe.to_dict()
+        recipe["model"]["path"] = str(model_dir or self.run_dir / "model")
+        return build_task(recipe, self.labels)
+
+    def load_model(self, model_dir: str | Path | None = None) -> torch.nn.Module:
+        """The exported model (or another directory the same task exported), in eval mode."""
+        return self.task(model_dir).build_model().eval()
+
+    def split(self, name: str = "test"):
+        from raytune_ft.data import tabular
+
+        splits, _ = tabular.plan_splits(self.recipe.data.model_dump())
+        for split in splits:
+            if split.name == name:
+                return split
+        raise UserError(f"data.{name}", f"the run has no {name} split; splits: {', '.join(s.name for s in splits)}")
+
+    def batches(self, split: str = "test", batch_size: int = 64, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Model-ready batches of a split: the task's preprocess and collate, no augmentation."""
+        task = self.task()
+        data = self.recipe.data.model_dump()
+        if limit is not None:
+            data["max_rows"] = min(limit, data.get("max_rows") or limit)
+        for rows in read_split_rows(self.split(split), data, self.labels, batch_size):
+            yield task.collate(task.preprocess(rows))
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, split: str = "test", batch_size: int = 64,
+                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, C] and labels [N] of a split."""
+        task = self.task()
+        logits, labels = [], []
+        for batch in self.batches(split, batch_size, limit):
+            _, (_, batch_logits) = task.forward(model, batch)
+            logits.append(batch_logits.float())
+            labels.append(batch["labels"])
+        return torch.cat(logits), torch.cat(labels)
+
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """The task's metrics (accuracy, macro-F1, loss, confusion) of given logits."""
+        from raytune_ft.tasks import classification_loss
+
+        metrics = self.task().new_metrics()
+        _, outputs = classification_loss(logits, labels)
+        metrics.update(outputs, {"labels": labels})
+        return metrics.compute(metrics.state())
+
+    def evaluate(self, model: torch.nn.Module, split: str = "test", batch_size: int = 64, limit: int | None = None) -> dict[str, Any]:
+        return self.metrics(*self.predict(model, split, batch_size, limit))
