@@ -182,3 +182,23 @@ def local_ray():
     ray.init(num_cpus=4, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory) -> Path:
+    """A finished tiny text run (1 worker, 3 epochs, its model exported), made once per session.
+    Tests that write into a run directory work on ``copy_run(finished_text_run, tmp_path)``."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    recipe = tiny_recipe_dict(tiny_bert, sentiment_data, run_dir)
+    recipe["train"]["epochs"] = 3
+    recipe["scaling"]["workers"] = 1
+    result = cli("run", str(write_recipe(recipe, run_dir.parent / "tiny.yaml")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of a finished run directory (model, recipe, summary, metrics)."""
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("checkpoint_*")))
