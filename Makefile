@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/raytune-ft run jobs/text_classification.yaml --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
