@@ -83,7 +83,7 @@ def test_each_tune_trial_is_a_child_run_and_a_tensorboard_directory(tiny_recipe,
     tiny_recipe["train"]["epochs"] = 1
     tiny_recipe["output"].update(dir=str(tmp_path / "experiment"), tensorboard=True,
                                  mlflow={"tracking_uri": str(tmp_path / "store"), "experiment": "sweep"})
-    tiny_recipe["tune"] = {"workers_per_trial": 1, "max_concurrent_trials": 2, "searcher": "grid",
+    tiny_recipe["tune"] = {"workers_per_trial": 1, "max_concurrent_trials": 2, "num_samples": 1, "searcher": "grid",
                            "space": {"train.lr": {"grid": [1e-3, 3e-3]}}}
     run_experiment(validate_recipe(tiny_recipe))
     experiment = tmp_path / "experiment"
