@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import write_recipe
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.report.tracking import Tracker, mlflow_client
+from raytune_ft.report.tracking import Tracker, mlflow_client, tracked
 from raytune_ft.train.runner import run
 from raytune_ft.tune.experiment import run_experiment
 
@@ -109,10 +109,21 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_recipe, tmp_path):
     recipe = validate_recipe(tiny_recipe)
     for name in ("a", "b"):  # the runner makes the run directory first
         (tmp_path / name).mkdir()
-    first = Tracker.open(recipe, tmp_path / "a")
+    with pytest.raises(RuntimeError), tracked(recipe, tmp_path / "a") as first:
+        raise RuntimeError("the run failed")
+    client = mlflow_client(first.mlflow_uri)
+    assert client.get_run(first.run_id).info.status == "FAILED"
     again = Tracker.open(recipe, tmp_path / "a")
-    other = Tracker.open(recipe, tmp_path / "b")
-    assert first.run_id == again.run_id != other.run_id
+    assert again.run_id == first.run_id and client.get_run(first.run_id).info.status == "RUNNING"
+    assert Tracker.open(recipe, tmp_path / "b").run_id != first.run_id
+
+
+def test_a_tracking_failure_does_not_stop_training(tiny_recipe, tmp_path, capsys):
+    tiny_recipe["output"]["mlflow"] = {}
+    tracker = Tracker.open(validate_recipe(tiny_recipe), tmp_path)
+    mlflow_client(tracker.mlflow_uri).delete_run(tracker.run_id)  # logging to it now fails
+    tracker.after_report(None, [{"epoch": 1, "step": 5, "train/loss": 0.5}], None)
+    assert "[raytune-ft] tracking: step 5 not logged: MlflowException" in capsys.readouterr().out
 
 
 def test_a_deleted_experiment_is_a_clear_error(tiny_recipe, tmp_path):

@@ -94,7 +94,10 @@ class Tracker(UserCallback):
         recipe_yaml = yaml.safe_dump(data, sort_keys=False)
         state_file = run_dir / STATE
         if state_file.is_file():  # a resumed run continues where it logged before
-            return cls(**json.loads(state_file.read_text()), hparams=hparams, recipe_yaml=recipe_yaml)
+            tracker = cls(**json.loads(state_file.read_text()), hparams=hparams, recipe_yaml=recipe_yaml)
+            if tracker.run_id:
+                tracker._mlflow().update_run(tracker.run_id, status="RUNNING")
+            return tracker
         if parent is not None:
             tensorboard = parent.tensorboard_dir and str(Path(parent.tensorboard_dir) / name)
             uri, experiment_id = parent.mlflow_uri, parent.experiment_id
@@ -115,8 +118,13 @@ class Tracker(UserCallback):
         return cls(**where, hparams=hparams, recipe_yaml=recipe_yaml)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        """Ray Train's hook, in its controller: log rank 0's report (the record metrics.jsonl keeps)."""
-        self.log(metrics[0])
+        """Ray Train's hook, in its controller: log rank 0's report (the record metrics.jsonl keeps).
+        A tracking failure (a server away) costs the log line, not the training run."""
+        try:
+            self.log(metrics[0])
+        except Exception as error:
+            reason = (str(error).strip() or "no message").splitlines()[0]
+            print(f"[raytune-ft] tracking: step {metrics[0].get('step')} not logged: {type(error).__name__}: {reason}", flush=True)
         if "train/loss" not in metrics[0] and self._writer is not None:  # the run's last report (test metrics)
             self._writer.close()
             self._writer = None
