@@ -218,6 +218,38 @@ class BaselineSection(Section):
     lr: float = Field(1e-3, gt=0)
 
 
+TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
+
+
+class MlflowSection(Section):
+    """Log the run to MLflow: the recipe as params (dotted keys), every report's metrics (step: the
+    optimizer step) as the epochs finish, and at the end the exported model, summary and report."""
+
+    tracking_uri: Optional[str] = Field(
+        None, description="file:PATH or a plain path (a local file store), sqlite:///PATH, http(s)://HOST (a tracking "
+                          "server), databricks, ...; default: the file store file:<run dir>/mlruns",
+    )
+    experiment: Optional[str] = Field(None, min_length=1, description="MLflow experiment; default: the recipe name")
+    run_name: Optional[str] = Field(None, min_length=1, description="default: the recipe name")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, value: Optional[str]) -> Optional[str]:
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", value or "")
+        if value is not None and scheme and len(scheme[1]) > 1 and scheme[1].split("+")[0].lower() not in TRACKING_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme[1]!r}; give a path or file:PATH (a local store), sqlite:///PATH, "
+                             f"http(s)://HOST (a tracking server), or one of {', '.join(TRACKING_SCHEMES)}")
+        return value
+
+    def resolved_uri(self, run_dir: Path) -> str:
+        """The tracking URI with a local store as an absolute ``file:`` URI (default ``<run dir>/mlruns``)."""
+        uri = self.tracking_uri or str(run_dir / "mlruns")
+        if uri.startswith("file:") or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri):
+            path = uri.removeprefix("file://").removeprefix("file:")
+            return "file:" + str(Path(path).expanduser().resolve())
+        return uri
+
+
 class OutputSection(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
     storage_path: Optional[str] = Field(
@@ -227,6 +259,14 @@ class OutputSection(Section):
                     "default: the run directory itself",
     )
     checkpoints_to_keep: int = Field(2, ge=1)
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run dir>/tensorboard (a Tune trial: <experiment>/tensorboard/<trial>)")
+    mlflow: Optional[MlflowSection] = Field(None, description="log to MLflow ({} or true: a file store in <run dir>/mlruns)")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # ``mlflow: true`` switches it on with the defaults; ``false`` leaves it off.
+        return {} if value is True else None if value is False else value
 
     @field_validator("storage_path")
     @classmethod

@@ -27,6 +27,7 @@ from raytune_ft.data import tabular
 from raytune_ft.errors import UserError, find_user_error
 from raytune_ft.post import configured_steps, run_steps
 from raytune_ft.recipe import Recipe
+from raytune_ft.report.tracking import tracked
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
 QUIET_RAY = {
@@ -460,27 +461,28 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     prepare_run_dir(run_dir, resume, force)
     write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    started = time.perf_counter()
-    datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
-    baseline = None
-    if recipe.baseline.enabled:
-        base = baseline_recipe(recipe, run_dir)
-        base_dir = base.run_dir()
-        if (base_dir / "summary.json").is_file():
-            baseline = json.loads((base_dir / "summary.json").read_text())
-        else:
-            print("[raytune-ft] baseline: training only a new head on the frozen base model", flush=True)
-            base_dir.mkdir(parents=True, exist_ok=True)
-            base_state = fit(base, base_dir, datasets, train_rows, labels)
-            shutil.rmtree(base_dir / "model", ignore_errors=True)  # the baseline is a measurement, not an export
-            baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
-        print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
-    state = fit(recipe, run_dir, datasets, train_rows, labels, references)
-    summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, bad_rows)
-    if configured_steps(recipe):
-        from raytune_ft.post.finished import FinishedRun
+    with tracked(recipe, run_dir) as tracker:
+        started = time.perf_counter()
+        datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
+        baseline = None
+        if recipe.baseline.enabled:
+            base = baseline_recipe(recipe, run_dir)
+            base_dir = base.run_dir()
+            if (base_dir / "summary.json").is_file():
+                baseline = json.loads((base_dir / "summary.json").read_text())
+            else:
+                print("[raytune-ft] baseline: training only a new head on the frozen base model", flush=True)
+                base_dir.mkdir(parents=True, exist_ok=True)
+                base_state = fit(base, base_dir, datasets, train_rows, labels)
+                shutil.rmtree(base_dir / "model", ignore_errors=True)  # the baseline is a measurement, not an export
+                baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
+            print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
+        state = fit(recipe, run_dir, datasets, train_rows, labels, references, callbacks=[tracker] if tracker else [])
+        summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, bad_rows)
+        if configured_steps(recipe):
+            from raytune_ft.post.finished import FinishedRun
 
-        summary["post"] = run_steps(FinishedRun.open(run_dir), configured_steps(recipe))
+            summary["post"] = run_steps(FinishedRun.open(run_dir), configured_steps(recipe))
     if shared:
         publish_outputs(run_dir, shared)
     return summary
