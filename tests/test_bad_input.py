@@ -102,6 +102,8 @@ RECIPE_CASES = {
     "wise_ft_alpha_above_one": ({"wise_ft": {"alphas": [0.5, 1.5]}}, "wise_ft.alphas: every alpha must be in [0, 1]"),
     "ewc_without_reference": ({"regularizer": {"method": "ewc", "strength": 1.0}}, "regularizer: needs a retention reference"),
     "replay_unknown_reference": ({**REFERENCE, "replay": {"reference": "news"}}, "replay.reference: unknown reference 'news'"),
+    "ewc_on_task_reference": ({**REFERENCE, "retention.references.0.kind": "task", "regularizer": {"method": "ewc", "strength": 1.0}},
+                              "regularizer.reference: reference 'topics' is kind task; regularizer needs a probe reference"),
     "relative_storage_path": ({"output.storage_path": "shared/runs"}, "output.storage_path: give s3://BUCKET/PREFIX"),
     # tune section
     "tune_empty_space": ({"tune": {"space": {}}}, "tune.space: Dictionary should have at least 1 item"),
