@@ -276,6 +276,11 @@ def plan_references(recipe: Recipe, task_cls) -> list[dict[str, Any]]:
     return planned
 
 
+def reference_specs(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the workers need of each planned reference (picklable: no task, no paths)."""
+    return [{"name": r["name"], "kind": r["kind"], "labels": r["labels"], "splits": sorted(r["splits"])} for r in planned]
+
+
 def reference_datasets(planned: list[dict[str, Any]], workers: int) -> dict[str, Any]:
     from raytune_ft.retention.training import reference_split
 
@@ -304,7 +309,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
     config = {
         "recipe": recipe.to_dict(), "labels": labels, "plan": plan, "splits": sorted(datasets),
         "threads": max(1, int(per_worker.get("CPU", 1))), "world_size": workers, "fault": fault_config(run_dir),
-        "references": [{"name": r["name"], "kind": r["kind"], "labels": r["labels"], "splits": sorted(r["splits"])} for r in references],
+        "references": reference_specs(references),
         "resume_from": resume_from,
     }
     if not references:
