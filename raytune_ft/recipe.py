@@ -92,11 +92,13 @@ SHARED_STRATEGY_OPTIONS = {"method", "layer_lr_decay"}
 
 class ReferenceSection(Section):
     """One reference evaluation of the original capability (scored before training and at every
-    evaluation). ``probe``: a linear probe on the frozen pooled embeddings of a labelled set."""
+    evaluation). ``probe``: a linear probe on the frozen pooled embeddings of a labelled set.
+    ``task``: the task's own metrics on a reference set with the task's columns (e.g. WER on
+    real speech), evaluated as is; data.test if given, else every row of data.train."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="metrics are named ref/<name>/<metric>")
-    kind: Literal["probe"] = "probe"
-    data: DataSection = Field(description="the labelled reference set (same fields as data:)")
+    kind: Literal["probe", "task"] = "probe"
+    data: DataSection = Field(description="the reference set (same fields as data:); probe: labelled")
 
 
 class RetentionSection(Section):
@@ -473,6 +475,9 @@ class Recipe(Section):
                 raise ValueError(f"{section}: needs a retention reference (add retention.references)")
             if getattr(value, field) is not None and getattr(value, field) not in names:
                 raise ValueError(f"{section}.{field}: unknown reference {getattr(value, field)!r}; defined: {', '.join(names)}")
+            chosen = getattr(value, field) or names[0]
+            if next(r.kind for r in self.retention.references if r.name == chosen) != "probe":
+                raise ValueError(f"{section}.{field}: reference {chosen!r} is kind task; {section} needs a probe reference (its original probe)")
         return self
 
     def run_dir(self) -> Path:

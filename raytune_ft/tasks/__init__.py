@@ -35,6 +35,7 @@ class Metrics(Protocol):
     compute the metrics (so evaluation is sharded and reduced, never rank 0 alone)."""
 
     names: ClassVar[tuple[str, ...]]  # the scalar metrics ``compute`` returns
+    retained: ClassVar[tuple[str, ...]]  # higher-is-better metrics a task reference's retention compares
 
     def update(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None: ...
     def state(self) -> torch.Tensor: ...
@@ -121,6 +122,7 @@ class ClassificationMetrics:
     """Confusion-matrix counts plus summed loss; accuracy, macro-F1 and loss from their sum."""
 
     names = ("loss", "accuracy", "macro_f1", "count")
+    retained = ("accuracy", "macro_f1")
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -155,4 +157,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import image_classification, text_classification  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import image_classification, speech_recognition, text_classification  # noqa: E402,F401  (registers built-in tasks)

@@ -259,14 +259,27 @@ def plan_references(recipe: Recipe, task_cls) -> list[dict[str, Any]]:
     for i, reference in enumerate(recipe.retention.references if recipe.retention else []):
         data = reference.data.model_dump()
         splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
+        if reference.kind == "task":  # the task's own metrics on the whole set, nothing fitted
+            by_name = {split.name: split for split in splits}
+            train = by_name["train"]
+            test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, holdout="all")
+            labels = recipe.data.labels  # the run's label set: its model scores these rows
+            planned.append({"name": reference.name, "kind": "task", "labels": labels, "data": data,
+                            "task": task_cls(recipe.to_dict(), labels or []), "splits": {"test": test}})
+            continue
         if labels is None:
             raise UserError(f"retention.references.{i}.data.columns", "a probe reference needs a label column")
         # The held-out part of train is the probe's test split when no test file is given.
         by_name = {split.name: split for split in splits}
         test = by_name.get("test") or by_name["validation"]
-        planned.append({"name": reference.name, "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
+        planned.append({"name": reference.name, "kind": "probe", "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
                         "splits": {"train": by_name["train"], "test": test}})
     return planned
+
+
+def reference_specs(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the workers need of each planned reference (picklable: no task, no paths)."""
+    return [{"name": r["name"], "kind": r["kind"], "labels": r["labels"], "splits": sorted(r["splits"])} for r in planned]
 
 
 def reference_datasets(planned: list[dict[str, Any]], workers: int) -> dict[str, Any]:
@@ -297,7 +310,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
     config = {
         "recipe": recipe.to_dict(), "labels": labels, "plan": plan, "splits": sorted(datasets),
         "threads": max(1, int(per_worker.get("CPU", 1))), "world_size": workers, "fault": fault_config(run_dir),
-        "references": [{"name": r["name"], "labels": r["labels"]} for r in references],
+        "references": reference_specs(references),
         "resume_from": resume_from,
     }
     if not references:
