@@ -59,33 +59,31 @@ def noisy_labels(train_path, directory) -> str:
     return str(path)
 
 
-def student_recipe(tiny_recipe, finished_text_run, tmp_path, name: str, teacher: bool) -> dict:
+def student_recipe(tiny_recipe, finished_text_run, tmp_path, name: str) -> dict:
     """A 1-layer student on labels that are noise: with alpha 1 only the teacher can teach it."""
     recipe = json.loads(json.dumps(tiny_recipe))
     recipe["model"]["num_layers"] = 1
     recipe["data"]["train"] = noisy_labels(recipe["data"]["train"], tmp_path)
     recipe["train"]["epochs"] = 3
     recipe["output"]["dir"] = str(tmp_path / name)
-    if teacher:
-        recipe["distill"] = {"teacher": str(finished_text_run / "model"), "temperature": 2.0, "alpha": 1.0}
+    recipe["distill"] = {"teacher": str(finished_text_run / "model"), "temperature": 2.0, "alpha": 1.0}
     return recipe
 
 
 def test_student_learns_from_the_teacher_alone(tiny_recipe, finished_text_run, tmp_path, local_ray):
-    """alpha 1 ignores the (shuffled) labels: the student can only learn the task through the KL
-    term. Without a teacher, the same student at the same budget learns nothing useful."""
-    summary = run(validate_recipe(student_recipe(tiny_recipe, finished_text_run, tmp_path, "student", teacher=True)))
-    alone = run(validate_recipe(student_recipe(tiny_recipe, finished_text_run, tmp_path, "alone", teacher=False)))
+    """alpha 1 ignores the labels, and they are shuffled anyway: the student can learn the task
+    only through the KL term (without it, the objective would be 0 and the student at chance)."""
+    summary = run(validate_recipe(student_recipe(tiny_recipe, finished_text_run, tmp_path, "student")))
 
     teacher_run = FinishedRun.open(finished_text_run)
     distill = summary["distill"]
     assert distill["teacher"]["run_dir"] == str(finished_text_run)
-    assert distill["teacher"]["test"] == pytest.approx(teacher_run.summary["test"])  # same teacher, same test rows
-    assert distill["teacher"]["test"] == distill["teacher"]["recorded_test"]
+    # The same teacher on the same test rows as its own run (2 shards here, 1 there: sums in another order).
+    assert distill["teacher"]["test"] == pytest.approx(distill["teacher"]["recorded_test"], rel=1e-6)
+    assert distill["teacher"]["recorded_test"] == teacher_run.summary["test"]
     assert distill["teacher"]["test"]["accuracy"] > 0.8
 
     assert summary["test"]["accuracy"] > 0.8, summary["test"]
-    assert alone["test"]["accuracy"] < 0.7, alone["test"]
     kl = [row["train/distill_kl"] for row in map(json.loads, (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row]
     assert len(kl) == 3 and kl[-1] < kl[0], kl
 

@@ -312,7 +312,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(record)
         done = state["step"] >= plan["total_steps"] or state["stopped_early"]
         if rank == 0:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min")))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min", "train/distill_kl")))
             print(f"[raytune-ft] epoch {epoch} done: train/loss {record['train/loss']:.4f}, {shown}", flush=True)
         report(record, state, backend, task, strategy, rank, export=False, best_weights=best_weights, wise_anchor=wise_anchor)
         maybe_fail(config, state["step"], epoch, rank, after_checkpoint=True)
