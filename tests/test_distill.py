@@ -70,9 +70,12 @@ def student_recipe(tiny_recipe, finished_text_run, tmp_path, name: str) -> dict:
     return recipe
 
 
-def test_student_learns_from_the_teacher_alone(tiny_recipe, finished_text_run, tmp_path, local_ray):
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_student_learns_from_the_teacher_alone(backend, tiny_recipe, finished_text_run, tmp_path, local_ray):
     """alpha 1 ignores the labels, and they are shuffled anyway: the student can learn the task
-    only through the KL term (without it, the objective would be 0 and the student at chance)."""
+    only through the KL term (without it, the objective would be 0 and the student at chance).
+    DeepSpeed (ZeRO-2) takes the same path: the KL term is part of the loss it back-propagates."""
+    tiny_recipe["train"]["backend"] = backend
     summary = run(validate_recipe(student_recipe(tiny_recipe, finished_text_run, tmp_path, "student")))
 
     teacher_run = FinishedRun.open(finished_text_run)
@@ -117,7 +120,7 @@ def test_bad_teacher_is_a_one_line_error(case, expected, tiny_recipe, finished_t
     if case == "other_labels":
         tiny_recipe["data"]["labels"] = ["positive", "negative"]
     if case == "other_task":
-        teacher = copy_run(finished_text_run, tmp_path)
+        teacher = copy_run(finished_text_run, tmp_path / "copies")
         recorded = yaml.safe_load((teacher / "recipe.yaml").read_text())
         recorded["task"] = {"type": "image_classification"}
         recorded["data"]["columns"] = {"image": "sentence", "label": "sentiment"}
