@@ -36,6 +36,9 @@ class TaskSection(Section):
 
 class ModelSection(Section):
     path: str = Field(description="a model directory, 'asset:NAME' (offline assets) or a hub id")
+    num_layers: Optional[int] = Field(
+        None, ge=1, description="keep only the first N transformer layers of the pretrained encoder, with their "
+                                "pretrained weights (a smaller student for distill:); text tasks")
 
 
 class DataSection(Section):
@@ -142,6 +145,15 @@ class WiseFTSection(Section):
         if any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"wise_ft.alphas: every alpha must be in [0, 1] (got {self.alphas})")
         return self
+
+
+class DistillSection(Section):
+    """Train the model as a student of a fine-tuned teacher (Hinton et al. 2015):
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)."""
+
+    teacher: str = Field(description="a finished run of the same task and labels (its output.dir), or its model/ directory")
+    temperature: float = Field(2.0, gt=0, description="T: above 1 softens both distributions, so the teacher's ranking of wrong classes shows")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL term; 1 - alpha weighs the hard-label loss")
 
 
 class EarlyStoppingSection(Section):
@@ -460,6 +472,7 @@ class Recipe(Section):
     regularizer: Optional[RegularizerSection] = None
     replay: Optional[ReplaySection] = None
     wise_ft: Optional[WiseFTSection] = None
+    distill: Optional[DistillSection] = None
     post: PostSection = Field(default_factory=PostSection)
     output: OutputSection = Field(default_factory=OutputSection)
     tune: Optional[TuneSection] = Field(None, description="raytune-ft tune: the search space and how to search it")

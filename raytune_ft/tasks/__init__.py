@@ -113,9 +113,9 @@ def build_task(recipe: dict[str, Any], labels: list[str]) -> "Task":
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Cross-entropy of logits [B, C]: the mean to train on, and (summed loss, logits) for
-    ``ClassificationMetrics``."""
+    ``ClassificationMetrics``. The logits keep their graph: distillation trains on them."""
     losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # [B]
-    return losses.mean(), (losses.detach().sum(), logits.detach())
+    return losses.mean(), (losses.detach().sum(), logits)
 
 
 class ClassificationMetrics:
@@ -132,7 +132,7 @@ class ClassificationMetrics:
     def update(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         loss_sum, logits = outputs  # loss summed over the batch, logits [B, C]
         labels = batch["labels"].long().cpu()
-        predictions = logits.argmax(-1).cpu()
+        predictions = logits.detach().argmax(-1).cpu()
         index = labels * self.num_classes + predictions
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view_as(self.confusion)
         self.loss_sum += float(loss_sum)

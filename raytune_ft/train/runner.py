@@ -371,6 +371,7 @@ class TrainingFailed(Exception):
 def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,
                   bad_rows: dict[str, int] | None = None) -> dict[str, Any]:
     from raytune_ft.report import plots
+    from raytune_ft.train.distill import distill_summary
 
     history = state["history"]
     test = {key: value for key, value in state.get("test", {}).items() if isinstance(value, (int, float))}
@@ -393,6 +394,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "bad_rows_skipped": bad_rows,
         "retention": retention_summary(state),
         "wise_ft": state.get("wise_ft"),
+        "distill": distill_summary(recipe, recipe.data.labels or [], state),
         "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl"),
                     "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
@@ -421,7 +423,7 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     data = recipe.to_dict()
     data["train"].update(lr=recipe.baseline.lr, epochs=recipe.baseline.epochs, max_steps=None, early_stopping=None, warmup=0.0)
     data["baseline"]["enabled"] = False
-    data.update(retention=None, regularizer=None, replay=None, wise_ft=None)
+    data.update(retention=None, regularizer=None, replay=None, wise_ft=None, distill=None)
     data["strategy"] = {"method": "head_only"}
     data["output"]["dir"] = str(run_dir / "baseline")
     if recipe.output.storage_path:
@@ -442,6 +444,10 @@ def plan_run(recipe: Recipe) -> tuple[list[tabular.Split], list[str] | None, Any
     task = TASKS[recipe.task.type](recipe.to_dict(), labels or [])
     task.check()
     check_strategy(recipe, task)
+    if recipe.distill:
+        from raytune_ft.train.distill import plan_teacher
+
+        plan_teacher(recipe, labels or [], task, next(split for split in splits if split.name == "train"))
     return splits, labels, task, plan_references(recipe, TASKS[recipe.task.type])
 
 
