@@ -115,13 +115,19 @@ def check_resume_checkpoint(run_dir: Path) -> None:
                                     "(start anew with --force)") from None
 
 
+def move_aside(path: Path) -> Path:
+    """Rename an existing output to ``<name>.old-<time>`` (``--force``): nothing a user has is deleted."""
+    aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    print(f"[raytune-ft] moved the existing {path} to {aside}")
+    return aside
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Create the run directory (moving an existing run aside with --force) and check it is writable."""
     check_run_dir(run_dir, resume, force)
     if force and run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"[raytune-ft] moved the existing run to {aside}")
+        move_aside(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"

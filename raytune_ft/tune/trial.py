@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raytune_ft.report.tracking import tracked
@@ -72,6 +73,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
 
     from raytune_ft.errors import UserError
     from raytune_ft.tasks import TASKS
+    from raytune_ft.train.checkpoint import write_text_atomic
     from raytune_ft.train.runner import TrainingFailed, check_strategy, fit, write_outputs
 
     started = time.time()
@@ -87,6 +89,8 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
         check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
         run_dir.mkdir(parents=True, exist_ok=True)
+        # The run directory of a finished trial is a finished run: post steps and fuse open it.
+        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         args = (recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"])
         with tracked(recipe, run_dir, parent=shared["tracker"], name=context.get_trial_name()) as tracker:
             tracking = [tracker] if tracker else []
