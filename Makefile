@@ -33,7 +33,9 @@ demo: $(STAMP)
 	$(VENV)/bin/raytune-ft run jobs/text_classification.yaml --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=25 tests
+	# Two test processes, one test file each at a time: most of a test is Ray start-up and polling, so
+	# two files overlap well on two cores.
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

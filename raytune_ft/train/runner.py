@@ -55,6 +55,7 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
             # may exceed cores because tokenisation is light next to a training step.
             per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2)
+            kwargs["address"] = "local"  # a new embedded Ray, never one that `ray start` left running here
         try:
             ray.init(**kwargs)
         except ConnectionError as error:
