@@ -250,9 +250,9 @@ def prune(run, options) -> dict[str, Any]:
     else:
         for layer, name in weights:
             torch_prune.l1_unstructured(layer, name, amount=options.sparsity)
+    prune_time = time.perf_counter() - started
     print(f"[raytune-ft] prune: {options.sparsity:.0%} of {len(layers)} layers' weights ({options.scope}); evaluating", flush=True)
     rows.append({"model": f"pruned ({options.scope})", **run.evaluate(model, batch_size=batch_size)})
-    prune_time = time.perf_counter() - started
     finetune_time = 0.0
     if options.finetune_steps:
         started = time.perf_counter()
