@@ -17,6 +17,8 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raytune_ft.report.tracking import tracked
+
 STARTUP_METRIC = "trial/first_report_s"
 
 
@@ -86,17 +88,20 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
         run_dir.mkdir(parents=True, exist_ok=True)
         args = (recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"])
-        if shared["pbt"]:
-            state = fit_reporting_checkpoints(args, started, restored)
-        else:
-            state = fit(*args, callbacks=[EpochReportCallback(started)])
+        with tracked(recipe, run_dir, parent=shared["tracker"], name=context.get_trial_name()) as tracker:
+            tracking = [tracker] if tracker else []
+            if shared["pbt"]:
+                state = fit_reporting_checkpoints(args, started, restored, tracking)
+            else:
+                state = fit(*args, callbacks=[EpochReportCallback(started), *tracking])
+            write_outputs(run_dir, recipe, state, None, time.time() - started)
     except (UserError, TrainingFailed) as error:
         raise TrialFailed(str(error)) from None
-    write_outputs(run_dir, recipe, state, None, time.time() - started)
 
 
-def fit_reporting_checkpoints(args: tuple, started: float, restored) -> dict[str, Any]:
-    """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them)."""
+def fit_reporting_checkpoints(args: tuple, started: float, restored, callbacks: list[Any]) -> dict[str, Any]:
+    """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them);
+    ``callbacks``: more Ray Train callbacks (tracking)."""
     from ray.util.queue import Queue
 
     from raytune_ft.train.runner import fit
@@ -105,7 +110,7 @@ def fit_reporting_checkpoints(args: tuple, started: float, restored) -> dict[str
     forwarder = threading.Thread(target=forward_to_tune, args=(queue,), daemon=True)
     forwarder.start()
     try:
-        return fit(*args, callbacks=[EpochReportCallback(started, queue)], resume_from=restored)
+        return fit(*args, callbacks=[EpochReportCallback(started, queue), *callbacks], resume_from=restored)
     finally:
         queue.put(None)
         forwarder.join()
