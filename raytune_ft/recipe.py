@@ -422,7 +422,8 @@ class TuneSection(Section):
 class QuantizeSection(Section):
     """Dynamic int8 quantisation of the Linear layers (PyTorch's own): size, CPU latency, accuracy."""
 
-    latency_batches: int = Field(20, ge=1, description="test batches timed for CPU inference latency")
+    latency_batches: int = Field(20, ge=1, description="test batches timed for CPU inference latency (median, one thread)")
+    weights: Literal["per_tensor", "per_channel"] = Field("per_tensor", description="int8 weight scales: one per matrix (PyTorch's default) or one per output row")
 
 
 class PruneSection(Section):
@@ -431,7 +432,7 @@ class PruneSection(Section):
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of the pruned weights set to zero")
     scope: Literal["global", "layer"] = Field("global", description="global: one threshold over all layers; layer: each layer to the sparsity")
     finetune_steps: int = Field(0, ge=0, description="optimizer steps of fine-tuning after pruning, the mask kept (0: none)")
-    finetune_lr: float = Field(1e-5, gt=0)
+    finetune_lr: Optional[float] = Field(None, gt=0, description="fine-tune learning rate, constant (default: the run's train.lr)")
 
 
 class ExplainSection(Section):

@@ -31,7 +31,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         f"{summary['epochs']} epochs / {summary['steps']} steps on {summary['workers']} workers ({summary['backend']})",
         *retention_lines(summary),
         *distill_lines(summary),
-        f"outputs: {outputs['run_dir']}  (model/, metrics.jsonl, summary.json, plots/)",
+        *post_lines(summary),
+        f"outputs: {outputs['run_dir']}  (model/, metrics.jsonl, summary.json, plots/{', post/' if summary.get('post') else ''})",
     ]
     return "\n".join(lines)
 
@@ -45,6 +46,25 @@ def retention_lines(summary: dict[str, Any]) -> list[str]:
                      f"reference evaluation {retention['reference_eval_time_s']:.0f} s")
     if wise:
         lines.append(f"WiSE-FT: exported alpha {wise['alpha']} of {[row['alpha'] for row in wise['rows']]}")
+    return lines
+
+
+def post_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per compression step the run ended with (``summary["post"]``): what it saved, what it cost."""
+    post = summary.get("post") or {}
+    lines = []
+    if post.get("quantize"):
+        quantize = post["quantize"]
+        before, after = quantize["table"]
+        lines.append(f"quantize (int8, {quantize['layers']} Linear layers): size {before['size_mb']:.1f} -> {after['size_mb']:.1f} MB, "
+                     f"CPU latency {before['latency_ms']:.0f} -> {after['latency_ms']:.0f} ms/batch (1 thread), "
+                     f"test accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f} ({quantize['accuracy_delta']:+.4f})")
+    if post.get("prune"):
+        prune = post["prune"]
+        stages = " -> ".join(f"{row['accuracy']:.4f}" for row in prune["table"])
+        lines.append(f"prune ({prune['scope']}, {prune['layers']} layers): {prune['sparsity_pruned']:.1%} of their weights zero "
+                     f"({prune['sparsity_all']:.1%} of all parameters), test accuracy {stages} "
+                     f"(fine-tuned -> pruned{' -> after ' + str(prune['finetune_steps']) + ' steps' if prune['finetune_steps'] else ''})")
     return lines
 
 
