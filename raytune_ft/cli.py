@@ -154,6 +154,14 @@ def post(
     typer.echo(f"outputs: {finished.run_dir / 'post'}")
 
 
+@app.command()
+def report(run_dir: Path):
+    """Write RUN_DIR/report.html: one self-contained page with the run's metrics, plots and post-step results."""
+    from raytune_ft.report.html import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; nothing else is shown."""
     from raytune_ft.train.runner import TrainingFailed

@@ -167,7 +167,8 @@ def token_figure(path: Path, tokens: list[str], scores: np.ndarray, title: str, 
     plt = _pyplot()
     from matplotlib.colors import Normalize
 
-    colours = plt.get_cmap("bwr")(Normalize(-1, 1)(scores / (np.abs(scores).max() or 1)))
+    relative = scores / (np.abs(scores).max() or 1)
+    colours = plt.get_cmap("bwr")(Normalize(-1, 1)(relative))
     places, x, line = [], 0, 0
     for token in tokens:
         if x and x + len(token) > width:
@@ -180,8 +181,8 @@ def token_figure(path: Path, tokens: list[str], scores: np.ndarray, title: str, 
     axis.set_xlim(-0.5, width + 0.5)
     axis.set_ylim(line + 0.7, -0.7)
     axis.axis("off")
-    for token, colour, (x, y) in zip(tokens, colours, places):
-        axis.text(x, y, token, family="monospace", fontsize=10, va="center",
+    for token, colour, strength, (x, y) in zip(tokens, colours, np.abs(relative), places):
+        axis.text(x, y, token, family="monospace", fontsize=10, va="center", color="white" if strength > 0.6 else "black",
                   bbox={"boxstyle": "square,pad=0.15", "facecolor": colour, "edgecolor": "none"})
     figure.suptitle(f"{title}\nred: toward the prediction, blue: against it", fontsize=10)
     figure.savefig(path, dpi=100)
