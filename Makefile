@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
 	test -d /usr/share/games/fortunes && test -d /usr/share/datasets/fashion-mnist || \
 	  { apt-get update -qq && apt-get install -y -qq fortunes dataset-fashion-mnist; }
+	# Headless Chromium: the report test opens report.html in a real browser.
+	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.

@@ -68,7 +68,7 @@ class FinishedRun:
             summary = json.loads((run_dir / "summary.json").read_text())
         except ValueError:
             raise UserError(str(run_dir / "summary.json"), "not valid JSON") from None
-        return cls(run_dir.resolve(), load_recipe(run_dir / "recipe.yaml"), summary)
+        return cls(run_dir.resolve(), load_recipe(run_dir / "recipe.yaml", overrides), summary)
 
     @property
     def labels(self) -> list[str]:
