@@ -2,9 +2,9 @@
 
 Integrated gradients (Sundararajan et al. 2017) attribute the predicted class's logit to the
 input: ``(x - x0) * mean over a in [0, 1] of grad F(x0 + a (x - x0))``, the mean taken with
-Gauss-Legendre nodes. Attributions sum to ``F(x) - F(x0)`` (completeness); the step records how
-far off the sum is, which says whether ``steps`` was enough. ``gradient_x_input`` is the one-node
-rule at a = 1: one backward pass, no completeness. Text is attributed at the word embeddings
+Gauss-Legendre nodes. Attributions sum to ``F(x) - F(x0)`` (completeness): the nodes double until
+the sum is within ``tolerance`` of it, and the error left is recorded. ``gradient_x_input`` is the
+one-node rule at a = 1: one backward pass, no completeness. Text is attributed at the word embeddings
 (baseline: every token but the special ones replaced by [PAD]), images at the normalised pixels
 (baseline: a black image). Everything lands in ``<run>/post/explain/``.
 """
@@ -23,6 +23,8 @@ from raytune_ft.errors import UserError
 from raytune_ft.report.plots import _pyplot
 
 TOP_TOKENS = 5
+CHUNK = 32  # path points per batch
+MAX_REFINEMENT = 16  # steps may double up to 16 x options.steps
 
 
 def choose_rows(logits: torch.Tensor, labels: torch.Tensor, count: int) -> list[int]:
@@ -37,22 +39,33 @@ def choose_rows(logits: torch.Tensor, labels: torch.Tensor, count: int) -> list[
 
 
 def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, baseline: torch.Tensor,
-                         target: int, method: str, steps: int) -> tuple[torch.Tensor, float, float]:
-    """Attributions shaped like ``inputs`` (one example, no batch dim) for logit ``target``, the
-    completeness error |sum - (F(x) - F(x0))| and F(x) - F(x0). ``forward`` maps [S, ...] -> [S, C]."""
-    if method == "gradient_x_input":
-        alphas, weights = torch.ones(1), torch.ones(1)
-    else:
-        nodes, node_weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
-        alphas, weights = torch.tensor((nodes + 1) / 2, dtype=inputs.dtype), torch.tensor(node_weights / 2, dtype=inputs.dtype)
-    shape = (-1,) + (1,) * inputs.dim()
-    path = (baseline + alphas.view(shape) * (inputs - baseline)).requires_grad_(True)  # [S, ...]: all steps in one batch
-    grads, = torch.autograd.grad(forward(path)[:, target].sum(), path)
-    attributions = (inputs - baseline) * (weights.view(shape) * grads).sum(0)
+                         target: int, options) -> dict[str, Any]:
+    """Attributions shaped like ``inputs`` (one example, no batch dim) for logit ``target``, with
+    F(x) - F(x0), the completeness error |sum - (F(x) - F(x0))| and the steps used: they double
+    (up to ``MAX_REFINEMENT`` times ``options.steps``) until the error is within the tolerance,
+    as a saturated model's logit can jump within a few percent of the path. ``forward``: [S, ...] -> [S, C]."""
     with torch.no_grad():
         ends = forward(torch.stack([inputs, baseline]))[:, target]
     difference = float(ends[0] - ends[1])
-    return attributions.detach(), abs(float(attributions.sum()) - difference), difference
+    steps = options.steps
+    while True:
+        if options.method == "gradient_x_input":
+            alphas, weights = torch.ones(1), torch.ones(1)
+        else:
+            nodes, node_weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
+            alphas, weights = torch.tensor((nodes + 1) / 2, dtype=inputs.dtype), torch.tensor(node_weights / 2, dtype=inputs.dtype)
+        mean_gradient = torch.zeros_like(inputs)
+        for start in range(0, len(alphas), CHUNK):  # a chunk of path points per forward/backward
+            alpha, weight = (values[start:start + CHUNK].view((-1,) + (1,) * inputs.dim()) for values in (alphas, weights))
+            path = (baseline + alpha * (inputs - baseline)).requires_grad_(True)
+            gradient, = torch.autograd.grad(forward(path)[:, target].sum(), path)
+            mean_gradient += (weight * gradient).sum(0)
+        attributions = (inputs - baseline) * mean_gradient
+        error = abs(float(attributions.sum()) - difference)
+        if options.method == "gradient_x_input" or error <= options.tolerance * abs(difference) or steps >= MAX_REFINEMENT * options.steps:
+            return {"attributions": attributions, "logit_difference": difference, "completeness_error": error,
+                    "steps": len(alphas)}
+        steps *= 2
 
 
 def explain(run, options) -> dict[str, Any]:
@@ -94,8 +107,7 @@ def explain(run, options) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     errors = [example["completeness_error"] / max(abs(example["logit_difference"]), 1e-12) for example in examples]
-    return {"method": options.method, "steps": options.steps if options.method == "integrated_gradients" else 1,
-            "selection": selection, "examples": examples, "max_relative_completeness_error": max(errors),
+    return {"method": options.method, "selection": selection, "examples": examples, "max_relative_completeness_error": max(errors),
             "time_s": time.perf_counter() - started}
 
 
@@ -117,14 +129,14 @@ def explain_text(model, task, raw: dict[str, Any], inputs: dict[str, torch.Tenso
         return model(inputs_embeds=embeddings, attention_mask=mask.expand(len(embeddings), -1)).logits
 
     predicted = task.labels.index(example["predicted"])
-    attributions, error, difference = integrated_gradients(forward, embed(ids), embed(baseline_ids), predicted, options.method, options.steps)
-    scores = attributions.sum(-1)  # [T]
+    integrated = integrated_gradients(forward, embed(ids), embed(baseline_ids), predicted, options)
+    scores = integrated.pop("attributions").sum(-1)  # [T]
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
     name = f"row_{example['row']}"
     result = {
         "text": str(raw["text"]),
         "top_tokens": [[tokens[i], float(scores[i])] for i in scores.abs().argsort(descending=True)[:TOP_TOKENS].tolist()],
-        "completeness_error": error, "logit_difference": difference,
+        **integrated,
         "png": token_figure(out / f"{name}.png", tokens, scores.numpy(), caption(example)).name,
     }
     if options.attention and hasattr(model, "set_attn_implementation"):
@@ -144,13 +156,13 @@ def explain_image(model, task, raw: dict[str, Any], inputs: dict[str, torch.Tens
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     black = ((torch.zeros_like(pixels) - mean) / std)
     predicted = task.labels.index(example["predicted"])
-    attributions, error, difference = integrated_gradients(model, pixels, black, predicted, options.method, options.steps)
-    saliency = attributions.abs().sum(0).numpy()  # [S, S]
+    integrated = integrated_gradients(model, pixels, black, predicted, options)
+    saliency = integrated.pop("attributions").abs().sum(0).numpy()  # [S, S]
     image = ((pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [S, S, 3]
     name = f"row_{example['row']}"
     return {
         "image": save_image(out / f"{name}_input.png", image).name,
-        "completeness_error": error, "logit_difference": difference,
+        **integrated,
         "png": saliency_figure(out / f"{name}.png", image, saliency, caption(example), options.method).name,
     }
 

@@ -176,14 +176,15 @@ def post_section(name: str, result: dict[str, Any], run_dir: Path) -> str:
 
 
 def explain_section(result: dict[str, Any], run_dir: Path) -> str:
-    parts = [f"<p>{esc(result['method'].replace('_', ' '))}, {esc(result['steps'])} steps; examples: {esc(result['selection'])}; "
+    parts = [f"<p>{esc(result['method'].replace('_', ' '))}; examples: {esc(result['selection'])}; "
              f"largest completeness error {number(100 * result['max_relative_completeness_error'])}% of the logit difference; "
              f"{number(result.get('time_s'))} s</p>"]
     for example in result["examples"]:
         verdict = "correct" if example["correct"] else "wrong"
         parts.append(
             f"<div class='example'><b>test row {esc(example['row'])}</b>: true {esc(example['true'])}, predicted "
-            f"{esc(example['predicted'])} (p = {number(example['probability'])}, <span class='{'good' if example['correct'] else 'bad'}'>{verdict}</span>)"
+            f"{esc(example['predicted'])} (p = {number(example['probability'])}, <span class='{'good' if example['correct'] else 'bad'}'>{verdict}</span>; "
+            f"{esc(example['steps'])} steps, completeness error {number(100 * example['completeness_error'] / max(abs(example['logit_difference']), 1e-12))}%)"
             + (f"<p class='text'>{esc(example['text'])}</p>" if "text" in example else "")
             + (f"<p>top tokens: {', '.join(f'<code>{esc(token)}</code> {number(score, signed=True)}' for token, score in example['top_tokens'])}</p>"
                if example.get("top_tokens") else "")
