@@ -71,32 +71,32 @@ def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], inputs
 def explain(run, options) -> dict[str, Any]:
     """Explain ``options.rows`` of the test split, else its ``options.examples`` most confident errors."""
     started = time.perf_counter()
+    if options.rows is not None:  # read first: a bad row fails before the model loads
+        rows, selection, raw = options.rows, "rows given", run.rows(options.rows, where="post.explain.rows")
     model = run.load_model()
     for parameter in model.parameters():
         parameter.requires_grad_(False)  # gradients w.r.t. the input only
-    logits, labels = run.predict(model)
-    if not len(labels):
-        raise UserError("data.test", "the test split has no rows to explain")
-    if options.rows is not None:
-        for row in options.rows:
-            if not 0 <= row < len(labels):
-                raise UserError("post.explain.rows", f"row {row} is out of range: the test split has {len(labels)} rows (0..{len(labels) - 1})")
-        rows, selection = list(options.rows), "rows given"
-    else:
+    if options.rows is None:
+        logits, labels = run.predict(model)
+        if not len(labels):
+            raise UserError("data.test", "the test split has no rows to explain")
         rows, selection = choose_rows(logits, labels, options.examples), "most confident errors"
+        raw = run.rows(rows)
+    task = run.task()
+    batch = task.collate(task.preprocess(raw))
+    with torch.no_grad():
+        _, (_, logits) = task.forward(model, batch)  # [R, C], the chosen rows in order
+    probabilities = logits.softmax(-1)
     out = run.run_dir / "post" / "explain"
     staging = out.with_name("explain.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     explain_one = explain_text if run.recipe.task.type == "text_classification" else explain_image
-    task, raw = run.task(), run.rows(rows)
-    batch = task.collate(task.preprocess(raw))
-    probabilities = logits.softmax(-1)
     examples = []
     for position, row in enumerate(rows):
-        predicted = int(probabilities[row].argmax())
-        example = {"row": row, "true": run.labels[int(labels[row])], "predicted": run.labels[predicted],
-                   "probability": float(probabilities[row, predicted]), "correct": predicted == int(labels[row])}
+        predicted, label = int(probabilities[position].argmax()), int(batch["labels"][position])
+        example = {"row": row, "true": run.labels[label], "predicted": run.labels[predicted],
+                   "probability": float(probabilities[position, predicted]), "correct": predicted == label}
         print(f"[raytune-ft] explain: test row {row} ({position + 1}/{len(rows)})", flush=True)
         example.update(explain_one(model, task, {key: value[position] for key, value in raw.items()},
                                    {key: value[position] for key, value in batch.items()}, example, options, staging))

@@ -104,9 +104,9 @@ class FinishedRun:
         for rows in read_split_rows(self.split(split), data, self.labels, batch_size):
             yield task.collate(task.preprocess(rows))
 
-    def rows(self, indices: list[int], split: str = "test") -> dict[str, np.ndarray]:
+    def rows(self, indices: list[int], split: str = "test", where: str | None = None) -> dict[str, np.ndarray]:
         """The raw rows (columns named by task role, labels encoded) at ``indices`` of a split, in
-        that order; a row past the split's end is a UserError."""
+        that order; a row outside the split is a UserError naming ``where`` (the option that gave it)."""
         wanted = {index: position for position, index in enumerate(indices)}
         picked: dict[int, dict[str, Any]] = {}
         seen = 0
@@ -118,7 +118,7 @@ class FinishedRun:
             seen += count
         missing = [index for index in indices if index not in picked]
         if missing:
-            raise UserError(f"{split} row {missing[0]}", f"out of range; the {split} split has {seen} rows (0..{seen - 1})")
+            raise UserError(where or f"data.{split}", f"row {missing[0]} is out of range: the {split} split has {seen} rows (0..{seen - 1})")
         columns = picked[indices[0]].keys()
         return {key: np.array([picked[index][key] for index in indices], dtype=object if key in ("text", "image", "path") else None)
                 for key in columns}
