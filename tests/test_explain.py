@@ -112,6 +112,8 @@ def test_image_run_explains_pixels_and_writes_the_report(tiny_efficientnet, tmp_
     explained = json.loads((run_dir / "post" / "explain.json").read_text())
     run = FinishedRun.open(run_dir)
     logits, labels = run.predict(run.load_model())
+    # The exported model reloads with its trained head: the run's test loss, reproduced.
+    assert run.metrics(logits, labels)["loss"] == pytest.approx(json.loads((run_dir / "summary.json").read_text())["test"]["loss"], abs=1e-5)
     confidence, predicted = logits.softmax(-1).max(-1)
     assert_most_confident_errors([example["row"] for example in explained["examples"]], confidence,
                                  [row for row in range(len(labels)) if predicted[row] != labels[row]])
