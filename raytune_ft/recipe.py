@@ -36,6 +36,9 @@ class TaskSection(Section):
 
 class ModelSection(Section):
     path: str = Field(description="a model directory, 'asset:NAME' (offline assets) or a hub id")
+    num_layers: Optional[int] = Field(
+        None, ge=1, description="keep only the first N transformer layers of the pretrained encoder, with their "
+                                "pretrained weights (a smaller student for distill:); text tasks")
 
 
 class DataSection(Section):
@@ -92,11 +95,13 @@ SHARED_STRATEGY_OPTIONS = {"method", "layer_lr_decay"}
 
 class ReferenceSection(Section):
     """One reference evaluation of the original capability (scored before training and at every
-    evaluation). ``probe``: a linear probe on the frozen pooled embeddings of a labelled set."""
+    evaluation). ``probe``: a linear probe on the frozen pooled embeddings of a labelled set.
+    ``task``: the task's own metrics on a reference set with the task's columns (e.g. WER on
+    real speech), evaluated as is; data.test if given, else every row of data.train."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="metrics are named ref/<name>/<metric>")
-    kind: Literal["probe"] = "probe"
-    data: DataSection = Field(description="the labelled reference set (same fields as data:)")
+    kind: Literal["probe", "task"] = "probe"
+    data: DataSection = Field(description="the reference set (same fields as data:); probe: labelled")
 
 
 class RetentionSection(Section):
@@ -140,6 +145,15 @@ class WiseFTSection(Section):
         if any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"wise_ft.alphas: every alpha must be in [0, 1] (got {self.alphas})")
         return self
+
+
+class DistillSection(Section):
+    """Train the model as a student of a fine-tuned teacher (Hinton et al. 2015):
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)."""
+
+    teacher: str = Field(description="a finished run of the same task and labels (its output.dir), or its model/ directory")
+    temperature: float = Field(2.0, gt=0, description="T: above 1 softens both distributions, so the teacher's ranking of wrong classes shows")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL term; 1 - alpha weighs the hard-label loss")
 
 
 class EarlyStoppingSection(Section):
@@ -218,6 +232,38 @@ class BaselineSection(Section):
     lr: float = Field(1e-3, gt=0)
 
 
+TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
+
+
+class MlflowSection(Section):
+    """Log the run to MLflow: the recipe as params (dotted keys), every report's metrics (step: the
+    optimizer step) as the epochs finish, and at the end the exported model, summary and report."""
+
+    tracking_uri: Optional[str] = Field(
+        None, description="file:PATH or a plain path (a local file store), sqlite:///PATH, http(s)://HOST (a tracking "
+                          "server), databricks, ...; default: the file store file:<run dir>/mlruns",
+    )
+    experiment: Optional[str] = Field(None, min_length=1, description="MLflow experiment; default: the recipe name")
+    run_name: Optional[str] = Field(None, min_length=1, description="default: the recipe name")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, value: Optional[str]) -> Optional[str]:
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", value or "")
+        if value is not None and scheme and len(scheme[1]) > 1 and scheme[1].split("+")[0].lower() not in TRACKING_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme[1]!r}; give a path or file:PATH (a local store), sqlite:///PATH, "
+                             f"http(s)://HOST (a tracking server), or one of {', '.join(TRACKING_SCHEMES)}")
+        return value
+
+    def resolved_uri(self, run_dir: Path) -> str:
+        """The tracking URI with a local store as an absolute ``file:`` URI (default ``<run dir>/mlruns``)."""
+        uri = self.tracking_uri or str(run_dir / "mlruns")
+        if uri.startswith("file:") or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri):
+            path = uri.removeprefix("file://").removeprefix("file:")
+            return "file:" + str(Path(path).expanduser().resolve())
+        return uri
+
+
 class OutputSection(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<name>")
     storage_path: Optional[str] = Field(
@@ -227,6 +273,14 @@ class OutputSection(Section):
                     "default: the run directory itself",
     )
     checkpoints_to_keep: int = Field(2, ge=1)
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run dir>/tensorboard (a Tune trial: <experiment>/tensorboard/<trial>)")
+    mlflow: Optional[MlflowSection] = Field(None, description="log to MLflow ({} or true: a file store in <run dir>/mlruns)")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # ``mlflow: true`` switches it on with the defaults; ``false`` leaves it off.
+        return {} if value is True else None if value is False else value
 
     @field_validator("storage_path")
     @classmethod
@@ -420,6 +474,7 @@ class Recipe(Section):
     regularizer: Optional[RegularizerSection] = None
     replay: Optional[ReplaySection] = None
     wise_ft: Optional[WiseFTSection] = None
+    distill: Optional[DistillSection] = None
     post: PostSection = Field(default_factory=PostSection)
     output: OutputSection = Field(default_factory=OutputSection)
     tune: Optional[TuneSection] = Field(None, description="raytune-ft tune: the search space and how to search it")
@@ -435,6 +490,9 @@ class Recipe(Section):
                 raise ValueError(f"{section}: needs a retention reference (add retention.references)")
             if getattr(value, field) is not None and getattr(value, field) not in names:
                 raise ValueError(f"{section}.{field}: unknown reference {getattr(value, field)!r}; defined: {', '.join(names)}")
+            chosen = getattr(value, field) or names[0]
+            if next(r.kind for r in self.retention.references if r.name == chosen) != "probe":
+                raise ValueError(f"{section}.{field}: reference {chosen!r} is kind task; {section} needs a probe reference (its original probe)")
         return self
 
     def run_dir(self) -> Path:

@@ -179,7 +179,7 @@ def local_ray():
 
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=4, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -83,7 +83,7 @@ RECIPE_CASES = {
     # cross-field conflicts
     "neither_epochs_nor_max_steps": ({"train.epochs": None}, "train.epochs: give epochs or max_steps"),
     "fractional_warmup_steps": ({"train.warmup": 2.5}, "train.warmup: a step count must be a whole number"),
-    "unknown_task": ({"task.type": "summarise"}, "task.type: unknown task 'summarise'; allowed: image_classification, text_classification"),
+    "unknown_task": ({"task.type": "summarise"}, "task.type: unknown task 'summarise'; allowed: image_classification, speech_recognition, text_classification"),
     "unknown_strategy": ({"strategy.method": "dora"}, "strategy.method: unknown 'dora'; allowed:"),
     "unknown_backend": ({"train.backend": "fsdp"}, "train.backend: unknown 'fsdp'; allowed: ddp, deepspeed"),
     "option_of_another_strategy": ({"strategy.rank": 4}, "strategy.rank: applies to method lora, not full"),
@@ -102,6 +102,8 @@ RECIPE_CASES = {
     "wise_ft_alpha_above_one": ({"wise_ft": {"alphas": [0.5, 1.5]}}, "wise_ft.alphas: every alpha must be in [0, 1]"),
     "ewc_without_reference": ({"regularizer": {"method": "ewc", "strength": 1.0}}, "regularizer: needs a retention reference"),
     "replay_unknown_reference": ({**REFERENCE, "replay": {"reference": "news"}}, "replay.reference: unknown reference 'news'"),
+    "ewc_on_task_reference": ({**REFERENCE, "retention.references.0.kind": "task", "regularizer": {"method": "ewc", "strength": 1.0}},
+                              "regularizer.reference: reference 'topics' is kind task; regularizer needs a probe reference"),
     "relative_storage_path": ({"output.storage_path": "shared/runs"}, "output.storage_path: give s3://BUCKET/PREFIX"),
     # tune section
     "tune_empty_space": ({"tune": {"space": {}}}, "tune.space: Dictionary should have at least 1 item"),

@@ -54,6 +54,7 @@ def exported_weights(summary: dict) -> dict[str, torch.Tensor]:
     return load_file(Path(summary["outputs"]["model"]) / "model.safetensors")
 
 
+@pytest.mark.timeout(1800)  # its setup trains every configuration (the module's shared runs)
 def test_zero_stages_follow_the_ddp_loss_trajectory(straight_runs):
     """Same model, seed, data order, optimizer and schedule: only the order of floating-point sums
     differs (DDP all-reduces gradient buckets; ZeRO reduce-scatters flat partitions and clips with

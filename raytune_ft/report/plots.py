@@ -20,7 +20,7 @@ def learning_curves(path: Path, history: list[dict[str, Any]], title: str) -> Pa
     plt = _pyplot()
     epochs = [record["epoch"] for record in history]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train/loss", "eval/loss"):
+    for key in ("train/loss", "train/distill_kl", "eval/loss"):
         if all(key in record for record in history):
             loss_axis.plot(epochs, [record[key] for record in history], marker="o", label=key)
     loss_axis.set_xlabel("epoch")

@@ -30,6 +30,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         f"{summary['train_samples_per_s']:.1f} samples/s, data wait {summary['data_wait_fraction']:.1%}, "
         f"{summary['epochs']} epochs / {summary['steps']} steps on {summary['workers']} workers ({summary['backend']})",
         *retention_lines(summary),
+        *distill_lines(summary),
         f"outputs: {outputs['run_dir']}  (model/, metrics.jsonl, summary.json, plots/)",
     ]
     return "\n".join(lines)
@@ -45,3 +46,14 @@ def retention_lines(summary: dict[str, Any]) -> list[str]:
     if wise:
         lines.append(f"WiSE-FT: exported alpha {wise['alpha']} of {[row['alpha'] for row in wise['rows']]}")
     return lines
+
+
+def distill_lines(summary: dict[str, Any]) -> list[str]:
+    distill = summary.get("distill")
+    if not distill:
+        return []
+    teacher, student = distill["teacher"], distill["student"]
+    scores = ", ".join(f"{key} {student['test'][key]:.4f} vs teacher {teacher['test'][key]:.4f} ({delta:+.4f})"
+                       for key, delta in distill["delta"].items())
+    return [f"distillation (T {distill['temperature']}, alpha {distill['alpha']}): student {student['parameters'] / 1e6:.2f}M "
+            f"parameters, teacher {teacher['parameters'] / 1e6:.2f}M ({distill['size_ratio']:.1f}x); test {scores or '-'}"]

@@ -5,6 +5,10 @@ features, no head), fit a multinomial logistic-regression probe on the reference
 score it on the reference test split. The probe is refit at every evaluation, so it measures what
 the features still encode, not whether one fixed readout still fits. The probe fitted on the base
 model (the "original probe") is kept: replay trains against it and EWC takes its Fisher from it.
+
+``task``: the task's own metrics on a reference set of the task's kind (WER on real speech for
+ASR), with the model as it is; nothing is fitted. Retention compares the metrics the task's
+Metrics declare ``retained`` (higher is better: accuracy; for speech word_accuracy = max(0, 1 - WER)).
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class Probe:
 
 
 class Reference:
-    """One reference: its task (for collation and ``embed``), label count and worker shards."""
+    """One probe reference: its task (for collation and ``embed``), label count and worker shards."""
 
     def __init__(self, name: str, task, classes: int, shards: dict[str, Any], batch_size: int):
         self.name, self.task, self.classes, self.shards, self.batch_size = name, task, classes, shards, batch_size
@@ -126,7 +130,38 @@ class Reference:
         logits = probe.logits(test_x)
         metrics.update((torch.tensor(0.0), logits), {"labels": test_y})
         result = metrics.compute(metrics.state())
-        return {key: result[key] for key in ("accuracy", "macro_f1")}, probe
+        return {key: result[key] for key in self.retained()}, probe
+
+    def retained(self) -> tuple[str, ...]:
+        return ("accuracy", "macro_f1")
+
+
+class TaskReference:
+    """The task's own metrics on a reference set (its ``test`` shard), reduced over ranks."""
+
+    original_probe = None
+
+    def __init__(self, name: str, task, shard, batch_size: int):
+        self.name, self.task, self.shard, self.batch_size = name, task, shard, batch_size
+        self.before: dict[str, float] = {}
+
+    def score(self, module, device) -> tuple[dict[str, float], None]:
+        from raytune_ft.train.loop import Collate, all_reduce_sum
+
+        metrics = self.task.new_metrics()
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task)):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                _, outputs = self.task.forward(module, batch)
+                metrics.update(outputs, batch)
+        module.train(was_training)
+        result = metrics.compute(all_reduce_sum(metrics.state()))
+        return {key: value for key, value in result.items() if isinstance(value, float)}, None
+
+    def retained(self) -> tuple[str, ...]:
+        return self.task.new_metrics().retained
 
 
 def retention_ratio(before: float, after: float) -> float:
@@ -159,7 +194,8 @@ class References:
             scores, _ = reference.score(module, device)
             for metric, value in scores.items():
                 record[f"ref/{reference.name}/{metric}"] = value
-                record[f"retention/{reference.name}/{metric}"] = retention_ratio(reference.before[metric], value)
+                if metric in reference.retained():
+                    record[f"retention/{reference.name}/{metric}"] = retention_ratio(reference.before[metric], value)
         if record:
             record["retention/min"] = min(v for k, v in record.items() if k.startswith("retention/"))
         record["ref/time_s"] = time.perf_counter() - started

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytune_ft.retention.references import Reference, References
+from raytune_ft.retention.references import Reference, References, TaskReference
 from raytune_ft.retention.regularizers import (
     Regularizer, cached_fisher, fisher_cache_path, fisher_diagonal, pretrained_anchor, save_fisher,
 )
@@ -27,8 +27,11 @@ def build_references(config: dict[str, Any], recipe: dict[str, Any], task) -> Re
     references = []
     batch = recipe["train"]["eval_batch_size"] or 2 * recipe["train"]["batch_size"]
     for spec in config.get("references", []):
-        shards = {split: ray.train.get_dataset_shard(reference_split(spec["name"], split)) for split in ("train", "test")}
-        references.append(Reference(spec["name"], build_task(recipe, spec["labels"]), len(spec["labels"]), shards, batch))
+        shards = {split: ray.train.get_dataset_shard(reference_split(spec["name"], split)) for split in spec["splits"]}
+        if spec["kind"] == "task":
+            references.append(TaskReference(spec["name"], task, shards["test"], batch))
+        else:
+            references.append(Reference(spec["name"], build_task(recipe, spec["labels"]), len(spec["labels"]), shards, batch))
     return References(references)
 
 

@@ -35,6 +35,7 @@ class Metrics(Protocol):
     compute the metrics (so evaluation is sharded and reduced, never rank 0 alone)."""
 
     names: ClassVar[tuple[str, ...]]  # the scalar metrics ``compute`` returns
+    retained: ClassVar[tuple[str, ...]]  # higher-is-better metrics a task reference's retention compares
 
     def update(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None: ...
     def state(self) -> torch.Tensor: ...
@@ -112,15 +113,16 @@ def build_task(recipe: dict[str, Any], labels: list[str]) -> "Task":
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Cross-entropy of logits [B, C]: the mean to train on, and (summed loss, logits) for
-    ``ClassificationMetrics``."""
+    ``ClassificationMetrics``. The logits keep their graph: distillation trains on them."""
     losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # [B]
-    return losses.mean(), (losses.detach().sum(), logits.detach())
+    return losses.mean(), (losses.detach().sum(), logits)
 
 
 class ClassificationMetrics:
     """Confusion-matrix counts plus summed loss; accuracy, macro-F1 and loss from their sum."""
 
     names = ("loss", "accuracy", "macro_f1", "count")
+    retained = ("accuracy", "macro_f1")
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -130,7 +132,7 @@ class ClassificationMetrics:
     def update(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         loss_sum, logits = outputs  # loss summed over the batch, logits [B, C]
         labels = batch["labels"].long().cpu()
-        predictions = logits.argmax(-1).cpu()
+        predictions = logits.detach().argmax(-1).cpu()
         index = labels * self.num_classes + predictions
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view_as(self.confusion)
         self.loss_sum += float(loss_sum)
@@ -155,4 +157,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import image_classification, text_classification  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import image_classification, speech_recognition, text_classification  # noqa: E402,F401  (registers built-in tasks)

@@ -76,6 +76,7 @@ class ImageClassification:
 
     def __init__(self, recipe: dict[str, Any], labels: list[str]):
         self.model_path = recipe["model"]["path"]
+        self.num_layers = recipe["model"].get("num_layers")
         self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
         self.labels = labels
         self.dropout = recipe["train"].get("dropout")
@@ -100,6 +101,8 @@ class ImageClassification:
         self.build_model()
 
     def config(self) -> dict[str, Any]:
+        if self.num_layers is not None:
+            raise UserError("model.num_layers", "image_classification cannot truncate EfficientNet-Lite yet; remove model.num_layers")
         config, _ = self.pretrained()
         config.update(num_labels=len(self.labels), labels=list(self.labels), image_size=self.options.image_size,
                       mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))

@@ -28,6 +28,17 @@ def override_dropout(config, dropout: float) -> None:
             setattr(config, key, dropout)
 
 
+def keep_first_layers(config, count: int, model_path: str) -> None:
+    """A config with only the first ``count`` layers: ``from_pretrained`` then loads layers 0..count-1
+    (encoder.layer.i keeps its pretrained weights) and leaves the layers above unread."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is None:
+        raise UserError("model.num_layers", f"a {config.model_type} config has no num_hidden_layers to truncate")
+    if count > layers:
+        raise UserError("model.num_layers", f"{count} is more than the {layers} layers of {model_path}")
+    config.num_hidden_layers = count
+
+
 def pad_sequences(sequences, pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad ragged token lists to the batch's longest (rounded up to `multiple`): [B, T] ids and mask."""
     longest = max(len(s) for s in sequences)
@@ -52,6 +63,7 @@ class TextClassification:
 
     def __init__(self, recipe: dict[str, Any], labels: list[str]):
         self.model_path = recipe["model"]["path"]
+        self.num_layers = recipe["model"].get("num_layers")
         self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
         self.labels = labels
         self.dropout = recipe["train"].get("dropout")
@@ -101,6 +113,8 @@ class TextClassification:
         )
         if self.dropout is not None:
             override_dropout(config, self.dropout)
+        if self.num_layers is not None:
+            keep_first_layers(config, self.num_layers, self.model_path)
         return config
 
     def skeleton(self) -> torch.nn.Module:

@@ -167,6 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raytune_ft.tasks import build_task
     from raytune_ft.train.optim import apply_layer_lr_decay
     from raytune_ft.train.backends import BACKENDS
+    from raytune_ft.train.distill import Teacher, numbers
     from raytune_ft.train.faults import maybe_fail
 
     quiet_worker_logs()
@@ -192,6 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print("[raytune-ft] reference before training: " + ", ".join(f"{k} {v:.4f}" for k, v in references.before().items()), flush=True)
     penalty = build_regularizer(config, recipe, backend, references, heads)
     replay = Replay(recipe, references, backend.device) if recipe.get("replay") else None
+    teacher = Teacher(recipe, config["labels"], backend.device) if recipe.get("distill") else None
     wise_anchor = None
 
     state: dict[str, Any] = {
@@ -253,8 +255,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = {key: value.to(backend.device, non_blocking=True) for key, value in batch.items()}
             boundary = (index + 1) % accum == 0 or index + 1 == micro_per_epoch
             with backend.accumulating(boundary), backend.autocast():
-                loss, _ = task.forward(backend.model, batch)
+                loss, outputs = task.forward(backend.model, batch)
                 objective = loss
+                if teacher:  # (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher || student)
+                    objective = (1 - teacher.alpha) * objective + teacher.loss(task, outputs, batch)
                 if replay:
                     objective = objective + replay.loss(task, backend.model, index)
                 if penalty and boundary:  # once per optimizer step; backends divide by grad_accum
@@ -292,7 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch, "step": state["step"],
             "train/loss": float(train_loss[0] / train_loss[1].clamp(min=1)), "train/lr": backend.lr(),
             "train/samples_per_s": samples * world / elapsed, "train/data_wait_fraction": wait / elapsed,
-            **scalars("eval", validation), **reference,
+            **(teacher.epoch_metrics() if teacher else {}), **scalars("eval", validation), **reference,
         }
         if "retention/min" in reference:
             state["worst_retention"] = min(state.get("worst_retention", 1.0), reference["retention/min"])
@@ -308,7 +312,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(record)
         done = state["step"] >= plan["total_steps"] or state["stopped_early"]
         if rank == 0:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min")))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min", "train/distill_kl")))
             print(f"[raytune-ft] epoch {epoch} done: train/loss {record['train/loss']:.4f}, {shown}", flush=True)
         report(record, state, backend, task, strategy, rank, export=False, best_weights=best_weights, wise_anchor=wise_anchor)
         maybe_fail(config, state["step"], epoch, rank, after_checkpoint=True)
@@ -324,6 +328,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["ref_final"] = references.evaluate(backend.module, backend.device)
     test = evaluate(task, backend.module, shards.get("test"), eval_batch, backend)
     state["test"] = test
+    if teacher:  # the teacher on the same test shards: the student's score is exactly comparable
+        state["teacher_test"] = numbers(evaluate(task, teacher.model, shards.get("test"), eval_batch, backend))
     state["final"] = True
     final = {"epoch": state["epoch"], "step": state["step"], **scalars("test", test)}
     report(final, state, backend, task, strategy, rank, export=True)

@@ -27,6 +27,7 @@ from raytune_ft.data import tabular
 from raytune_ft.errors import UserError, find_user_error
 from raytune_ft.post import configured_steps, run_steps
 from raytune_ft.recipe import Recipe
+from raytune_ft.report.tracking import tracked
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
 QUIET_RAY = {
@@ -54,6 +55,7 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
             # may exceed cores because tokenisation is light next to a training step.
             per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2)
+            kwargs["address"] = "local"  # a new embedded Ray, never one that `ray start` left running here
         try:
             ray.init(**kwargs)
         except ConnectionError as error:
@@ -114,13 +116,19 @@ def check_resume_checkpoint(run_dir: Path) -> None:
                                     "(start anew with --force)") from None
 
 
+def move_aside(path: Path) -> Path:
+    """Rename an existing output to ``<name>.old-<time>`` (``--force``): nothing a user has is deleted."""
+    aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    print(f"[raytune-ft] moved the existing {path} to {aside}")
+    return aside
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Create the run directory (moving an existing run aside with --force) and check it is writable."""
     check_run_dir(run_dir, resume, force)
     if force and run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"[raytune-ft] moved the existing run to {aside}")
+        move_aside(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -258,14 +266,27 @@ def plan_references(recipe: Recipe, task_cls) -> list[dict[str, Any]]:
     for i, reference in enumerate(recipe.retention.references if recipe.retention else []):
         data = reference.data.model_dump()
         splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
+        if reference.kind == "task":  # the task's own metrics on the whole set, nothing fitted
+            by_name = {split.name: split for split in splits}
+            train = by_name["train"]
+            test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, holdout="all")
+            labels = recipe.data.labels  # the run's label set: its model scores these rows
+            planned.append({"name": reference.name, "kind": "task", "labels": labels, "data": data,
+                            "task": task_cls(recipe.to_dict(), labels or []), "splits": {"test": test}})
+            continue
         if labels is None:
             raise UserError(f"retention.references.{i}.data.columns", "a probe reference needs a label column")
         # The held-out part of train is the probe's test split when no test file is given.
         by_name = {split.name: split for split in splits}
         test = by_name.get("test") or by_name["validation"]
-        planned.append({"name": reference.name, "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
+        planned.append({"name": reference.name, "kind": "probe", "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
                         "splits": {"train": by_name["train"], "test": test}})
     return planned
+
+
+def reference_specs(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the workers need of each planned reference (picklable: no task, no paths)."""
+    return [{"name": r["name"], "kind": r["kind"], "labels": r["labels"], "splits": sorted(r["splits"])} for r in planned]
 
 
 def reference_datasets(planned: list[dict[str, Any]], workers: int) -> dict[str, Any]:
@@ -296,7 +317,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
     config = {
         "recipe": recipe.to_dict(), "labels": labels, "plan": plan, "splits": sorted(datasets),
         "threads": max(1, int(per_worker.get("CPU", 1))), "world_size": workers, "fault": fault_config(run_dir),
-        "references": [{"name": r["name"], "labels": r["labels"]} for r in references],
+        "references": reference_specs(references),
         "resume_from": resume_from,
     }
     if not references:
@@ -357,6 +378,7 @@ class TrainingFailed(Exception):
 def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,
                   bad_rows: dict[str, int] | None = None) -> dict[str, Any]:
     from raytune_ft.report import plots
+    from raytune_ft.train.distill import distill_summary
 
     history = state["history"]
     test = {key: value for key, value in state.get("test", {}).items() if isinstance(value, (int, float))}
@@ -379,6 +401,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "bad_rows_skipped": bad_rows,
         "retention": retention_summary(state),
         "wise_ft": state.get("wise_ft"),
+        "distill": distill_summary(recipe, recipe.data.labels or [], state),
         "outputs": {"run_dir": str(run_dir), "model": str(run_dir / "model"), "metrics": str(run_dir / "metrics.jsonl"),
                     "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
@@ -407,7 +430,7 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     data = recipe.to_dict()
     data["train"].update(lr=recipe.baseline.lr, epochs=recipe.baseline.epochs, max_steps=None, early_stopping=None, warmup=0.0)
     data["baseline"]["enabled"] = False
-    data.update(retention=None, regularizer=None, replay=None, wise_ft=None)
+    data.update(retention=None, regularizer=None, replay=None, wise_ft=None, distill=None)
     data["strategy"] = {"method": "head_only"}
     data["output"]["dir"] = str(run_dir / "baseline")
     if recipe.output.storage_path:
@@ -428,6 +451,10 @@ def plan_run(recipe: Recipe) -> tuple[list[tabular.Split], list[str] | None, Any
     task = TASKS[recipe.task.type](recipe.to_dict(), labels or [])
     task.check()
     check_strategy(recipe, task)
+    if recipe.distill:
+        from raytune_ft.train.distill import plan_teacher
+
+        plan_teacher(recipe, labels or [], task, next(split for split in splits if split.name == "train"))
     return splits, labels, task, plan_references(recipe, TASKS[recipe.task.type])
 
 
@@ -460,31 +487,32 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     prepare_run_dir(run_dir, resume, force)
     write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    started = time.perf_counter()
-    datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
-    baseline = None
-    if recipe.baseline.enabled:
-        base = baseline_recipe(recipe, run_dir)
-        base_dir = base.run_dir()
-        if (base_dir / "summary.json").is_file():
-            baseline = json.loads((base_dir / "summary.json").read_text())
-        else:
-            print("[raytune-ft] baseline: training only a new head on the frozen base model", flush=True)
-            base_dir.mkdir(parents=True, exist_ok=True)
-            base_state = fit(base, base_dir, datasets, train_rows, labels)
-            shutil.rmtree(base_dir / "model", ignore_errors=True)  # the baseline is a measurement, not an export
-            baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
-        print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
-    state = fit(recipe, run_dir, datasets, train_rows, labels, references)
-    summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, bad_rows)
-    if configured_steps(recipe):
-        from raytune_ft.post.finished import FinishedRun
+    with tracked(recipe, run_dir) as tracker:
+        started = time.perf_counter()
+        datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
+        baseline = None
+        if recipe.baseline.enabled:
+            base = baseline_recipe(recipe, run_dir)
+            base_dir = base.run_dir()
+            if (base_dir / "summary.json").is_file():
+                baseline = json.loads((base_dir / "summary.json").read_text())
+            else:
+                print("[raytune-ft] baseline: training only a new head on the frozen base model", flush=True)
+                base_dir.mkdir(parents=True, exist_ok=True)
+                base_state = fit(base, base_dir, datasets, train_rows, labels)
+                shutil.rmtree(base_dir / "model", ignore_errors=True)  # the baseline is a measurement, not an export
+                baseline = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
+            print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
+        state = fit(recipe, run_dir, datasets, train_rows, labels, references, callbacks=[tracker] if tracker else [])
+        summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, bad_rows)
+        if configured_steps(recipe):
+            from raytune_ft.post.finished import FinishedRun
 
-        summary["post"] = run_steps(FinishedRun.open(run_dir), configured_steps(recipe))
-    if recipe.post.report:
-        from raytune_ft.report.html import write_report
+            summary["post"] = run_steps(FinishedRun.open(run_dir), configured_steps(recipe))
+        if recipe.post.report:
+            from raytune_ft.report.html import write_report
 
-        print(f"[raytune-ft] report: {write_report(run_dir)}", flush=True)
+            print(f"[raytune-ft] report: {write_report(run_dir)}", flush=True)
     if shared:
         publish_outputs(run_dir, shared)
     return summary

@@ -22,6 +22,7 @@ import yaml
 
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import Recipe
+from raytune_ft.report.tracking import tracked
 from raytune_ft.tune.space import given_fields
 
 TRIALS = "trials"
@@ -118,7 +119,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Run the search of ``recipe.tune`` end to end; write and return the experiment summary."""
     from ray import tune
 
-    from raytune_ft.train.runner import check_ray_address, init_ray, plan_run, prepare_datasets, prepare_run_dir
+    from raytune_ft.train.runner import check_ray_address, init_ray, plan_run, prepare_datasets, prepare_run_dir, reference_specs
     from raytune_ft.tune.trial import run_trial
 
     if recipe.tune is None:
@@ -137,12 +138,13 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
 
     started = time.perf_counter()
     datasets, train_rows, _ = prepare_datasets(recipe, splits, labels, task, references)
-    shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
-              "pbt": tune_section.scheduler == "pbt",
-              "references": [{"name": r["name"], "labels": r["labels"]} for r in references]}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
-    results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
-    return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)
+    with tracked(recipe, experiment_dir) as tracker:  # each trial logs as a child of the experiment
+        shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
+                  "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
+                  "references": reference_specs(references)}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
+        results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
+        return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)
 
 
 def trial_rows(recipe: Recipe, results) -> list[dict[str, Any]]:

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
+
+from raytune_ft.report.tracking import tracked
 
 STARTUP_METRIC = "trial/first_report_s"
 
@@ -70,6 +73,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
 
     from raytune_ft.errors import UserError
     from raytune_ft.tasks import TASKS
+    from raytune_ft.train.checkpoint import write_text_atomic
     from raytune_ft.train.runner import TrainingFailed, check_strategy, fit, write_outputs
 
     started = time.time()
@@ -85,18 +89,23 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
         check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
         run_dir.mkdir(parents=True, exist_ok=True)
+        # The run directory of a finished trial is a finished run: post steps and fuse open it.
+        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         args = (recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"])
-        if shared["pbt"]:
-            state = fit_reporting_checkpoints(args, started, restored)
-        else:
-            state = fit(*args, callbacks=[EpochReportCallback(started)])
+        with tracked(recipe, run_dir, parent=shared["tracker"], name=context.get_trial_name()) as tracker:
+            tracking = [tracker] if tracker else []
+            if shared["pbt"]:
+                state = fit_reporting_checkpoints(args, started, restored, tracking)
+            else:
+                state = fit(*args, callbacks=[EpochReportCallback(started), *tracking])
+            write_outputs(run_dir, recipe, state, None, time.time() - started)
     except (UserError, TrainingFailed) as error:
         raise TrialFailed(str(error)) from None
-    write_outputs(run_dir, recipe, state, None, time.time() - started)
 
 
-def fit_reporting_checkpoints(args: tuple, started: float, restored) -> dict[str, Any]:
-    """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them)."""
+def fit_reporting_checkpoints(args: tuple, started: float, restored, callbacks: list[Any]) -> dict[str, Any]:
+    """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them);
+    ``callbacks``: more Ray Train callbacks (tracking)."""
     from ray.util.queue import Queue
 
     from raytune_ft.train.runner import fit
@@ -105,7 +114,7 @@ def fit_reporting_checkpoints(args: tuple, started: float, restored) -> dict[str
     forwarder = threading.Thread(target=forward_to_tune, args=(queue,), daemon=True)
     forwarder.start()
     try:
-        return fit(*args, callbacks=[EpochReportCallback(started, queue)], resume_from=restored)
+        return fit(*args, callbacks=[EpochReportCallback(started, queue), *callbacks], resume_from=restored)
     finally:
         queue.put(None)
         forwarder.join()

