@@ -11,14 +11,11 @@ $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
 	test -d /usr/share/games/fortunes && test -d /usr/share/datasets/fashion-mnist || \
 	  { apt-get update -qq && apt-get install -y -qq fortunes dataset-fashion-mnist; }
-<<<<<<< HEAD
-	# Headless Chromium: the report test opens report.html in a real browser.
-	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
-=======
 	# espeak-ng (the speech recipe's synthetic digits) and pocketsphinx-testdata (real LibriVox speech).
 	command -v espeak-ng > /dev/null && test -d /usr/share/pocketsphinx/test/data/librivox || \
 	  { apt-get update -qq && apt-get install -y -qq espeak-ng pocketsphinx-testdata; }
->>>>>>> main
+	# Headless Chromium: the report test opens report.html in a real browser.
+	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.

@@ -155,13 +155,14 @@ def post(
 
 
 @app.command()
-<<<<<<< HEAD
 def report(run_dir: Path):
     """Write RUN_DIR/report.html: one self-contained page with the run's metrics, plots and post-step results."""
     from raytune_ft.report.html import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")
-=======
+
+
+@app.command()
 def fuse(
     run_dirs: Optional[list[Path]] = typer.Argument(None, help="Finished run directories (members; the first one's data scores them all)."),
     tune: Optional[Path] = typer.Option(None, help="A tune experiment directory: its --top trials become members too."),
@@ -179,7 +180,6 @@ def fuse(
     fuse_runs(members, output, force=force, with_soups=soups)
     typer.echo((output / "fusion.md").read_text())
     typer.echo(f"outputs: {output}  (fusion.json, fusion.md" + (", uniform_soup/, greedy_soup/)" if soups else ")"))
->>>>>>> main
 
 
 def main() -> None:
