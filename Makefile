@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# espeak-ng (the speech recipe's synthetic digits) and pocketsphinx-testdata (real LibriVox speech).
 	command -v espeak-ng > /dev/null && test -d /usr/share/pocketsphinx/test/data/librivox || \
 	  { apt-get update -qq && apt-get install -y -qq espeak-ng pocketsphinx-testdata; }
+	# Headless Chromium: the report test opens report.html in a real browser.
+	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, from this machine's wheel cache, so nothing pulls a multi-GB CUDA build.

@@ -155,6 +155,14 @@ def post(
 
 
 @app.command()
+def report(run_dir: Path):
+    """Write RUN_DIR/report.html: one self-contained page with the run's metrics, plots and post-step results."""
+    from raytune_ft.report.html import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
+@app.command()
 def fuse(
     run_dirs: Optional[list[Path]] = typer.Argument(None, help="Finished run directories (members; the first one's data scores them all)."),
     tune: Optional[Path] = typer.Option(None, help="A tune experiment directory: its --top trials become members too."),

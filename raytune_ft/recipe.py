@@ -441,7 +441,9 @@ class ExplainSection(Section):
     method: Literal["integrated_gradients", "gradient_x_input"] = "integrated_gradients"
     examples: int = Field(4, ge=1, le=64, description="how many examples to explain")
     rows: Optional[list[int]] = Field(None, description="test-split row numbers to explain (default: the most confident errors)")
-    steps: int = Field(32, ge=1, description="integrated-gradients interpolation steps")
+    steps: int = Field(32, ge=1, le=4096, description="integrated gradients: interpolation points to start with")
+    tolerance: float = Field(0.01, gt=0, description="integrated gradients: steps double (up to 16x) until the attributions "
+                                                     "sum to F(x) - F(baseline) within this fraction")
     attention: bool = Field(True, description="transformers: also render the last layer's attention maps")
 
 

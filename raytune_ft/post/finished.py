@@ -104,6 +104,25 @@ class FinishedRun:
         for rows in read_split_rows(self.split(split), data, self.labels, batch_size):
             yield task.collate(task.preprocess(rows))
 
+    def rows(self, indices: list[int], split: str = "test", where: str | None = None) -> dict[str, np.ndarray]:
+        """The raw rows (columns named by task role, labels encoded) at ``indices`` of a split, in
+        that order; a row outside the split is a UserError naming ``where`` (the option that gave it)."""
+        wanted = {index: position for position, index in enumerate(indices)}
+        picked: dict[int, dict[str, Any]] = {}
+        seen = 0
+        for rows in read_split_rows(self.split(split), self.recipe.data.model_dump(), self.labels, 256):
+            count = len(next(iter(rows.values())))
+            for index in range(seen, seen + count):
+                if index in wanted:
+                    picked[index] = {key: values[index - seen] for key, values in rows.items()}
+            seen += count
+        missing = [index for index in indices if index not in picked]
+        if missing:
+            raise UserError(where or f"data.{split}", f"row {missing[0]} is out of range: the {split} split has {seen} rows (0..{seen - 1})")
+        columns = picked[indices[0]].keys()
+        return {key: np.array([picked[index][key] for index in indices], dtype=object if key in ("text", "image", "path") else None)
+                for key in columns}
+
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, split: str = "test", batch_size: int = 64,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,15 +117,17 @@ class ImageClassification:
             return EfficientNetLite(self.config())
 
     def build_model(self) -> torch.nn.Module:
-        """The pretrained body, strictly (every tensor used, none missing), and a new head."""
+        """The pretrained body, strictly (every tensor used, none missing), and a new head; an
+        export of this task with the same labels (a finished run's model) keeps its trained head."""
         from safetensors.torch import load_file
 
         from raytune_ft.models.efficientnet_lite import EfficientNetLite, read_legacy_checkpoint
 
-        _, weights = self.pretrained()
+        pretrained, weights = self.pretrained()
         state = read_legacy_checkpoint(Path(self.model_path)) if weights is None else load_file(weights)
         model = EfficientNetLite(self.config())
-        body = {key: value for key, value in state.items() if not key.startswith(HEAD + ".")}
+        keep_head = pretrained.get("labels") == list(self.labels)
+        body = {key: value for key, value in state.items() if keep_head or not key.startswith(HEAD + ".")}
         missing, unexpected = model.load_state_dict(body, strict=False)
         missing = [key for key in missing if not key.startswith(HEAD + ".")]
         if missing or unexpected:

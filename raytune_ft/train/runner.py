@@ -509,6 +509,10 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
             from raytune_ft.post.finished import FinishedRun
 
             summary["post"] = run_steps(FinishedRun.open(run_dir), configured_steps(recipe))
+        if recipe.post.report:
+            from raytune_ft.report.html import write_report
+
+            print(f"[raytune-ft] report: {write_report(run_dir)}", flush=True)
     if shared:
         publish_outputs(run_dir, shared)
     return summary
