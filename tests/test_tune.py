@@ -87,6 +87,7 @@ def test_asha_stops_the_useless_trial_at_the_first_milestone(tiny_recipe, tmp_pa
     assert summary["trial_epochs"] == 4
 
 
+@pytest.mark.timeout(1500)  # PBT stops and restarts trials; each restart starts a new worker group
 def test_pbt_copies_the_good_trial_into_the_bad_one(tiny_recipe, tmp_path, local_ray):
     """Synchronous PBT over lr 0 and a useful lr: after epoch 2 the lr-0 trial continues
     from the useful trial's checkpoint with a perturbed lr, so it ends having learned, which it
