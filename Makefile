@@ -35,9 +35,9 @@ demo: $(STAMP)
 	$(VENV)/bin/raytune-ft run jobs/text_classification.yaml --force
 
 test: $(STAMP)
-	# Two test processes, one test file each at a time (tests/conftest.py groups them): most of a
+	# Two test processes, one test file each at a time (its module fixtures built once): most of a
 	# test is Ray start-up and polling, so two files overlap well on two cores.
-	$(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

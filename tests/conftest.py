@@ -50,20 +50,6 @@ def topic_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
-# Files whose tests start `ray start` clusters or stop and restore Tune trials share one test
-# process, one after the other: Ray Train's placement-group cleaner looks the cluster up by
-# address "auto", which is ambiguous while another process's `ray start` cluster is up.
-SHARED_PROCESS = {"test_jobs.py", "test_tune.py"}
-
-
-def pytest_collection_modifyitems(items):
-    """With pytest-xdist (--dist loadgroup): each file runs whole in one process (its module
-    fixtures are built once), and the SHARED_PROCESS files in the same one."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray_clusters" if name in SHARED_PROCESS else name))
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved like any pretrained model."""
