@@ -175,11 +175,11 @@ def local_ray():
     """One embedded local Ray for the in-process integration tests."""
     import ray
 
-    from raytune_ft.train.runner import QUIET_RAY
+    from raytune_ft.train.runner import QUIET_RAY, start_local_ray
 
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=4, logging_level="WARNING")
+    start_local_ray(num_cpus=4, logging_level="WARNING")
     yield
     ray.shutdown()
 

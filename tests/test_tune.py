@@ -87,6 +87,49 @@ def test_asha_stops_the_useless_trial_at_the_first_milestone(tiny_recipe, tmp_pa
     assert summary["trial_epochs"] == 4
 
 
+def test_a_stopped_trials_train_run_gives_back_its_cpus_with_another_ray_on_the_host(local_ray, tmp_path):
+    """A Tune scheduler stops a trial by ending its actor, and the Train controller dies with it;
+    Train's placement-group cleaner must then free the workers' CPUs even when another Ray runs on
+    this host (it found two instances, gave up, and PBT's restarted trials waited for ever)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    running = tmp_path / "running"
+
+    def sleep_loop(config):
+        running.touch()  # as a trial stopped by its scheduler, it is stopped while training
+        time.sleep(600)
+
+    @ray.remote(num_cpus=0)
+    class TrialStandIn:
+        def fit(self):
+            from ray.train import ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            TorchTrainer(sleep_loop, scaling_config=ScalingConfig(num_workers=1)).fit()
+
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1); time.sleep(600)"])
+    try:
+        def wait_for(condition, seconds):
+            deadline = time.time() + seconds
+            while not condition() and time.time() < deadline:
+                time.sleep(1)
+            return condition()
+
+        def created():
+            return [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+
+        before = len(created())
+        trial = TrialStandIn.remote()
+        trial.fit.remote()
+        assert wait_for(running.exists, 180), "the Train run never started training"
+        assert len(created()) > before
+        ray.kill(trial)
+        assert wait_for(lambda: len(created()) == before, 120), "the killed run's placement group was never removed"
+    finally:
+        other.kill()
+
+
 @pytest.mark.timeout(1500)  # PBT stops and restarts trials; each restart starts a new worker group
 def test_pbt_copies_the_good_trial_into_the_bad_one(tiny_recipe, tmp_path, local_ray):
     """Synchronous PBT over lr 0 and a useful lr: after epoch 2 the lr-0 trial continues

@@ -30,6 +30,7 @@ from raytune_ft.recipe import Recipe
 from raytune_ft.report.tracking import tracked
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
     "RAY_DATA_LOG_LEVEL": "WARNING",
@@ -49,21 +50,42 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
         if address or os.environ.get("RAY_ADDRESS"):
-            kwargs["address"] = address
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as error:
+                raise UserError("--address", f"cannot reach Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(error).splitlines()[0]}") from None
         else:
             # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
             # may exceed cores because tokenisation is light next to a training step.
             per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
-            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2)
-            kwargs["address"] = "local"  # a new embedded Ray, never one that `ray start` left running here
-        try:
-            ray.init(**kwargs)
-        except ConnectionError as error:
-            raise UserError("--address", f"cannot reach Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(error).splitlines()[0]}") from None
+            start_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2), **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
     context.raise_original_map_exception = True  # a UserError in preprocess arrives as itself, not as UserCodeException
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """Start a new embedded Ray (never one that `ray start` left running here) whose own processes
+    know its dashboard. Ray Train's placement-group cleaner finds the cluster through the state
+    API; with another Ray on this host it finds two, gives up, and the placement group of every
+    Train run whose controller dies with its Tune trial (an ASHA stop, a PBT exploit) leaks its
+    CPUs until the next trial waits for ever. RAY_API_SERVER_ADDRESS, set while Ray starts, reaches
+    every Ray process and names the one dashboard; this process's environment is left as it was."""
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = os.environ.get(API_SERVER_ADDRESS)
+    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop(API_SERVER_ADDRESS)
+        else:
+            os.environ[API_SERVER_ADDRESS] = previous
 
 
 def check_ray_address(address: str | None) -> None:
