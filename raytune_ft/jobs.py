@@ -24,6 +24,8 @@ WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", ".cache", "__pycache__"
 TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token, RAY_AUTH_TOKEN_PATH to a file holding it, "
               "or put it in ~/.ray/auth_token (on the head: ray get-auth-token)")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+NO_AGENT = "No available agent to submit job"  # the head's answer while its job agent is not up
+AGENT_WAIT_S = 90.0
 
 
 class JobFailed(UserError):
@@ -120,9 +122,23 @@ def submit(recipe: Path, overrides: list[str], address: str | None, working_dir:
         raise UserError("--working-dir", f"{working_dir} is not a directory")
     relative = recipe_in_working_dir(recipe, working_dir)
     with job_client(address) as client:
-        job_id = client.submit_job(entrypoint=entrypoint(relative, overrides), runtime_env=runtime_env(working_dir, pip),
-                                   metadata={"recipe": relative.as_posix()})
+        job_id = submit_when_the_agent_is_up(client, entrypoint=entrypoint(relative, overrides),
+                                             runtime_env=runtime_env(working_dir, pip), metadata={"recipe": relative.as_posix()})
     return resolve_address(address), job_id
+
+
+def submit_when_the_agent_is_up(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """``client.submit_job(**job)``, retried while the head answers that its job agent is not up
+    yet (a head that has just started, or a loaded one); any other failure is raised at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if NO_AGENT not in str(error) or time.monotonic() > deadline:
+                raise
+            print("[raytune-ft] the head's job agent is not up yet; trying again", file=sys.stderr, flush=True)
+            time.sleep(2)
 
 
 def stream_logs(address: str | None, job_id: str) -> None:

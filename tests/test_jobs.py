@@ -29,22 +29,32 @@ DASHBOARD = "http://127.0.0.1:8291"
 
 
 def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.Popen:
-    """`ray start --head --block` in its own process group; returns once ``probe`` answers HTTP."""
+    """`ray start --head --block` in its own process group; returns once ``probe`` answers HTTP and
+    the head's dashboard agent (``--dashboard-agent-listen-port``), which takes the jobs, listens."""
+    from ray._private.services import get_node_ip_address
+
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", *args],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    option = dict(zip(args, args[1:]))
+    agent = (option.get("--node-ip-address") or get_node_ip_address(), int(option["--dashboard-agent-listen-port"]))
     deadline = time.time() + 120
     while time.time() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
         try:
             urllib.request.urlopen(probe, timeout=2)
-            return head
         except urllib.error.HTTPError:  # 401: up, and asking for the token
+            pass
+        except OSError:
+            time.sleep(1)
+            continue
+        try:
+            socket.create_connection(agent, timeout=2).close()
             return head
         except OSError:
             time.sleep(1)
     stop_head(head)
-    raise RuntimeError(f"no answer from {probe} in 120 s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"no answer from {probe} and the agent at {agent} in 120 s: {log.read_text()[-2000:]}")
 
 
 def stop_head(head: subprocess.Popen) -> None:
@@ -335,3 +345,29 @@ def test_local_autoscaling_cluster_scales_up_for_a_job_and_back_down(tiny_recipe
         print(f"worker nodes gone {time.perf_counter() - idle_since:.0f} s after the job")
     finally:
         stop_head(head)
+
+
+def test_submit_waits_for_a_head_whose_job_agent_is_not_up_yet():
+    """The head answers 500 "No available agent ... try again later" until its agent registers:
+    submit tries again for a while; any other failure is raised at once."""
+    from raytune_ft.jobs import NO_AGENT, submit_when_the_agent_is_up
+
+    class Head:
+        def __init__(self, failures: list[str]):
+            self.failures, self.calls = failures, 0
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.failures:
+                raise RuntimeError(f"Request failed with status code 500: {self.failures.pop(0)}")
+            return f"raysubmit_{job['entrypoint']}"
+
+    starting = Head([f"{NO_AGENT}, please try again later.", f"{NO_AGENT}, please try again later."])
+    assert submit_when_the_agent_is_up(starting, entrypoint="x") == "raysubmit_x" and starting.calls == 3
+    broken = Head(["Internal error", "unreachable"])
+    with pytest.raises(RuntimeError, match="Internal error"):
+        submit_when_the_agent_is_up(broken, entrypoint="x")
+    assert broken.calls == 1
+    never = Head([f"{NO_AGENT}, please try again later."] * 3)
+    with pytest.raises(RuntimeError, match=NO_AGENT):
+        submit_when_the_agent_is_up(never, wait_s=0.0, entrypoint="x")

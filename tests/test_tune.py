@@ -130,7 +130,7 @@ def test_a_stopped_trials_train_run_gives_back_its_cpus_with_another_ray_on_the_
         other.kill()
 
 
-@pytest.mark.timeout(1500)  # PBT stops and restarts trials; each restart starts a new worker group
+@pytest.mark.timeout(900)  # PBT stops and restarts trials; each restart starts a new worker group
 def test_pbt_copies_the_good_trial_into_the_bad_one(tiny_recipe, tmp_path, local_ray):
     """Synchronous PBT over lr 0 and a useful lr: after epoch 2 the lr-0 trial continues
     from the useful trial's checkpoint with a perturbed lr, so it ends having learned, which it
