@@ -128,6 +128,7 @@ def test_a_stopped_trials_train_run_gives_back_its_cpus_with_another_ray_on_the_
         assert wait_for(lambda: ours not in created(), 120), "the killed run's placement group was never removed"
     finally:
         other.kill()
+        other.wait()
 
 
 @pytest.mark.timeout(900)  # PBT stops and restarts trials; each restart starts a new worker group
