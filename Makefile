@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention bench-deepspeed bench-tune bench-soak clean cluster-up cluster-down
+.PHONY: install demo test bench bench-retention bench-deepspeed bench-startup bench-tune bench-soak clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -43,6 +43,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+# The fixed cost of a run (start-up and wrap-up): raytune-ft's embedded-Ray settings vs Ray's defaults.
+bench-startup: $(STAMP)
+	$(PY) benchmarks/startup.py
 
 bench-retention: $(STAMP)
 	$(PY) benchmarks/retention.py
