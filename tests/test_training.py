@@ -86,15 +86,17 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path):
 
 @pytest.mark.slow
 def test_real_minilm_smoke(local_ray, tmp_path):
-    """The real MiniLM-L6 weights and the real drug reviews, a few steps through the real path."""
+    """The real MiniLM-L6 weights, the real drug reviews and the fortunes reference, a few steps
+    through the real path."""
     from raytune_ft.recipe import load_recipe
 
     recipe = load_recipe("jobs/text_classification.yaml", [
         "train.max_steps=2", "train.epochs=null", "data.max_rows=64", "baseline.enabled=false",
-        "train.early_stopping=null", f"output.dir={tmp_path / 'minilm'}",
+        "train.early_stopping=null", "retention.references.0.data.max_rows=64", f"output.dir={tmp_path / 'minilm'}",
     ])
     summary = run(recipe)
     assert summary["steps"] == 2 and summary["test"]["count"] == 64
+    assert 0 < summary["retention"]["retention"]["retention/topics/accuracy"]  # the real fortunes probe, scored
     assert (tmp_path / "minilm" / "model" / "model.safetensors").is_file()
 
 
