@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=300, help="rows of each split (data.max_rows)")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of a full trial (ASHA's max_t)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per review")
+    parser.add_argument("--validation-fraction", type=float, default=0.15, help="share of the rows held out to score trials")
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once")
     parser.add_argument("--searches", default="grid,asha,optuna_asha")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "tune_asha.json"))
@@ -53,7 +54,7 @@ def main() -> None:
     rows = {}
     for kind in args.searches.split(","):
         recipe = load_recipe(ROOT / "jobs" / "text_classification.yaml", [
-            f"data.max_rows={args.max_rows}", f"task.max_length={args.max_length}", f"train.epochs={args.epochs}",
+            f"data.max_rows={args.max_rows}", f"data.validation_fraction={args.validation_fraction}", f"task.max_length={args.max_length}", f"train.epochs={args.epochs}",
             "train.early_stopping=null", "retention=null", "baseline.enabled=false", "output.checkpoints_to_keep=1",
             f"output.dir={work / kind}", f"tune={json.dumps(search_section(kind, args.concurrency))}",
         ])
