@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("accuracy", "macro_f1", "loss")
 
 
-def student(teacher: Path, seed: int, with_teacher: bool, output: Path) -> dict:
+def student(teacher: Path, seed: int, epochs: int, with_teacher: bool, output: Path) -> dict:
     command = [sys.executable, "-m", "raytune_ft.cli", "run", "jobs/text_distillation.yaml", "--force", "--output", str(output),
-               "--set", f"train.seed={seed}", "--set", "post.report=false",
+               "--set", f"train.seed={seed}", "--set", f"train.epochs={epochs}", "--set", "post.report=false",
                "--set", f"distill.teacher={teacher}" if with_teacher else "distill=null"]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((output / "summary.json").read_text())
@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=str(ROOT / "runs" / "text_classification"), help="a finished run of the text recipe")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10, help="the recipe's 5 leave a 3-layer student at the majority class")
     args = parser.parse_args()
     teacher = Path(args.teacher).resolve()
     teacher_summary = json.loads((teacher / "summary.json").read_text())
@@ -49,9 +50,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
     arms = {"distilled": [], "without_teacher": []}
     for seed in range(1, args.seeds + 1):  # alternate the arms: the machine's load hits both alike
-        arms["distilled"].append(student(teacher, seed, True, work / f"distilled_{seed}"))
-        arms["without_teacher"].append(student(teacher, seed, False, work / f"plain_{seed}"))
+        arms["distilled"].append(student(teacher, seed, args.epochs, True, work / f"distilled_{seed}"))
+        arms["without_teacher"].append(student(teacher, seed, args.epochs, False, work / f"plain_{seed}"))
     result = {
+        "settings": vars(args),
         "teacher": {"run": str(teacher), **{k: teacher_summary["test"][k] for k in METRICS}},
         "arms": {name: {"runs": rows, **{k: spread(rows, k) for k in (*METRICS, "train_samples_per_s")}} for name, rows in arms.items()},
     }

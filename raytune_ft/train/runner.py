@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -49,6 +50,8 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
     # Quiet by default: our own progress lines are the live view; Ray's INFO chatter is in its logs.
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
+    # Ray Data read RAY_DATA_LOG_LEVEL when it was imported, which may have been before this.
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
         if address or os.environ.get("RAY_ADDRESS"):
