@@ -1,6 +1,6 @@
 """The fixed cost of a run: `raytune-ft run` of the demo recipe cut to 4 steps and no retention
-reference, so what is left is start-up (Ray, Ray Data reads, the Train controller and workers) and wrap-up. raytune-ft's
-embedded-Ray settings against Ray's defaults, alternating, side by side in one run:
+reference, so what is left is start-up (Ray, Ray Data reads, the Train controller and workers)
+and wrap-up. raytune-ft's settings against Ray's defaults, alternating, side by side in one run:
 
 - Ray Data's V1 parquet reader (V2 spends ~3 s planning even a one-file read),
 - no preemption-watcher actor on a one-host cluster,
