@@ -52,7 +52,12 @@ class DataSection(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="task role -> column name, e.g. {text: review, label: rating}"
     )
-    labels: Optional[list[str]] = Field(None, description="the label set; default: sorted labels of train")
+    labels: Optional[list[str] | dict[str, list[str]]] = Field(
+        None, description="the label set; default: sorted labels of train. A task with several label roles "
+                          "(multitask heads): {role: [labels]}, each role's default likewise")
+    other_label: dict[str, str] = Field(
+        default_factory=dict, description="label role -> bucket label: values outside that role's label set become "
+                                          "this label (added to the set) instead of an error, e.g. {condition: other}")
     max_rows: Optional[int] = Field(None, ge=1, description="use at most this many rows of each split")
     shuffle_buffer: int = Field(10_000, ge=0, description="rows in each worker's shuffle buffer")
     cache: Literal["auto", "always", "never"] = Field(
@@ -65,10 +70,13 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _labels_unique(self):
-        if self.labels is not None and len(set(self.labels)) != len(self.labels):
-            raise ValueError("data.labels: labels must be unique")
-        if self.labels is not None and len(self.labels) < 2:
-            raise ValueError("data.labels: need at least 2 labels")
+        label_sets = self.labels if isinstance(self.labels, dict) else {"": self.labels} if self.labels is not None else {}
+        for role, labels in label_sets.items():
+            field = f"data.labels.{role}" if role else "data.labels"
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"{field}: labels must be unique")
+            if len(labels) + (role in self.other_label and self.other_label[role] not in labels) < 2:
+                raise ValueError(f"{field}: need at least 2 labels")
         return self
 
 
@@ -531,6 +539,41 @@ def eval_metric_fields(recipe: Recipe) -> list[tuple[str, str]]:
     return fields
 
 
+def _check_roles(recipe: Recipe, task_cls, options) -> list[tuple[str, str]]:
+    """The data sections map exactly the task's roles; label sets and buckets name label roles;
+    metric fields name metrics the task reports."""
+    from raytune_ft.tasks import task_label_roles, task_metrics, task_roles
+
+    problems: list[tuple[str, str]] = []
+    roles, label_roles = task_roles(task_cls, options), task_label_roles(task_cls, options)
+    sections = [("data", recipe.data)] + [
+        (f"retention.references.{i}.data", reference.data) for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
+    ]
+    for prefix, data in sections:
+        missing = [role for role in roles if role not in data.columns]
+        unknown = [role for role in data.columns if role not in roles]
+        if missing:
+            problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(roles)})"))
+        if unknown:
+            problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(roles)}"))
+    several = label_roles != ("label",) and label_roles != ()
+    if several and isinstance(recipe.data.labels, list):
+        problems.append(("data.labels", f"task {recipe.task.type} has the label roles {', '.join(label_roles)}: "
+                                        "give one label set per role, {role: [labels]}"))
+    if not several and isinstance(recipe.data.labels, dict):
+        problems.append(("data.labels", f"task {recipe.task.type} has one label set: give a list of labels"))
+    for field, named in (("data.labels", recipe.data.labels if several and isinstance(recipe.data.labels, dict) else {}),
+                         ("data.other_label", recipe.data.other_label)):
+        for role in named:
+            if role not in label_roles:
+                problems.append((f"{field}.{role}", f"not a label role of task {recipe.task.type}; label roles: {', '.join(label_roles) or 'none'}"))
+    reported = [f"eval/{name}" for name in task_metrics(task_cls, options)]
+    for path, metric in eval_metric_fields(recipe):
+        if metric not in reported:
+            problems.append((path, f"{metric!r} is not a metric task {recipe.task.type} reports; allowed: {', '.join(reported)}"))
+    return problems
+
+
 def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
     """Cross-checks against the registries: task, its options and columns, strategy, backend and
     the backend's own checks of the recipe."""
@@ -544,23 +587,12 @@ def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
     else:
         task_cls = TASKS[recipe.task.type]
         try:
-            task_cls.Options(**recipe.task.options())
+            options = task_cls.Options(**recipe.task.options())
         except ValidationError as error:
             problems += _pydantic_problems(error, "task")
-        sections = [("data", recipe.data)] + [
-            (f"retention.references.{i}.data", reference.data) for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
-        ]
-        for prefix, data in sections:
-            missing = [role for role in task_cls.columns if role not in data.columns]
-            unknown = [role for role in data.columns if role not in task_cls.columns]
-            if missing:
-                problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(task_cls.columns)})"))
-            if unknown:
-                problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(task_cls.columns)}"))
-        reported = [f"eval/{name}" for name in task_cls.metrics]
-        for path, metric in eval_metric_fields(recipe):
-            if metric not in reported:
-                problems.append((path, f"{metric!r} is not a metric task {recipe.task.type} reports; allowed: {', '.join(reported)}"))
+            options = None
+        if options is not None or not hasattr(task_cls, "roles"):  # roles from options: only once they are valid
+            problems += _check_roles(recipe, task_cls, options)
     strategy = recipe.strategy
     allowed = SHARED_STRATEGY_OPTIONS | STRATEGY_OPTIONS.get(strategy.method, set())
     # Only fields that differ from their default count as set: a written-out recipe (every

@@ -2,9 +2,14 @@
 Data pipeline.
 
 The driver checks what it cheaply can before any worker starts (files exist, columns present,
-rows present, every label in the label set), reading only the label column. The pipeline then
+rows present, every label in its label set), reading only the label columns. The pipeline then
 streams: read -> select and rename columns to task roles, encode labels -> hold out a validation
 fraction by a stable hash -> the task's ``preprocess`` in ``map_batches``.
+
+Label roles: a single-label task has one, ``label``, whose label set is a list (``data.labels``);
+a task with several label roles (multitask heads) has one label set per role
+(``data.labels: {role: [...]}``). ``data.other_label: {role: name}`` sends a role's values outside
+its label set to one bucket label instead of refusing them.
 """
 
 from __future__ import annotations
@@ -63,15 +68,16 @@ class Split:
     holdout: str = "all"  # "all", "train" (rows outside the held-out fraction) or "validation"
 
 
-def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefix: str = "data"):
-    """Read the label column (the cheap check) and verify every mapped column exists."""
+def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefix: str = "data",
+                 label_roles: tuple[str, ...] = ("label",)) -> dict[str, list] | None:
+    """Verify every mapped column exists; read the label columns (the cheap check): {role: values}."""
     if not _is_remote(path) and not Path(path).exists():
         raise UserError(field, f"file not found: {path}")
     if fmt == "images":
         labels = images.folder_labels(path, columns, field, prefix)
         if not labels:
             raise UserError(field, f"{path} has no images")
-        return labels
+        return {"label": labels}
     try:
         dataset = arrow_dataset(path, fmt)
         names = dataset.schema.names
@@ -80,43 +86,64 @@ def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefi
     for role, column in columns.items():
         if column not in names:
             raise UserError(f"{prefix}.columns.{role}", f"column {column!r} not in {path}; columns: {', '.join(names)}")
+    label_columns = {role: columns[role] for role in label_roles if role in columns}
     try:
-        label_column = columns.get("label")
-        table = dataset.to_table(columns=[label_column] if label_column else [names[0]])
+        table = dataset.to_table(columns=sorted(set(label_columns.values())) or [names[0]])
     except Exception as error:
         raise UserError(path, f"cannot read as {fmt}: {str(error).splitlines()[0][:200]}") from None
     if table.num_rows == 0:
         raise UserError(field, f"{path} has no rows")
-    return table.column(label_column).to_pylist() if label_column else None
+    return {role: table.column(column).to_pylist() for role, column in label_columns.items()} if label_columns else None
 
 
-def plan_splits(data: dict[str, Any], prefix: str = "data") -> tuple[list[Split], list[str] | None]:
-    """Resolve and check every split; return them with the label set (None for label-free tasks).
-    ``prefix`` is the recipe path of this data section, for error messages."""
+def plan_splits(data: dict[str, Any], prefix: str = "data", label_roles: tuple[str, ...] | None = None
+                ) -> tuple[list[Split], list[str] | dict[str, list[str]] | None]:
+    """Resolve and check every split; return them with the label set: a list for the one ``label``
+    role, ``{role: labels}`` for a task with several label roles (``label_roles``), None for
+    label-free tasks. ``prefix`` is the recipe path of this data section, for error messages."""
     columns = data["columns"]
+    if label_roles is None:
+        label_roles = ("label",) if "label" in columns else ()
     splits, label_values = [], {}
     for name in ("train", "validation", "test"):
         if not data.get(name):
             continue
         path = assets.resolve(data[name], f"{prefix}.{name}")
         fmt = detect_format(path, data["format"]) if not _is_remote(path) else (data["format"] if data["format"] != "auto" else "parquet")
-        label_values[name] = read_checked(path, fmt, columns, f"{prefix}.{name}", prefix)
+        label_values[name] = read_checked(path, fmt, columns, f"{prefix}.{name}", prefix, label_roles)
         splits.append(Split(name, path, fmt))
     if not data.get("validation"):
         train = splits[0]
         splits[0] = Split("train", train.path, train.fmt, holdout="train")
         splits.insert(1, Split("validation", train.path, train.fmt, holdout="validation"))
-    if "label" not in columns:
+    if not label_roles:
         return splits, None
-    labels = data.get("labels") or sorted({str(v) for v in label_values["train"] if v is not None})
+    several = label_roles != ("label",) or isinstance(data.get("labels"), dict)
+    given = data.get("labels") if several else {"label": data.get("labels")}
+    label_sets = {role: plan_labels(role, label_values, (given or {}).get(role), (data.get("other_label") or {}).get(role),
+                                    f"{prefix}.labels.{role}" if several else f"{prefix}.labels", data, prefix)
+                  for role in label_roles}
+    return splits, label_sets if several else label_sets["label"]
+
+
+def plan_labels(role: str, label_values: dict[str, dict[str, list]], given: list[str] | None, other: str | None,
+                field: str, data: dict[str, Any], prefix: str) -> list[str]:
+    """One role's label set (given, else the sorted values of train; the ``other`` bucket appended
+    when it is not in it), with every row of every split checked against it."""
+    labels = list(given or sorted({str(v) for v in label_values["train"][role] if v is not None}))
+    if other is not None and other not in labels:
+        labels.append(other)
     if len(labels) < 2:
-        raise UserError(f"{prefix}.columns.label", f"column {columns['label']!r} of {data['train']} has fewer than 2 distinct labels")
+        raise UserError(f"{prefix}.columns.{role}", f"column {data['columns'][role]!r} of {data['train']} has fewer than 2 distinct labels")
+    if other is not None:
+        return labels
     allowed = set(labels)
     for name, values in label_values.items():
-        for row, value in enumerate(values):
+        for row, value in enumerate(values[role]):
             if value is None or str(value) not in allowed:
-                raise UserError(f"{prefix}.{name}", f"row {row}: label {value!r} is not in the label set {prefix}.labels = {labels}")
-    return splits, labels
+                what = "label" if role == "label" else role
+                raise UserError(f"{prefix}.{name}", f"row {row}: {what} {value!r} is not in the label set {field} = {labels}")
+    return labels
 
 
 def holdout_bucket(values: np.ndarray) -> np.ndarray:
@@ -128,16 +155,21 @@ def holdout_bucket(values: np.ndarray) -> np.ndarray:
 class SelectRows:
     """map_batches step: rename columns to roles, encode labels, keep this split's rows."""
 
-    def __init__(self, columns: dict[str, str], labels: list[str] | None, holdout: str, fraction: float):
+    def __init__(self, columns: dict[str, str], labels: list[str] | dict[str, list[str]] | None, holdout: str, fraction: float,
+                 other_label: dict[str, str] | None = None):
         self.columns, self.holdout, self.fraction = columns, holdout, fraction
-        self.label_ids = {label: i for i, label in enumerate(labels)} if labels else None
+        label_sets = labels if isinstance(labels, dict) else {"label": labels} if labels else {}
+        self.label_ids = {role: {label: i for i, label in enumerate(values)} for role, values in label_sets.items()}
+        # A value outside a role's label set: its bucket's id (data.other_label), else refused at planning.
+        self.other_ids = {role: self.label_ids[role][name] for role, name in (other_label or {}).items() if role in self.label_ids}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {role: batch[column] for role, column in self.columns.items()}
         if "path" in batch:  # image folders: the file, for errors that name it
             out["path"] = batch["path"]
-        if self.label_ids is not None:
-            out["label"] = np.array([self.label_ids[str(v)] for v in out["label"]], dtype=np.int64)
+        for role, ids in self.label_ids.items():
+            other = self.other_ids.get(role)
+            out[role] = np.array([ids[str(v)] if other is None else ids.get(str(v), other) for v in out[role]], dtype=np.int64)
         if self.holdout != "all":
             key = out[next(iter(self.columns))]  # the task's first role: text, image, ...
             in_validation = holdout_bucket(key) < self.fraction
@@ -175,10 +207,11 @@ def read_ray(split: Split):
     return ray.data.read_csv(split.path)
 
 
-def rows_dataset(split: Split, data: dict[str, Any], labels: list[str] | None):
+def rows_dataset(split: Split, data: dict[str, Any], labels: list[str] | dict[str, list[str]] | None):
     """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded."""
-    dataset = read_ray(split).select_columns(list(data["columns"].values()) + (["path"] if split.fmt == "images" else []))
-    select = SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"])
+    # A column mapped to two roles is read once.
+    dataset = read_ray(split).select_columns(list(dict.fromkeys(data["columns"].values())) + (["path"] if split.fmt == "images" else []))
+    select = SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"], data.get("other_label"))
     dataset = dataset.map_batches(select, batch_format="numpy")
     if data.get("max_rows"):
         dataset = dataset.limit(data["max_rows"])

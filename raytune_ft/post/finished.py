@@ -23,7 +23,7 @@ def read_split_rows(split, data: dict[str, Any], labels: list[str] | None, batch
     """One split's rows, columns named by task role and labels encoded, in read order."""
     from raytune_ft.data import images, tabular
 
-    select = tabular.SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"])
+    select = tabular.SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"], data.get("other_label"))
     if split.fmt == "images":
         files = images.image_files(split.path)
         raw = ({"image": np.array([f.read_bytes() for f in files[i:i + batch_size]], dtype=object),

@@ -66,7 +66,11 @@ def write_run_plots(directory: Path, history: list[dict[str, Any]], test: dict[s
     written = []
     if history:
         written.append(learning_curves(directory / "learning_curves.png", history, recipe.name))
-    if test.get("confusion"):
+    if isinstance(test.get("confusion"), dict):  # one per label role (multitask heads)
+        for role, confusion in test["confusion"].items():
+            written.append(confusion_matrix(directory / f"confusion_matrix_{role}.png", confusion, recipe.data.labels[role],
+                                            f"{recipe.name}: test, {role}"))
+    elif test.get("confusion"):
         labels = recipe.data.labels or [str(i) for i in range(len(test["confusion"]))]
         written.append(confusion_matrix(directory / "confusion_matrix.png", test["confusion"], labels, f"{recipe.name}: test"))
     return written

@@ -10,7 +10,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     base = summary.get("baseline") or {}
     split = "test" if summary.get("test") else "validation"
     rows = [("metric", "base model (head only)", "fine-tuned", "gain")]
-    for key in ("accuracy", "macro_f1"):
+    per_head = [key for key in target if key.endswith(("_accuracy", "_macro_f1"))]  # multitask: <head>_accuracy, ...
+    for key in ("accuracy", "macro_f1", *per_head):
         if key in target:
             before = base.get(key)
             rows.append((f"{split} {key}", f"{before:.4f}" if before is not None else "-", f"{target[key]:.4f}",

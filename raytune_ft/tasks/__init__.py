@@ -5,6 +5,12 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
 (``metrics``: ``eval/<name>``, so a recipe naming another metric fails validation), its typed
 ``Options``, and:
 
+- optional classmethods ``roles(options)``, ``label_roles(options)`` and ``metric_names(options)``
+  when roles and metrics depend on the options (multitask: one label role and metrics per head);
+  without them the roles are ``columns``, the label role is ``label`` when it is among them, the
+  metrics ``metrics``. The task's ``labels`` are a list for the one ``label`` role, else
+  ``{role: [labels]}``.
+
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
   must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
   ``map_batches`` after caching, so it draws anew every epoch (image crops, flips).
@@ -48,7 +54,7 @@ class Task(Protocol):
     metrics: ClassVar[tuple[str, ...]]
     Options: ClassVar[type]
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str]): ...
+    def __init__(self, recipe: dict[str, Any], labels: list[str] | dict[str, list[str]]): ...
     def check(self) -> None: ...
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]: ...
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
@@ -107,7 +113,24 @@ def register(cls):
     return cls
 
 
-def build_task(recipe: dict[str, Any], labels: list[str]) -> "Task":
+def task_roles(task_cls, options) -> tuple[str, ...]:
+    """The data roles a task needs (``options``: its validated Options)."""
+    return tuple(task_cls.roles(options)) if hasattr(task_cls, "roles") else tuple(task_cls.columns)
+
+
+def task_label_roles(task_cls, options) -> tuple[str, ...]:
+    """The roles holding class labels, each with its own label set."""
+    if hasattr(task_cls, "label_roles"):
+        return tuple(task_cls.label_roles(options))
+    return ("label",) if "label" in task_cls.columns else ()
+
+
+def task_metrics(task_cls, options) -> tuple[str, ...]:
+    """The ``eval/<name>`` metrics a task reports."""
+    return tuple(task_cls.metric_names(options)) if hasattr(task_cls, "metric_names") else tuple(task_cls.metrics)
+
+
+def build_task(recipe: dict[str, Any], labels: list[str] | dict[str, list[str]]) -> "Task":
     return TASKS[recipe["task"]["type"]](recipe, labels)
 
 
@@ -157,4 +180,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import image_classification, speech_recognition, text_classification  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import image_classification, multitask, speech_recognition, text_classification  # noqa: E402,F401  (registers built-in tasks)

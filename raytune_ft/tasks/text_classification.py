@@ -51,6 +51,47 @@ def pad_sequences(sequences, pad_id: int, multiple: int = 8) -> tuple[torch.Tens
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+def encoder_config(model_path: str, dropout: float | None, num_layers: int | None, **overrides):
+    """The pretrained model's transformers config with the recipe's dropout and layer count."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, **overrides)
+    if dropout is not None:
+        override_dropout(config, dropout)
+    if num_layers is not None:
+        keep_first_layers(config, num_layers, model_path)
+    return config
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, T, H] averaged over the real (unpadded) tokens: [B, H]."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def check_text_model(task) -> None:
+    """Driver-side: the model directory of a text task (``model_path``, ``options.max_length``,
+    ``skeleton()``) holds a config, a tokenizer and whole safetensors weights of an architecture
+    the task can use."""
+    from transformers import AutoConfig
+
+    if task.model_path.startswith(("/", ".", "~")) and not Path(task.model_path).expanduser().is_dir():
+        raise UserError("model.path", f"directory not found: {task.model_path}")
+    try:
+        config = AutoConfig.from_pretrained(task.model_path)
+        load_tokenizer(task.model_path)
+    except Exception as error:  # transformers raises OSError/ValueError/KeyError by case
+        raise UserError("model.path", f"{task.model_path} is not a usable model directory ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and task.options.max_length > limit:
+        raise UserError("task.max_length", f"{task.options.max_length} exceeds the model's {limit} positions")
+    try:
+        skeleton = task.skeleton()
+    except (ValueError, KeyError) as error:  # transformers: no model class of this task for this config
+        raise UserError("model.path", f"a {config.model_type} model cannot do {task.name} ({str(error).splitlines()[0][:120]})") from None
+    check_pretrained_weights(task.model_path, skeleton)
+
+
 @register
 class TextClassification:
     name = "text_classification"
@@ -69,25 +110,7 @@ class TextClassification:
         self.dropout = recipe["train"].get("dropout")
 
     def check(self) -> None:
-        """Driver-side: the model directory holds a config, a tokenizer and whole safetensors
-        weights of an architecture this task can use."""
-        from transformers import AutoConfig
-
-        if self.model_path.startswith(("/", ".", "~")) and not Path(self.model_path).expanduser().is_dir():
-            raise UserError("model.path", f"directory not found: {self.model_path}")
-        try:
-            config = AutoConfig.from_pretrained(self.model_path)
-            load_tokenizer(self.model_path)
-        except Exception as error:  # transformers raises OSError/ValueError/KeyError by case
-            raise UserError("model.path", f"{self.model_path} is not a usable model directory ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
-        limit = getattr(config, "max_position_embeddings", None)
-        if limit and self.options.max_length > limit:
-            raise UserError("task.max_length", f"{self.options.max_length} exceeds the model's {limit} positions")
-        try:
-            skeleton = self.skeleton()
-        except (ValueError, KeyError) as error:  # transformers: no sequence-classification class for this config
-            raise UserError("model.path", f"a {config.model_type} model cannot do {self.name} ({str(error).splitlines()[0][:120]})") from None
-        check_pretrained_weights(self.model_path, skeleton)
+        check_text_model(self)
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
         tokenizer = load_tokenizer(self.model_path)
@@ -103,19 +126,8 @@ class TextClassification:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(batch["labels"])}
 
     def config(self):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(
-            self.model_path,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={label: i for i, label in enumerate(self.labels)},
-        )
-        if self.dropout is not None:
-            override_dropout(config, self.dropout)
-        if self.num_layers is not None:
-            keep_first_layers(config, self.num_layers, self.model_path)
-        return config
+        return encoder_config(self.model_path, self.dropout, self.num_layers, num_labels=len(self.labels),
+                              id2label=dict(enumerate(self.labels)), label2id={label: i for i, label in enumerate(self.labels)})
 
     def skeleton(self) -> torch.nn.Module:
         """The model's structure on the meta device (no weights read), for driver-side checks."""
@@ -143,9 +155,7 @@ class TextClassification:
     def embed(self, model, batch) -> torch.Tensor:
         """Mean-pooled last hidden states [B, H]: the encoder's features, without the head."""
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        hidden = outputs.hidden_states[-1]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return mean_pool(outputs.hidden_states[-1], batch["attention_mask"])
 
     def new_metrics(self) -> ClassificationMetrics:
         return ClassificationMetrics(len(self.labels))

@@ -438,6 +438,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "backend": recipe.train.backend, "workers": recipe.scaling.workers,
         "epochs": state["epoch"], "steps": state["step"], "stopped_early": state["stopped_early"], "best_epoch": state["best_epoch"],
         "resumed_at": state.get("resumed_at", []),  # where restarts (worker faults, --resume) picked up
+        "labels": recipe.data.labels,  # the label set (per label role for multitask heads)
         "eval": final_eval, "test": test, "baseline": base_target or None,
         "gain": {k: target[k] - base_target[k] for k in ("accuracy", "macro_f1") if k in target and k in base_target},
         "wall_time_s": wall_s, "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"],
@@ -485,15 +486,17 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     return Recipe(**data)
 
 
-def plan_run(recipe: Recipe) -> tuple[list[tabular.Split], list[str] | None, Any, list[dict[str, Any]]]:
+def plan_run(recipe: Recipe) -> tuple[list[tabular.Split], list[str] | dict[str, list[str]] | None, Any, list[dict[str, Any]]]:
     """Driver-side checks before anything reaches Ray: the model path, the data splits and label
     set (recorded in the recipe), the task, the strategy and the retention references."""
     from raytune_ft.data import assets
-    from raytune_ft.tasks import TASKS
+    from raytune_ft.recipe import task_options
+    from raytune_ft.tasks import TASKS, task_label_roles
 
     recipe.model.path = assets.resolve(recipe.model.path, "model.path")
-    splits, labels = tabular.plan_splits(recipe.data.model_dump())
-    recipe.data.labels = labels  # recorded explicitly, so a re-run maps labels the same way
+    label_roles = task_label_roles(TASKS[recipe.task.type], task_options(recipe))
+    splits, labels = tabular.plan_splits(recipe.data.model_dump(), label_roles=label_roles)
+    recipe.data.labels = labels  # recorded explicitly (one set per label role), so a re-run maps labels the same way
     task = TASKS[recipe.task.type](recipe.to_dict(), labels or [])
     task.check()
     check_strategy(recipe, task)

@@ -1,0 +1,242 @@
+"""Multitask: one shared encoder, one head per label column, on two real Ray Train workers; the
+per-head label sets and their one-line errors; the Metrics contract; the export without raytune_ft."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, write_recipe, write_splits
+from raytune_ft.errors import RecipeError, UserError
+from raytune_ft.recipe import validate_recipe
+from raytune_ft.train.runner import plan_run, run
+
+
+def review_rows(count: int, seed: int) -> list[dict]:
+    """Texts carrying two labels: a sentiment word and two topic words among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        sentiment, topic = rng.choice(["positive", "negative"]), rng.choice(sorted(TOPICS))
+        words = rng.choices(FILLER, k=4) + [rng.choice(POSITIVE if sentiment == "positive" else NEGATIVE)] + rng.choices(TOPICS[topic], k=2)
+        rng.shuffle(words)
+        rows.append({"body": " ".join(words), "mood": sentiment, "subject": topic})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def review_data(tmp_path_factory) -> dict[str, Path]:
+    return write_splits(tmp_path_factory.mktemp("reviews"), review_rows, (("train", 320, 11), ("test", 96, 12)))
+
+
+def multitask_recipe(tiny_bert: Path, data: dict[str, Path], run_dir: Path, **task) -> dict:
+    return {
+        "name": "tiny_multitask",
+        "task": {"type": "multitask", "max_length": 32, "heads": {"sentiment": {}, "topic": {"weight": 0.5}}, **task},
+        "model": {"path": str(tiny_bert)},
+        "data": {"train": str(data["train"]), "test": str(data["test"]), "validation_fraction": 0.2,
+                 "columns": {"text": "body", "sentiment": "mood", "topic": "subject"},
+                 # "sport" is outside the topic head's label set: its rows go to the bucket "other".
+                 "labels": {"topic": ["code", "food"]}, "other_label": {"topic": "other"}},
+        "train": {"lr": 3e-3, "epochs": 4, "batch_size": 8, "schedule": "constant", "dropout": 0.0, "seed": 7, "log_every": 10},
+        "scaling": {"workers": 2},
+        "baseline": {"enabled": False},
+        "output": {"dir": str(run_dir)},
+    }
+
+
+def test_two_heads_train_on_two_workers_and_export_reloads(tiny_bert, review_data, local_ray, tmp_path):
+    recipe = validate_recipe(multitask_recipe(tiny_bert, review_data, tmp_path / "run", weighting="uncertainty"))
+    summary = run(recipe)
+    run_dir = recipe.run_dir()
+
+    # Per-head label sets recorded (the bucket appended), in the summary and the recipe as run.
+    assert summary["labels"] == {"sentiment": ["negative", "positive"], "topic": ["code", "food", "other"]}
+    assert "other_label" in (run_dir / "recipe.yaml").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in rows if "train/loss" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["eval/loss"] < epochs[0]["eval/loss"]
+    test = summary["test"]
+    for head in ("sentiment", "topic"):
+        for metric in ("accuracy", "macro_f1", "loss", "log_variance"):
+            assert f"{head}_{metric}" in test, sorted(test)
+        assert f"eval/{head}_accuracy" in epochs[-1]
+    assert test["count"] == 96  # sharded evaluation drops and repeats no row
+    assert test["accuracy"] == pytest.approx((test["sentiment_accuracy"] + test["topic_accuracy"]) / 2)
+    assert test["loss"] == pytest.approx(test["sentiment_loss"] + 0.5 * test["topic_loss"])
+    assert test["sentiment_accuracy"] > 0.75 and test["topic_accuracy"] > 0.6  # chance: 0.5 and ~0.33
+    for name in ("learning_curves", "confusion_matrix_sentiment", "confusion_matrix_topic"):
+        assert (run_dir / "plots" / f"{name}.png").stat().st_size > 0
+
+    # The export: transformers loads the encoder alone; the heads and the learned log-variances
+    # are plain tensors beside it, their labels in config.json. Its predictions score the test
+    # rows exactly as the run did.
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = run_dir / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["multitask_heads"] == summary["labels"] and config["multitask_pooling"] == "mean"
+    tensors = load_file(model_dir / "model.safetensors")
+    log_variances = tensors["log_variances"]
+    assert log_variances.shape == (2,) and float(log_variances.abs().min()) > 1e-3  # trained away from 0
+    assert [round(float(v), 4) for v in log_variances] == [round(test["sentiment_log_variance"], 4), round(test["topic_log_variance"], 4)]
+    encoder = AutoModel.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(review_data["test"]).to_pylist()
+    encoded = tokenizer([row["body"] for row in table], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    for head, column in (("sentiment", "mood"), ("topic", "subject")):
+        labels = config["multitask_heads"][head]
+        predicted = (pooled @ tensors[f"heads.{head}.weight"].T + tensors[f"heads.{head}.bias"]).argmax(-1)
+        truth = [labels.index(row[column]) if row[column] in labels else labels.index("other") for row in table]
+        accuracy = float((predicted == torch.tensor(truth)).float().mean())
+        assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=1.5 / len(table)), head
+
+
+def test_metrics_state_sums_over_ranks():
+    """Two ranks' summed state computes what one rank holding every row computes."""
+    from raytune_ft.tasks.multitask import MultitaskMetrics
+
+    torch.manual_seed(0)
+    classes = {"a": 2, "b": 3}
+    batches = [({"a": torch.randn(5, 2), "b": torch.randn(5, 3)}, torch.stack([torch.randint(0, 2, (5,)), torch.randint(0, 3, (5,))], 1))
+               for _ in range(4)]
+    log_variances = torch.tensor([0.3, -0.2])
+
+    def fed(selection):
+        metrics = MultitaskMetrics(classes, [1.0, 0.5], uncertainty=True)
+        for logits, labels in selection:
+            loss_sums = torch.stack([torch.nn.functional.cross_entropy(logits[h], labels[:, i], reduction="sum") for i, h in enumerate(classes)])
+            metrics.update((loss_sums, logits, log_variances), {"labels": labels})
+        return metrics
+
+    whole = fed(batches)
+    ranks = [fed(batches[:1]), fed(batches[1:])]
+    summed = whole.compute(ranks[0].state() + ranks[1].state())
+    alone = whole.compute(whole.state())
+    assert summed.pop("confusion") == alone["confusion"]
+    assert summed == pytest.approx({key: value for key, value in alone.items() if key != "confusion"})
+    assert alone["count"] == 20 and alone["a_log_variance"] == pytest.approx(0.3) and alone["b_log_variance"] == pytest.approx(-0.2)
+    assert alone["loss"] == pytest.approx(alone["a_loss"] + 0.5 * alone["b_loss"])
+    assert alone["macro_f1"] == pytest.approx((alone["a_macro_f1"] + alone["b_macro_f1"]) / 2)
+    assert [sum(map(sum, alone["confusion"][h])) for h in classes] == [20, 20]
+
+
+def test_objective_fixed_and_uncertainty_weighted(tiny_bert, review_data, tmp_path):
+    """fixed: sum_i w_i L_i; uncertainty: sum_i w_i (exp(-s_i) L_i + s_i), gradients reach s_i."""
+    from raytune_ft.tasks import build_task
+
+    labels = {"sentiment": ["negative", "positive"], "topic": ["code", "food", "sport"]}
+    batch = {"input_ids": torch.randint(0, 1000, (6, 12)), "attention_mask": torch.ones(6, 12, dtype=torch.int64),
+             "labels": torch.stack([torch.randint(0, 2, (6,)), torch.randint(0, 3, (6,))], 1)}
+    for weighting in ("fixed", "uncertainty"):
+        task = build_task(validate_recipe(multitask_recipe(tiny_bert, review_data, tmp_path, weighting=weighting)).to_dict(), labels)
+        model = task.build_model().eval()
+        if weighting == "uncertainty":
+            with torch.no_grad():
+                model.log_variances.copy_(torch.tensor([0.5, -1.0]))
+        objective, (loss_sums, logits, log_variances) = task.forward(model, batch)
+        losses = loss_sums / 6
+        if weighting == "fixed":
+            assert log_variances is None and objective.item() == pytest.approx(float(losses[0] + 0.5 * losses[1]), rel=1e-5)
+        else:
+            s = torch.tensor([0.5, -1.0])
+            expected = (torch.tensor([1.0, 0.5]) * (torch.exp(-s) * losses + s)).sum()
+            assert objective.item() == pytest.approx(float(expected), rel=1e-5)
+            objective.backward()
+            assert model.log_variances.grad is not None and bool((model.log_variances.grad != 0).all())
+        assert set(logits) == {"sentiment", "topic"} and logits["topic"].shape == (6, 3)
+        assert task.head_names(model) == (["heads", "log_variances"] if weighting == "uncertainty" else ["heads"])
+
+
+def recipe_with(tiny_bert, review_data, tmp_path, **data) -> dict:
+    recipe = multitask_recipe(tiny_bert, review_data, tmp_path / "run")
+    recipe["data"].update(data)
+    return recipe
+
+
+RECIPE_ERRORS = [
+    ({"columns": {"text": "body", "sentiment": "mood"}}, "data.columns", "missing topic (task multitask needs text, sentiment, topic)"),
+    ({"columns": {"text": "body", "sentiment": "mood", "topic": "subject", "label": "mood"}}, "data.columns", "unknown role label; allowed: text, sentiment, topic"),
+    ({"labels": ["a", "b"]}, "data.labels", "give one label set per role, {role: [labels]}"),
+    ({"labels": {"mood": ["a", "b"]}}, "data.labels.mood", "not a label role of task multitask; label roles: sentiment, topic"),
+    ({"other_label": {"text": "other"}}, "data.other_label.text", "not a label role"),
+    ({"labels": {"topic": ["code", "code"]}}, "data.labels.topic", "labels must be unique"),
+]
+
+
+@pytest.mark.parametrize("data,field,expected", RECIPE_ERRORS, ids=[case[1] for case in RECIPE_ERRORS])
+def test_bad_multitask_recipe_names_field(tiny_bert, review_data, tmp_path, data, field, expected):
+    with pytest.raises(RecipeError) as error:
+        validate_recipe(recipe_with(tiny_bert, review_data, tmp_path, **data), "r.yaml")
+    problems = dict(error.value.problems)
+    assert field in problems and expected in problems[field], error.value.problems
+
+
+def test_bad_task_options_name_field(tiny_bert, review_data, tmp_path):
+    recipe = multitask_recipe(tiny_bert, review_data, tmp_path, weighting="learned")
+    recipe["task"]["heads"] = {"sentiment": {}, "topic": {"weight": 0}}
+    with pytest.raises(RecipeError) as error:
+        validate_recipe(recipe, "r.yaml")
+    problems = dict(error.value.problems)
+    assert "'fixed' or 'uncertainty'" in problems["task.weighting"]
+    assert "greater than 0" in problems["task.heads.topic.weight"]
+    recipe["task"] = {"type": "multitask", "heads": {"text": {}, "Topic": {}}}
+    with pytest.raises(RecipeError, match=r"task.heads: head name 'text' must be lower-case letters"):
+        validate_recipe(recipe, "r.yaml")
+
+    recipe = multitask_recipe(tiny_bert, review_data, tmp_path)
+    recipe["train"]["early_stopping"] = {"metric": "eval/mood_accuracy", "mode": "max"}
+    with pytest.raises(RecipeError, match=r"train.early_stopping.metric: 'eval/mood_accuracy' is not a metric .*eval/topic_macro_f1"):
+        validate_recipe(recipe, "r.yaml")
+    recipe["train"]["early_stopping"]["metric"] = "eval/topic_accuracy"
+    validate_recipe(recipe, "r.yaml")  # a head's metric is a metric
+
+
+def test_unknown_head_column_is_a_one_line_error(tiny_bert, review_data, tmp_path):
+    recipe = validate_recipe(recipe_with(tiny_bert, review_data, tmp_path, columns={"text": "body", "sentiment": "mood", "topic": "topic"}))
+    with pytest.raises(UserError) as error:
+        plan_run(recipe)
+    assert str(error.value).startswith("data.columns.topic: column 'topic' not in "), str(error.value)
+
+
+def test_label_outside_a_heads_label_set(tiny_bert, review_data, tmp_path, cli_in_process):
+    """Without a bucket, a value outside a head's label set is refused, naming the field and row;
+    through the CLI: exit 2, one line, before Ray starts."""
+    recipe = recipe_with(tiny_bert, review_data, tmp_path, other_label={})
+    first_sport = next(i for i, row in enumerate(review_rows(320, 11)) if row["subject"] == "sport")
+    with pytest.raises(UserError) as error:
+        plan_run(validate_recipe(recipe))
+    assert str(error.value) == (f"data.train: row {first_sport}: topic 'sport' is not in the label set "
+                                "data.labels.topic = ['code', 'food']")
+    code, stderr = cli_in_process("run", str(write_recipe(recipe, tmp_path / "r.yaml")))
+    assert code == 2 and stderr.strip() == f"error: {error.value}", stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sections_assuming_one_set_of_logits_are_refused(tiny_bert, review_data, tmp_path):
+    recipe = multitask_recipe(tiny_bert, review_data, tmp_path / "run")
+    recipe["post"] = {"quantize": {}}
+    with pytest.raises(UserError, match=r"^post.quantize: not supported by task multitask yet"):
+        plan_run(validate_recipe(recipe))
+
+
+def test_default_label_sets_are_sorted_train_values(tiny_bert, review_data, tmp_path):
+    recipe = validate_recipe(recipe_with(tiny_bert, review_data, tmp_path, labels=None, other_label={}))
+    _, labels, task, _ = plan_run(recipe)
+    assert labels == {"sentiment": ["negative", "positive"], "topic": ["code", "food", "sport"]}
+    assert recipe.data.labels == labels and task.classes() == {"sentiment": 2, "topic": 3}
+    rows = task.preprocess({"text": np.array(["great soup"]), "sentiment": np.array([1]), "topic": np.array([2])})
+    assert rows["labels"].tolist() == [[1, 2]]
