@@ -65,7 +65,7 @@ BROKEN = [
     (broken("train.backend", "horovod"), "train.backend", "allowed: ddp"),
     (broken("scaling.workers", 0), "scaling.workers", "greater than or equal to 1"),
     (broken("strategy.method", "magic"), "strategy.method", "allowed: freeze, full, gradual, head_only, lora, lp_ft"),
-    (broken("task.type", "regression"), "task.type", "allowed: image_classification, speech_recognition, text_classification"),
+    (broken("task.type", "regression"), "task.type", "allowed: image_classification, multitask, speech_recognition, text_classification"),
     (broken("task.max_length", 4), "task.max_length", "greater than or equal to 8"),
     (broken("task.maxlen", 64), "task.maxlen", "unknown field"),
     (broken("data.columns", {"text": "a"}), "data.columns", "missing label"),

@@ -118,7 +118,7 @@ def plan_splits(data: dict[str, Any], prefix: str = "data", label_roles: tuple[s
         splits.insert(1, Split("validation", train.path, train.fmt, holdout="validation"))
     if not label_roles:
         return splits, None
-    several = label_roles != ("label",) or isinstance(data.get("labels"), dict)
+    several = label_roles != ("label",)
     given = data.get("labels") if several else {"label": data.get("labels")}
     label_sets = {role: plan_labels(role, label_values, (given or {}).get(role), (data.get("other_label") or {}).get(role),
                                     f"{prefix}.labels.{role}" if several else f"{prefix}.labels", data, prefix)

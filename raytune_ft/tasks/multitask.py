@@ -30,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raytune_ft.errors import UserError
 from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
-from raytune_ft.tasks.text_classification import check_text_model, encoder_config, load_tokenizer, mean_pool, pad_sequences
+from raytune_ft.tasks.text_classification import (
+    check_text_model, encoder_config, load_tokenizer, mean_pool, pad_sequences, tokenize,
+)
 
 HEAD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Recipe sections that assume one set of logits (distillation, post steps) or a probe task's
@@ -180,12 +182,8 @@ class Multitask:
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Tokenise; labels [B, H], one column per head in the order of task.heads."""
-        tokenizer = load_tokenizer(self.model_path)
-        encoded = tokenizer([str(t) for t in batch["text"]], truncation=True, max_length=self.options.max_length)
-        ids = np.empty(len(encoded["input_ids"]), dtype=object)
-        ids[:] = [np.asarray(x, dtype=np.int32) for x in encoded["input_ids"]]
         labels = np.stack([np.asarray(batch[name], dtype=np.int64) for name in self.options.heads], axis=1)
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": tokenize(self.model_path, batch["text"], self.options.max_length), "labels": labels}
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         pad_id = load_tokenizer(self.model_path).pad_token_id or 0

@@ -39,6 +39,14 @@ def keep_first_layers(config, count: int, model_path: str) -> None:
     config.num_hidden_layers = count
 
 
+def tokenize(model_path: str, texts, max_length: int) -> np.ndarray:
+    """Texts -> an object array of ragged int32 token-id arrays (truncated to max_length)."""
+    encoded = load_tokenizer(model_path)([str(t) for t in texts], truncation=True, max_length=max_length)
+    ids = np.empty(len(encoded["input_ids"]), dtype=object)
+    ids[:] = [np.asarray(x, dtype=np.int32) for x in encoded["input_ids"]]
+    return ids
+
+
 def pad_sequences(sequences, pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad ragged token lists to the batch's longest (rounded up to `multiple`): [B, T] ids and mask."""
     longest = max(len(s) for s in sequences)
@@ -113,11 +121,8 @@ class TextClassification:
         check_text_model(self)
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
-        tokenizer = load_tokenizer(self.model_path)
-        encoded = tokenizer([str(t) for t in batch["text"]], truncation=True, max_length=self.options.max_length)
-        ids = np.empty(len(encoded["input_ids"]), dtype=object)
-        ids[:] = [np.asarray(x, dtype=np.int32) for x in encoded["input_ids"]]
-        return {"input_ids": ids, "labels": np.asarray(batch["label"], dtype=np.int64)}
+        return {"input_ids": tokenize(self.model_path, batch["text"], self.options.max_length),
+                "labels": np.asarray(batch["label"], dtype=np.int64)}
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Pad each batch to its own longest text (not max_length): short batches cost less."""
