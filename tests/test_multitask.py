@@ -157,6 +157,11 @@ def test_objective_fixed_and_uncertainty_weighted(tiny_bert, review_data, tmp_pa
             assert objective.item() == pytest.approx(float(expected), rel=1e-5)
             objective.backward()
             assert model.log_variances.grad is not None and bool((model.log_variances.grad != 0).all())
+            # The log-variances train at task.log_variance_lr (default 1e-2), not at train.lr (3e-3 here).
+            from raytune_ft.train.optim import param_groups
+
+            group = next(g for g in param_groups(model, {"lr": 3e-3, "weight_decay": 0.01}) if any(p is model.log_variances for p in g["params"]))
+            assert group["lr"] == pytest.approx(1e-2) and len(group["params"]) == 1
         assert set(logits) == {"sentiment", "topic"} and logits["topic"].shape == (6, 3)
         assert task.head_names(model) == (["heads", "log_variances"] if weighting == "uncertainty" else ["heads"])
 

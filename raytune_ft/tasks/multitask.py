@@ -8,9 +8,9 @@ cross-entropies L_i:
 
 - ``weighting: fixed``: sum_i w_i L_i with the recipe's weights w_i;
 - ``weighting: uncertainty`` (Kendall, Gal and Cipolla 2018): sum_i w_i (exp(-s_i) L_i + s_i), the
-  log-variances s_i learned with the model (initialised at 0, i.e. weight 1), so a head whose loss
-  stays high (a noisy or hard task) is weighted down, and the +s_i term stops every weight
-  shrinking to 0.
+  log-variances s_i learned with the model (initialised at 0, i.e. weight 1; their own learning
+  rate ``log_variance_lr``), so a head whose loss stays high (a noisy or hard task) is weighted
+  down, and the +s_i term stops every weight shrinking to 0.
 
 ``eval/loss`` is sum_i w_i L_i in both modes (a yardstick that learned weights do not move);
 ``eval/accuracy`` and ``eval/macro_f1`` are the means over heads, so early stopping, Tune, WiSE-FT
@@ -33,6 +33,7 @@ from raytune_ft.tasks import ClassificationMetrics, classification_loss, registe
 from raytune_ft.tasks.text_classification import (
     check_text_model, encoder_config, load_tokenizer, mean_pool, pad_sequences, tokenize,
 )
+from raytune_ft.train.optim import LR_SCALE
 
 HEAD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Recipe sections that assume one set of logits (distillation, post steps) or a probe task's
@@ -53,7 +54,7 @@ class MultitaskModel(torch.nn.Module):
 
     base_model_prefix = "encoder"  # pretrained weights are the encoder's (check_pretrained_weights)
 
-    def __init__(self, encoder: torch.nn.Module, classes: dict[str, int], uncertainty: bool):
+    def __init__(self, encoder: torch.nn.Module, classes: dict[str, int], uncertainty: bool, log_variance_lr_scale: float = 1.0):
         super().__init__()
         config = encoder.config
         if getattr(encoder, "pooler", None) is not None:
@@ -63,6 +64,8 @@ class MultitaskModel(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout)
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(config.hidden_size, count) for name, count in classes.items()})
         self.log_variances = torch.nn.Parameter(torch.zeros(len(classes))) if uncertainty else None
+        if uncertainty:
+            setattr(self.log_variances, LR_SCALE, log_variance_lr_scale)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
@@ -132,6 +135,9 @@ class Multitask:
         max_length: int = Field(256, ge=8, le=8192, description="tokens kept per text (truncated)")
         heads: dict[str, HeadOptions] = Field(min_length=1, description="head name (its label role in data.columns) -> {weight}")
         weighting: Literal["fixed", "uncertainty"] = Field("fixed", description="fixed weights, or learned log-variances (Kendall et al. 2018)")
+        log_variance_lr: float = Field(
+            1e-2, gt=0, le=1, description="uncertainty: the log-variances' peak learning rate (same schedule as train.lr); "
+                                          "they must move by ~0.1-1, far more than a fine-tuned weight, so train.lr would leave them near 0")
 
         @field_validator("heads")
         @classmethod
@@ -162,6 +168,8 @@ class Multitask:
         self.labels = labels
         self.dropout = recipe["train"].get("dropout")
         self.uncertainty = self.options.weighting == "uncertainty"
+        lr = recipe["train"]["lr"]
+        self.log_variance_lr_scale = self.options.log_variance_lr / lr if lr else 1.0  # lr 0 trains nothing, these included
         self.weights = [head.weight for head in self.options.heads.values()]
         self.unsupported = [".".join(path) for path in UNSUPPORTED if self._configured(recipe, path)]
 
@@ -206,7 +214,7 @@ class Multitask:
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(self.model_path, config=self.config(), use_safetensors=True)  # never unpickle
-        return MultitaskModel(encoder, self.classes(), self.uncertainty)
+        return MultitaskModel(encoder, self.classes(), self.uncertainty, self.log_variance_lr_scale)
 
     def head_names(self, model: torch.nn.Module) -> list[str]:
         return ["heads"] + (["log_variances"] if self.uncertainty else [])

@@ -33,7 +33,7 @@ def apply_layer_lr_decay(model: torch.nn.Module, head_names: list[str], decay: f
     parameters = dict(model.named_parameters())
     for depth, group in enumerate(depth_groups(model, head_names)):
         for name in group:
-            setattr(parameters[name], LR_SCALE, decay**depth)
+            setattr(parameters[name], LR_SCALE, getattr(parameters[name], LR_SCALE, 1.0) * decay**depth)  # on a task's own scale
 
 
 def build_optimizer(groups: list[dict[str, Any]], train: dict[str, Any]) -> torch.optim.Optimizer:
