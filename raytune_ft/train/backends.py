@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from raytune_ft.train.checkpoint import load_state, save_state
-from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups
+from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
 
 BACKENDS: dict[str, type] = {}
 
@@ -107,7 +107,7 @@ class DDPBackend:
         return norm
 
     def lr(self) -> float:
-        return max(self.scheduler.get_last_lr())
+        return scheduled_lr(self.scheduler, self.train)
 
     def save(self, directory: str, rank: int) -> None:
         from safetensors.torch import save_model

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from raytune_ft.train.backends import register
-from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups
+from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
 
 CHECKPOINT_TAG = "deepspeed"
 # DeepSpeed's default communication buckets (5e8 elements, 2 GB each in fp32) are sized for
@@ -199,7 +199,7 @@ class DeepSpeedBackend:
         return None if norm is None else float(norm)
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return scheduled_lr(self.scheduler, self.train)
 
     def save(self, directory: str, rank: int) -> None:
         """Every rank writes its own shard files (rank-numbered names) into ``directory``."""

@@ -59,5 +59,11 @@ def lr_lambda(train: dict[str, Any], total_steps: int):
     return multiplier
 
 
+def scheduled_lr(scheduler, train: dict[str, Any]) -> float:
+    """train.lr at the schedule's current step (what train/lr reports), whatever the parameters'
+    own multipliers (layer-wise decay, a task's log-variances) make of it."""
+    return train["lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, total_steps))
