@@ -4,11 +4,13 @@
 directory this task exported; ``task.image_encoder`` is the image encoder (an EfficientNet-Lite
 weights file such as ``asset:efficientnet-lite0``, or a directory the image task exported). The
 fusion module and the answer classifier are new: they are the head (``head_only`` trains them on
-the frozen encoders, which is the baseline).
+the frozen encoders, which is the baseline). An export brings its own fusion, hidden and
+attention_heads; the recipe's are then not used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,17 @@ from raytune_ft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, I
 from raytune_ft.tasks.text_classification import load_tokenizer, pad_sequences
 
 YES_NO = ("yes", "no")
+
+
+@contextlib.contextmanager
+def image_encoder_errors():
+    """The image task names its weights ``model.path``; here they are ``task.image_encoder``."""
+    try:
+        yield
+    except UserError as error:
+        if error.where != "model.path":
+            raise
+        raise UserError("task.image_encoder", error.message) from None
 
 
 class AnswerMetrics:
@@ -100,7 +113,9 @@ class VisualQuestionAnswering:
         else:
             from transformers import AutoConfig
 
-            config = {"image": self.image_task().config(), "text": AutoConfig.from_pretrained(self.model_path).to_dict(), "fusion": self.options.fusion,
+            with image_encoder_errors():
+                image = self.image_task().config()
+            config = {"image": image, "text": AutoConfig.from_pretrained(self.model_path).to_dict(), "fusion": self.options.fusion,
                       "hidden": self.options.hidden, "attention_heads": self.options.attention_heads, "dropout": 0.1}
         config.update(labels=list(self.labels), image_size=self.options.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
         if self.dropout is not None:
@@ -127,7 +142,8 @@ class VisualQuestionAnswering:
             raise UserError("model.path", f"a {config['text'].get('model_type')} model cannot be the text encoder ({str(error).splitlines()[0][:120]}); use a BERT-family encoder") from None
         check_pretrained_weights(self.model_path, skeleton)
         if self.exported() is None:
-            self.image_task().build_model()
+            with image_encoder_errors():
+                self.image_task().build_model()
 
     def skeleton(self) -> torch.nn.Module:
         with torch.device("meta"):
@@ -142,7 +158,8 @@ class VisualQuestionAnswering:
         config = self.config()
         exported = self.exported()
         if exported is None:
-            image = self.image_task().build_model()
+            with image_encoder_errors():
+                image = self.image_task().build_model()
             text = AutoModel.from_pretrained(self.model_path, add_pooling_layer=False, use_safetensors=True)  # never unpickle
             return VQAFusion(config, image=image, text=text)
         model = VQAFusion(config)
