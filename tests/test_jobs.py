@@ -235,6 +235,64 @@ def test_two_node_run_places_one_worker_per_node_and_checkpoints_to_shared_stora
     assert json.loads((local / "summary.json").read_text())["outputs"]["checkpoints"] == str(shared)
 
 
+NODE_LOSS_RUN = """
+import json, sys, threading, time
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from raytune_ft.recipe import load_recipe
+from raytune_ft.train.runner import run
+
+# A head with no CPUs (driver and Train controller only) and three 1-CPU machines: the 2 workers
+# land on two of them, and after one is lost the third takes the restarted worker.
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 0, "gcs_server_port": 6393, "dashboard_port": 8293, "dashboard_agent_listen_port": 52394})
+machines = [cluster.add_node(num_cpus=1, dashboard_agent_listen_port=52395 + i) for i in range(3)]
+cluster.wait_for_nodes()
+recipe = load_recipe(sys.argv[1])
+marker = recipe.run_dir() / ".fault_fired"
+removed = []
+
+def remove_the_stalled_workers_machine():
+    while not marker.exists():
+        time.sleep(0.2)
+    node_id = marker.read_text()
+    machine = next(machine for machine in machines if machine.node_id == node_id)
+    cluster.remove_node(machine, allow_graceful=False)  # raylet, object store and worker processes die
+    removed.append(node_id)
+
+threading.Thread(target=remove_the_stalled_workers_machine, daemon=True).start()
+try:
+    run(recipe, address=cluster.address)
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    print(json.dumps({"removed": removed, "alive": alive}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_losing_a_machine_mid_epoch_restarts_on_the_remaining_machines(tiny_recipe, tmp_path):
+    """A worker's whole node is removed mid-epoch 2 (its raylet, object store and processes gone, as
+    when a cloud VM is preempted): with train.max_failures the worker group restarts on the nodes
+    left, from epoch 1's checkpoint, and the run finishes with each epoch once."""
+    tiny_recipe["train"].update(epochs=2, max_failures=1)
+    recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    env = {**os.environ, "RAY_TMPDIR": "/tmp/rtft_nodeloss", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAYTUNE_FT_FAULT": "stall_at_step:25"}  # 20 steps per epoch
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-c", NODE_LOSS_RUN, str(recipe)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    nodes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(nodes["removed"]) == 1 and nodes["removed"][0] not in nodes["alive"] and len(nodes["alive"]) == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_at"] == [{"epoch": 1, "step": 20}]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2]
+    assert summary["test"]["count"] == 96  # evaluation after the loss still sees every row once
+
+
 def test_shared_storage_run_is_never_overwritten(tiny_recipe, tmp_path):
     (tmp_path / "shared" / "run" / "checkpoint_000000").mkdir(parents=True)
     tiny_recipe["output"]["storage_path"] = str(tmp_path / "shared")

@@ -218,6 +218,32 @@ def librivox() -> Path:
     return target
 
 
+def easy_vqa(split: str) -> Path:
+    """easy-VQA (its PyPI package): a 64x64 image of one coloured shape and a question about it;
+    columns image (PNG bytes), question, answer (13: yes, no, 3 shapes, 8 colours), image_id.
+    38,575 train and 9,673 test questions on 4,000 and 1,000 images, in a fixed shuffled order
+    (the package groups an image's questions), so ``data.max_rows`` takes a mixed subset."""
+    import json
+
+    import pyarrow as pa
+
+    target = cache_dir() / "easy_vqa" / split
+    if target.is_dir():
+        return target
+    data = _package_dir("easy_vqa", "easy-vqa") / "data" / split
+    questions = json.loads((data / "questions.json").read_text())  # [[question, answer, image_id], ...]
+    images = {image_id: (data / "images" / f"{image_id}.png").read_bytes() for image_id in {q[2] for q in questions}}
+    order = random.Random(0).sample(range(len(questions)), len(questions))
+    rows = [questions[i] for i in order]
+    _write_shards(pa.table({
+        "image": pa.array([images[row[2]] for row in rows], type=pa.binary()),
+        "question": [row[0] for row in rows],
+        "answer": [row[1] for row in rows],
+        "image_id": [row[2] for row in rows],
+    }), target, shards=4 if split == "train" else 2)
+    return target
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
     "minilm-l6": minilm_l6,
     "efficientnet-lite0": efficientnet_lite0,
@@ -231,6 +257,8 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "spoken-digits/train": lambda: spoken_digits("train"),
     "spoken-digits/test": lambda: spoken_digits("test"),
     "librivox": librivox,
+    "easy-vqa/train": lambda: easy_vqa("train"),
+    "easy-vqa/test": lambda: easy_vqa("test"),
 }
 
 

@@ -91,12 +91,14 @@ class EfficientNetLite(nn.Module):
         self.dropout = nn.Dropout(config["dropout"])
         self.classifier = nn.Linear(config["head_channels"], config["num_labels"])
 
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(pixels)))  # [B, stem, H/2, W/2]
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))  # [B, head, H/32, W/32]
-        return x.mean((2, 3))
+        return F.relu6(self._bn1(self._conv_head(x)))  # [B, head, H/32, W/32]
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(pixels).mean((2, 3))  # [B, head]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.features(pixels)))

@@ -180,4 +180,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import image_classification, multitask, speech_recognition, text_classification  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import image_classification, multitask, speech_recognition, text_classification, visual_question_answering  # noqa: E402,F401  (registers built-in tasks)

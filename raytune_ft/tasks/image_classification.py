@@ -12,7 +12,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +32,22 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def decode_images(batch: dict[str, Any], size: int, skip_bad_rows: bool, row_name: Callable[[int], str] = lambda row: "") -> tuple[np.ndarray, list[int]]:
+    """The batch's ``image`` bytes -> pixels [B', S, S, 3] uint8 and the rows kept. An undecodable
+    image is a one-line error naming its file (``path``, image folders) or ``row_name(row)``;
+    with ``skip_bad_rows`` it is dropped instead (the caller keeps only the rows returned)."""
+    pixels, keep = [], []
+    for row, data in enumerate(batch["image"]):
+        try:
+            pixels.append(decode_image(data, size))
+            keep.append(row)
+        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError, ...
+            if not skip_bad_rows:
+                where = str(batch["path"][row]) if "path" in batch else row_name(row)
+                raise UserError(where, f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), dtype=np.uint8)), keep
 
 
 def random_affine(count: int, rng: np.random.Generator, min_scale: float, flip: bool, degrees: float) -> torch.Tensor:
@@ -140,16 +156,7 @@ class ImageClassification:
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Decode and resize (Ray Data map_batches): pixels [B, S, S, 3] uint8, labels [B]."""
-        size, pixels, keep = self.options.image_size, [], []
-        for row, data in enumerate(batch["image"]):
-            try:
-                pixels.append(decode_image(data, size))
-                keep.append(row)
-            except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError, ...
-                if not self.skip_bad_rows:
-                    where = str(batch["path"][row]) if "path" in batch else ""
-                    raise UserError(where, f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
-        pixels = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), dtype=np.uint8)
+        pixels, keep = decode_images(batch, self.options.image_size, self.skip_bad_rows)
         return {"pixels": pixels, "labels": np.asarray(batch["label"], dtype=np.int64)[keep]}
 
     def augment(self, batch: dict[str, Any]) -> dict[str, Any]:

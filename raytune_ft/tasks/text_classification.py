@@ -41,6 +41,8 @@ def keep_first_layers(config, count: int, model_path: str) -> None:
 
 def tokenize(model_path: str, texts, max_length: int) -> np.ndarray:
     """Texts -> an object array of ragged int32 token-id arrays (truncated to max_length)."""
+    if not len(texts):  # every row of a batch skipped as bad; the tokenizer refuses an empty list
+        return np.empty(0, dtype=object)
     encoded = load_tokenizer(model_path)([str(t) for t in texts], truncation=True, max_length=max_length)
     ids = np.empty(len(encoded["input_ids"]), dtype=object)
     ids[:] = [np.asarray(x, dtype=np.int32) for x in encoded["input_ids"]]

@@ -2,7 +2,9 @@
 
 Set ``RAYTUNE_FT_FAULT`` on the driver (it travels in the loop config), e.g.
 ``raise_after_epoch:1`` (rank 0 raises right after epoch 1's checkpoint is reported) or
-``kill_at_step:5`` (rank 1, or 0 alone, kills its own process mid-epoch). The fault fires once
+``kill_at_step:5`` (rank 1, or 0 alone, kills its own process mid-epoch) or ``stall_at_step:5``
+(rank 1 writes its node's id into the marker and waits there, for a test to remove that node
+from the cluster: a lost machine, not a lost process). The fault fires once
 per run directory: a marker file there stops it firing again after the restart. A fault first waits
 until the Train controller has taken every report already made, so the restart deterministically
 picks up from the last reported checkpoint (a real kill may land earlier and lose that one).
@@ -38,6 +40,14 @@ def maybe_fail(config: dict[str, Any], step: int, epoch: int, rank: int, after_c
         wait_until_reports_taken()
         Path(fault["marker"]).touch()
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault["kind"] == "stall_at_step" and not after_checkpoint and step == fault["at"] and rank == victim:
+        import ray
+
+        wait_until_reports_taken()
+        marker = Path(fault["marker"])
+        marker.with_suffix(".tmp").write_text(ray.get_runtime_context().get_node_id())
+        marker.with_suffix(".tmp").rename(marker)  # whole, or not there: the test reads the node id
+        time.sleep(600)  # until the node is removed under this process
 
 
 def wait_until_reports_taken(timeout_s: float = 60.0) -> None:
