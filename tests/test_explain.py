@@ -15,7 +15,7 @@ from conftest import NEGATIVE, POSITIVE, cli, copy_run, write_recipe
 from raytune_ft.post import run_steps
 from raytune_ft.post.explain import choose_rows
 from raytune_ft.post.finished import FinishedRun
-from test_image import image_recipe, tiny_efficientnet  # noqa: F401  (a fixture)
+from test_image import image_recipe
 
 
 def assert_png(path) -> None:
