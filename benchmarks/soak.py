@@ -7,6 +7,7 @@ Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N to chan
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def main() -> None:
         time.sleep(5)  # let Ray reap the run's actors before counting what is left
         per_run.append({"run": index, "wall_s": time.perf_counter() - run_started,
                         "test_accuracy": summary["test"].get("accuracy"), **measure()})
+        shutil.rmtree(recipe.run_dir())  # each run keeps ~700 MB of checkpoints and model: 14 GB over 20 runs
         print(f"[soak] run {index + 1}/{RUNS}: {per_run[-1]}", flush=True)
         write_results(before, per_run, time.perf_counter() - started)  # after every run: a cut-short soak still reports
 
