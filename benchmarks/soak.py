@@ -1,8 +1,10 @@
-"""Soak: N consecutive tiny runs on ONE local Ray instance, in-process (what a notebook or a tune
-driver does). Measures what each run leaves behind: Ray worker processes alive, placement
-groups not removed, files under Ray's session directory, checkpoint temp dirs, driver RSS.
+"""Soak: N consecutive tiny runs, then a Tune experiment of M tiny trials, on ONE local Ray
+instance, in-process (what a notebook or a tune driver does). Measures what each run and the
+experiment leave behind: Ray worker processes alive, placement groups not removed, files under
+Ray's session directory, checkpoint temp dirs, driver RSS.
 
-Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N to change N, default 20)
+Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N, default 20, and
+SOAK_TRIALS=M, default 16)
 """
 
 import json
@@ -16,10 +18,12 @@ import psutil
 
 from raytune_ft.recipe import load_recipe
 from raytune_ft.train.runner import init_ray, run
+from raytune_ft.tune.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 RUNS = int(os.environ.get("SOAK_RUNS", "20"))
+TRIALS = int(os.environ.get("SOAK_TRIALS", "16"))
 OVERRIDES = ["data.max_rows=64", "train.epochs=1", "train.batch_size=16", "baseline.enabled=false",
              "train.early_stopping=null", "scaling.workers=2",
              "retention.references.0.data.max_rows=64"]  # the real retention path, at a tenth of its cost
@@ -68,11 +72,28 @@ def main() -> None:
         shutil.rmtree(recipe.run_dir())  # each run keeps ~700 MB of checkpoints and model: 14 GB over 20 runs
         print(f"[soak] run {index + 1}/{RUNS}: {per_run[-1]}", flush=True)
         write_results(before, per_run, time.perf_counter() - started)  # after every run: a cut-short soak still reports
+    if TRIALS:
+        tune = soak_tune(base)
+        print(f"[soak] tune, {TRIALS} trials: {tune}", flush=True)
+        write_results(before, per_run, time.perf_counter() - started, tune)
 
 
-def write_results(before: dict, per_run: list[dict], total_s: float) -> None:
-    after = per_run[-1]
-    result = {"runs_requested": RUNS, "runs_done": len(per_run),
+def soak_tune(base: str) -> dict:
+    """TRIALS trials of the same tiny job (random train.lr), 2 at a time, 1 worker each."""
+    space = f"tune={{space: {{train.lr: {{loguniform: [1.0e-5, 1.0e-3]}}}}, num_samples: {TRIALS}, max_concurrent_trials: 2, seed: 0}}"
+    recipe = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [space, f"output.dir={base}/tune"])
+    before, started = measure(), time.perf_counter()
+    summary = run_experiment(recipe)
+    time.sleep(5)  # let Ray reap the trials' actors before counting what is left
+    after = measure()
+    shutil.rmtree(recipe.run_dir())
+    return {"trials": TRIALS, "wall_s": time.perf_counter() - started, "best": summary.get("best"),
+            "before": before, "after": after, "growth": {key: after[key] - before[key] for key in before}}
+
+
+def write_results(before: dict, per_run: list[dict], total_s: float, tune: dict | None = None) -> None:
+    after = per_run[-1] if per_run else before
+    result = {"runs_requested": RUNS, "runs_done": len(per_run), "tune": tune,
               "setup": {"model": "MiniLM-L6", "overrides": OVERRIDES, "cpu_count": os.cpu_count()},
               "before": before, "after_last_run": after, "total_s": total_s,
               "growth": {key: after[key] - before[key] for key in before}, "per_run": per_run}
