@@ -13,15 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytune_ft.models import mean_pool
 from raytune_ft.models.efficientnet_lite import EfficientNetLite
 
 ARCHITECTURE = "vqa_fusion"
-
-
-def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, D] states averaged over the tokens where mask [B, T] is 1 -> [B, D]."""
-    weights = mask.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 class ConcatFusion(nn.Module):
@@ -30,7 +25,7 @@ class ConcatFusion(nn.Module):
         self.project = nn.Sequential(nn.Linear(image_channels + text_width, hidden), nn.GELU())
 
     def forward(self, image_map: torch.Tensor, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([image_map.mean((2, 3)), masked_mean(text_states, mask)], -1))  # [B, hidden]
+        return self.project(torch.cat([image_map.mean((2, 3)), mean_pool(text_states, mask)], -1))  # [B, hidden]
 
 
 class CrossAttentionFusion(nn.Module):
@@ -44,7 +39,7 @@ class CrossAttentionFusion(nn.Module):
     def forward(self, image_map: torch.Tensor, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cells = self.image_tokens(image_map.flatten(2).transpose(1, 2))  # [B, h*w, D]
         attended, _ = self.attention(text_states, cells, cells, need_weights=False)  # [B, T, D]
-        return self.project(masked_mean(self.norm(text_states + attended), mask))  # [B, hidden]
+        return self.project(mean_pool(self.norm(text_states + attended), mask))  # [B, hidden]
 
 
 def text_config(config: dict[str, Any]):

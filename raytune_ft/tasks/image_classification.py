@@ -50,6 +50,13 @@ def decode_images(batch: dict[str, Any], size: int, skip_bad_rows: bool, row_nam
     return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), dtype=np.uint8)), keep
 
 
+def normalise(pixels) -> torch.Tensor:
+    """uint8 pixels [B, S, S, 3] -> the model's input [B, 3, S, S]: scaled to [0, 1], ImageNet mean and std."""
+    images = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
 def random_affine(count: int, rng: np.random.Generator, min_scale: float, flip: bool, degrees: float) -> torch.Tensor:
     """[count, 2, 3] affine_grid matrices: a random crop of area min_scale..1 and aspect 3/4..4/3,
     rotated by up to +-degrees, mirrored left-right with probability 1/2."""
@@ -173,9 +180,7 @@ class ImageClassification:
         return batch
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return {"pixels": (pixels - mean) / std, "labels": torch.tensor(batch["labels"])}
+        return {"pixels": normalise(batch["pixels"]), "labels": torch.tensor(batch["labels"])}
 
     def forward(self, model, batch):
         return classification_loss(model(batch["pixels"]), batch["labels"])

@@ -29,9 +29,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raytune_ft.errors import UserError
+from raytune_ft.models import mean_pool
 from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
 from raytune_ft.tasks.text_classification import (
-    check_text_model, encoder_config, load_tokenizer, mean_pool, pad_sequences, tokenize,
+    check_text_model, encoder_config, load_tokenizer, pad_sequences, tokenize,
 )
 from raytune_ft.train.optim import LR_SCALE
 

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytune_ft.errors import UserError
+from raytune_ft.models import mean_pool
 from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
 
 
@@ -71,12 +72,6 @@ def encoder_config(model_path: str, dropout: float | None, num_layers: int | Non
     if num_layers is not None:
         keep_first_layers(config, num_layers, model_path)
     return config
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states [B, T, H] averaged over the real (unpadded) tokens: [B, H]."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def check_text_model(task) -> None:

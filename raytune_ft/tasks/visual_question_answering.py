@@ -23,7 +23,7 @@ from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.models.vqa_fusion import ARCHITECTURE, VQAFusion, text_config
 from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
-from raytune_ft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, ImageClassification, decode_images
+from raytune_ft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, ImageClassification, decode_images, normalise
 from raytune_ft.tasks.text_classification import load_tokenizer, pad_sequences, tokenize
 
 YES_NO = ("yes", "no")
@@ -184,10 +184,8 @@ class VisualQuestionAnswering:
                 "labels": np.asarray(batch["label"], dtype=np.int64)[keep]}
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        pixels = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         input_ids, attention_mask = pad_sequences(batch["input_ids"], load_tokenizer(self.model_path).pad_token_id or 0)
-        return {"pixels": (pixels - mean) / std, "input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(batch["labels"])}
+        return {"pixels": normalise(batch["pixels"]), "input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(batch["labels"])}
 
     def forward(self, model, batch):
         return classification_loss(model(batch["pixels"], batch["input_ids"], batch["attention_mask"]), batch["labels"])
