@@ -86,8 +86,9 @@ def soak_tune(base: str) -> dict:
     summary = run_experiment(recipe)
     time.sleep(5)  # let Ray reap the trials' actors before counting what is left
     after = measure()
+    experiment_mb = sum(p.stat().st_size for p in recipe.run_dir().rglob("*") if p.is_file()) / 2**20
     shutil.rmtree(recipe.run_dir())
-    return {"trials": TRIALS, "wall_s": time.perf_counter() - started, "best": summary.get("best"),
+    return {"trials": TRIALS, "wall_s": time.perf_counter() - started, "best": summary.get("best"), "experiment_mb": experiment_mb,
             "before": before, "after": after, "growth": {key: after[key] - before[key] for key in before}}
 
 

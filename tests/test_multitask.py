@@ -245,3 +245,132 @@ def test_default_label_sets_are_sorted_train_values(tiny_bert, review_data, tmp_
     assert recipe.data.labels == labels and task.classes() == {"sentiment": 2, "topic": 3}
     rows = task.preprocess({"text": np.array(["great soup"]), "sentiment": np.array([1]), "topic": np.array([2])})
     assert rows["labels"].tolist() == [[1, 2]]
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> dict[str, Path]:
+    """Real easy-VQA images with their shape and colour: 240 train images plus one that is not an
+    image, and 96 test images."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from raytune_ft.data import assets
+
+    directory = tmp_path_factory.mktemp("shapes")
+    train = pads.dataset(assets.easy_vqa_shapes("train")).head(240)
+    broken = pa.table({"image": pa.array([b"GIF89a but not an image"], type=pa.binary()), "shape": ["circle"],
+                       "color": ["red"], "image_id": [-1]})
+    pq.write_table(pa.concat_tables([train, broken.cast(train.schema)]), directory / "train.parquet")
+    pq.write_table(pads.dataset(assets.easy_vqa_shapes("test")).head(96), directory / "test.parquet")
+    return {"train": directory / "train.parquet", "test": directory / "test.parquet"}
+
+
+SHAPES = ["circle", "rectangle", "triangle"]
+COLORS = ["black", "blue", "brown", "gray", "green", "red", "teal", "yellow"]
+
+
+def image_multitask_recipe(model: Path, data: dict[str, Path], run_dir: Path) -> dict:
+    return {
+        "name": "tiny_image_multitask",
+        "task": {"type": "multitask", "input": "image", "image_size": 32, "heads": {"shape": {}, "color": {}},
+                 "weighting": "uncertainty"},
+        "model": {"path": str(model)},
+        "data": {"train": str(data["train"]), "test": str(data["test"]), "validation_fraction": 0.1, "on_bad_rows": "skip",
+                 "columns": {"image": "image", "shape": "shape", "color": "color"}, "labels": {"shape": SHAPES, "color": COLORS}},
+        "train": {"lr": 1e-2, "epochs": 4, "batch_size": 16, "schedule": "constant", "seed": 3, "log_every": 10},
+        "scaling": {"workers": 2},
+        "baseline": {"enabled": False},
+        "output": {"dir": str(run_dir)},
+    }
+
+
+def test_image_heads_train_on_two_workers_and_the_export_is_the_image_tasks_layout(tiny_efficientnet, shapes_data, local_ray, tmp_path):
+    """A tiny EfficientNet reads real easy-VQA images for two heads (the broken image skipped);
+    the export is the image task's layout plus the heads, predicts the test rows as the run
+    scored them, and is a model.path again for both the image task and multitask."""
+    from safetensors.torch import load_file
+
+    from raytune_ft.models.efficientnet_lite import EfficientNetLite
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(image_multitask_recipe(tiny_efficientnet, shapes_data, tmp_path / "run"))
+    summary = run(recipe)
+    run_dir = recipe.run_dir()
+    epochs = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3, 4] and epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert sum(summary["bad_rows_skipped"].values()) == 1
+    test = summary["test"]
+    assert test["count"] == 96 and test["color_accuracy"] > 0.3  # chance: 1/8
+    for name in ("confusion_matrix_shape", "confusion_matrix_color"):
+        assert (run_dir / "plots" / f"{name}.png").stat().st_size > 0
+
+    export = run_dir / "model"
+    config = json.loads((export / "config.json").read_text())
+    assert config["architecture"] == "efficientnet_lite" and "labels" not in config
+    assert config["multitask_heads"] == {"shape": SHAPES, "color": COLORS} and config["multitask_pooling"] == "global_average"
+    tensors = load_file(export / "model.safetensors")
+    encoder = EfficientNetLite(config)  # no num_labels: the encoder alone
+    encoder.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("heads.", "log_variances"))}, strict=True)
+    task = build_task(recipe.to_dict(), summary["labels"])
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(shapes_data["test"]).to_pydict()
+    batch = task.collate(task.preprocess({"image": rows["image"], "shape": [SHAPES.index(v) for v in rows["shape"]],
+                                          "color": [COLORS.index(v) for v in rows["color"]]}))
+    with torch.no_grad():
+        features = encoder.eval().features(batch["pixels"])
+    for index, head in enumerate(("shape", "color")):
+        predicted = (features @ tensors[f"heads.{head}.weight"].T + tensors[f"heads.{head}.bias"]).argmax(-1)
+        accuracy = float((predicted == batch["labels"][:, index]).float().mean())
+        assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=1.5 / 96), head
+
+    # A model.path again: the image task takes the encoder (new classifier), multitask too (new heads).
+    again = {"task": {"type": "image_classification", "image_size": 32}, "model": {"path": str(export)}, "train": {}, "data": {}}
+    body = build_task(again, ["a", "b"]).build_model().state_dict()
+    assert all(torch.equal(body[key], value) for key, value in encoder.state_dict().items())
+    again = validate_recipe(image_multitask_recipe(export, shapes_data, tmp_path / "again")).to_dict()
+    rebuilt = build_task(again, summary["labels"]).build_model().state_dict()
+    assert all(torch.equal(rebuilt[f"encoder.{key}"], value) for key, value in encoder.state_dict().items())
+
+
+def test_image_heads_train_under_deepspeed_zero3(tiny_efficientnet, shapes_data, local_ray, tmp_path):
+    """ZeRO-3 shards the encoder and the heads; the export gathers every tensor whole."""
+    from safetensors.torch import load_file
+
+    recipe = image_multitask_recipe(tiny_efficientnet, shapes_data, tmp_path / "run")
+    recipe["train"].update(backend="deepspeed", epochs=1)
+    recipe["deepspeed"] = {"zero_stage": 3}
+    summary = run(validate_recipe(recipe))
+    assert summary["backend"] == "deepspeed" and summary["test"]["count"] == 96
+    tensors = load_file(Path(summary["outputs"]["model"]) / "model.safetensors")
+    assert tensors["heads.color.weight"].shape == (8, 32) and tensors["_conv_stem.weight"].shape == (8, 3, 3, 3)
+
+
+def test_options_of_the_other_input_are_refused(tiny_bert, tiny_efficientnet, review_data, shapes_data, tmp_path):
+    recipe = multitask_recipe(tiny_bert, review_data, tmp_path, image_size=64)
+    with pytest.raises(RecipeError, match=r"task.image_size: applies to task.input image only \(this recipe's input is text\)"):
+        validate_recipe(recipe, "r.yaml")
+    recipe = image_multitask_recipe(tiny_efficientnet, shapes_data, tmp_path)
+    recipe["task"]["max_length"] = 64
+    with pytest.raises(RecipeError, match=r"task.max_length: applies to task.input text only"):
+        validate_recipe(recipe, "r.yaml")
+    recipe["task"].pop("max_length")
+    recipe["data"]["columns"] = {"text": "image", "shape": "shape", "color": "color"}
+    with pytest.raises(RecipeError, match=r"data.columns: missing image \(task multitask needs image, shape, color\)"):
+        validate_recipe(recipe, "r.yaml")
+
+
+def test_shape_and_color_come_from_what_the_questions_state():
+    from raytune_ft.data.assets import shape_and_color
+
+    questions = [
+        ["what color is the circle?", "red", 0],                  # an answer, and a named shape
+        ["what is the blue shape?", "triangle", 1],               # a named colour, and an answer
+        ["is there not a rectangle?", "yes", 2], ["does the image contain a circle?", "no", 2],  # the shape left
+        ["is there a green shape?", "yes", 2],
+        ["is there a red shape?", "yes", 3],                      # colour only: not settled
+        ["is no gray shape present?", "no", 4], ["what shape is present?", "circle", 4],
+    ]
+    assert shape_and_color(questions) == {0: {"shape": "circle", "color": "red"}, 1: {"shape": "triangle", "color": "blue"},
+                                          2: {"shape": "triangle", "color": "green"}, 4: {"shape": "circle", "color": "gray"}}

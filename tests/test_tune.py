@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,6 +59,10 @@ def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(retention_recipe
     best = load_recipe(experiment / "best_recipe.yaml")
     assert best.train.lr == float(next(row["train.lr"] for row in rows if row["trial"] == summary["best"]["trial"]))
     assert (experiment / "trials" / summary["best"]["trial"] / "run" / "model" / "model.safetensors").is_file()
+    # Each run is written once, in the experiment: no copy of it in Ray's session directory.
+    from ray._private.worker import _global_node
+    staged = list((Path(_global_node.get_session_dir_path()) / "artifacts").rglob("model.safetensors"))
+    assert staged == []
 
 
 @pytest.mark.parametrize("searcher", ["random", "optuna"])

@@ -89,7 +89,8 @@ class EfficientNetLite(nn.Module):
         self._conv_head = SameConv2d(channels, config["head_channels"], 1, bias=False)
         self._bn1 = batch_norm(config["head_channels"])
         self.dropout = nn.Dropout(config["dropout"])
-        self.classifier = nn.Linear(config["head_channels"], config["num_labels"])
+        # Without num_labels (a multitask export's encoder) it is a feature extractor: features() only.
+        self.classifier = nn.Linear(config["head_channels"], config["num_labels"]) if config.get("num_labels") else None
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(pixels)))  # [B, stem, H/2, W/2]

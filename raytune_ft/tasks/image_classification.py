@@ -24,6 +24,7 @@ from raytune_ft.tasks import ClassificationMetrics, classification_loss, registe
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD = "classifier"
+MULTITASK_HEADS = ("heads.", "log_variances")  # a multitask export's heads: not this task's
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -74,14 +75,15 @@ def random_affine(count: int, rng: np.random.Generator, min_scale: float, flip: 
     return torch.from_numpy(theta).float()
 
 
-def save_model(model: torch.nn.Module, directory: str | Path) -> None:
-    """The export layout: ``config.json`` (architecture, labels) and ``model.safetensors``."""
+def save_model(model: torch.nn.Module, directory: str | Path, config: dict[str, Any] | None = None) -> None:
+    """The export layout: ``config.json`` (architecture, labels; ``model.config`` unless given)
+    and ``model.safetensors``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(model.config, indent=2))
+    (directory / "config.json").write_text(json.dumps(config or model.config, indent=2))
 
 
 @register
@@ -141,7 +143,8 @@ class ImageClassification:
 
     def build_model(self) -> torch.nn.Module:
         """The pretrained body, strictly (every tensor used, none missing), and a new head; an
-        export of this task with the same labels (a finished run's model) keeps its trained head."""
+        export of this task with the same labels (a finished run's model) keeps its trained head,
+        and an image multitask export gives its encoder."""
         from safetensors.torch import load_file
 
         from raytune_ft.models.efficientnet_lite import EfficientNetLite, read_legacy_checkpoint
@@ -150,7 +153,8 @@ class ImageClassification:
         state = read_legacy_checkpoint(Path(self.model_path)) if weights is None else load_file(weights)
         model = EfficientNetLite(self.config())
         keep_head = pretrained.get("labels") == list(self.labels)
-        body = {key: value for key, value in state.items() if keep_head or not key.startswith(HEAD + ".")}
+        body = {key: value for key, value in state.items()
+                if not key.startswith(MULTITASK_HEADS) and (keep_head or not key.startswith(HEAD + "."))}
         missing, unexpected = model.load_state_dict(body, strict=False)
         missing = [key for key in missing if not key.startswith(HEAD + ".")]
         if missing or unexpected:

@@ -1,9 +1,14 @@
-"""Multitask text classification: one shared pretrained encoder, one linear head per label role.
+"""Multitask classification: one shared pretrained encoder, one linear head per label role.
 
 Each head is a label role of its own (``task.heads`` names them; ``data.columns`` maps each to a
-column; ``data.labels`` holds one label set per head). The encoder's last hidden states are
-mean-pooled over the real tokens (what sentence encoders such as MiniLM were trained for) and
-every head reads the same pooled features. The training objective combines the heads'
+column; ``data.labels`` holds one label set per head). ``task.input`` says what the encoder reads:
+
+- ``text``: a transformers encoder (``model.path``, e.g. MiniLM) whose last hidden states are
+  mean-pooled over the real tokens (what sentence encoders were trained for);
+- ``image``: EfficientNet-Lite (``model.path`` as in the image task), globally pooled, with the
+  image task's decoding, augmentation and normalisation.
+
+Every head reads the same pooled features. The training objective combines the heads'
 cross-entropies L_i:
 
 - ``weighting: fixed``: sum_i w_i L_i with the recipe's weights w_i;
@@ -14,8 +19,9 @@ cross-entropies L_i:
 
 ``eval/loss`` is sum_i w_i L_i in both modes (a yardstick that learned weights do not move);
 ``eval/accuracy`` and ``eval/macro_f1`` are the means over heads, so early stopping, Tune, WiSE-FT
-and retention key on them as for one head. The export is the encoder as a plain transformers
-directory (``AutoModel.from_pretrained`` loads it) whose ``model.safetensors`` also holds
+and retention key on them as for one head. The export is the encoder's own layout (text: a plain
+transformers directory that ``AutoModel.from_pretrained`` loads; image: the image task's
+``config.json`` + ``model.safetensors``) whose ``model.safetensors`` also holds
 ``heads.<head>.weight|bias`` (and ``log_variances``), with each head's labels in ``config.json``.
 """
 
@@ -26,17 +32,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
 from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
+from raytune_ft.tasks.image_classification import ImageClassification, decode_images, normalise, save_model
 from raytune_ft.tasks.text_classification import (
     check_text_model, encoder_config, load_tokenizer, pad_sequences, tokenize,
 )
 from raytune_ft.train.optim import LR_SCALE
 
 HEAD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+INPUTS = ("text", "image")
+IMAGE_OPTIONS = ("image_size", "crop_scale", "flip", "rotation")
 # Recipe sections that assume one set of logits (distillation, post steps) or a probe task's
 # columns (retention references); refused rather than half-supported.
 UNSUPPORTED = (("retention",), ("distill",), ("replay",), ("post", "quantize"), ("post", "prune"), ("post", "explain"))
@@ -48,32 +57,38 @@ class HeadOptions(BaseModel):
 
 
 class MultitaskModel(torch.nn.Module):
-    """A shared encoder, mean-pooled, with one linear head per label role.
+    """A shared encoder, pooled, with one linear head per label role. Inputs are ``pixels``
+    (an EfficientNet-Lite encoder) or ``input_ids`` and ``attention_mask`` (a transformers one).
 
     ``forward`` returns ({head: logits [B, C_head]}, log-variances [H] or None); the log-variances
     leave through forward so that DDP and DeepSpeed see them used like any other parameter."""
 
     base_model_prefix = "encoder"  # pretrained weights are the encoder's (check_pretrained_weights)
 
-    def __init__(self, encoder: torch.nn.Module, classes: dict[str, int], uncertainty: bool, log_variance_lr_scale: float = 1.0):
+    def __init__(self, encoder: torch.nn.Module, width: int, dropout: float, classes: dict[str, int], uncertainty: bool,
+                 log_variance_lr_scale: float = 1.0):
         super().__init__()
-        config = encoder.config
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # features are mean-pooled; an unused pooler would stall DDP's reducer
+        # Features are pooled from the encoder's body: its own pooler or classifier would go
+        # unused and stall DDP's reducer.
+        for unused in ("pooler", "classifier"):
+            if getattr(encoder, unused, None) is not None:
+                setattr(encoder, unused, None)
         self.encoder = encoder
-        dropout = getattr(config, "classifier_dropout", None) or getattr(config, "hidden_dropout_prob", 0.1)
         self.dropout = torch.nn.Dropout(dropout)
-        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(config.hidden_size, count) for name, count in classes.items()})
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, count) for name, count in classes.items()})
         self.log_variances = torch.nn.Parameter(torch.zeros(len(classes))) if uncertainty else None
         if uncertainty:
             setattr(self.log_variances, LR_SCALE, log_variance_lr_scale)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        return mean_pool(hidden, attention_mask)  # [B, H]
+    def features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, width]."""
+        if "pixels" in inputs:
+            return self.encoder.features(inputs["pixels"])
+        hidden = self.encoder(**inputs).last_hidden_state  # [B, T, H]
+        return mean_pool(hidden, inputs["attention_mask"])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        pooled = self.dropout(self.features(input_ids, attention_mask))
+    def forward(self, **inputs: torch.Tensor):
+        pooled = self.dropout(self.features(**inputs))
         log_variances = self.log_variances * 1 if self.log_variances is not None else None
         return {name: head(pooled) for name, head in self.heads.items()}, log_variances
 
@@ -128,12 +143,18 @@ class MultitaskMetrics:
 @register
 class Multitask:
     name = "multitask"
-    columns = ("text",)  # and one label role per head: roles(options)
+    columns = ("text",)  # or ("image",) per task.input, and one label role per head: roles(options)
     metrics = MultitaskMetrics.names
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        max_length: int = Field(256, ge=8, le=8192, description="tokens kept per text (truncated)")
+        input: Literal["text", "image"] = Field("text", description="what the shared encoder reads: text (a transformers "
+                                                                    "encoder) or image (EfficientNet-Lite)")
+        max_length: int = Field(256, ge=8, le=8192, description="text: tokens kept per text (truncated)")
+        image_size: int = Field(64, ge=16, le=1024, description="image: pixels per side the model sees (images are resized)")
+        crop_scale: float = Field(0.8, gt=0, le=1, description="image, train: random resized crop keeps this to 100% of the area")
+        flip: bool = Field(True, description="image, train: mirror left-right with probability 1/2")
+        rotation: float = Field(10.0, ge=0, le=180, description="image, train: rotate by up to +-this many degrees")
         heads: dict[str, HeadOptions] = Field(min_length=1, description="head name (its label role in data.columns) -> {weight}")
         weighting: Literal["fixed", "uncertainty"] = Field("fixed", description="fixed weights, or learned log-variances (Kendall et al. 2018)")
         log_variance_lr: float = Field(
@@ -144,14 +165,23 @@ class Multitask:
         @classmethod
         def _head_names(cls, heads: dict[str, HeadOptions]) -> dict[str, HeadOptions]:
             for name in heads:
-                if not HEAD_NAME.match(name) or name in Multitask.columns:
+                if not HEAD_NAME.match(name) or name in INPUTS:
                     raise ValueError(f"head name {name!r} must be lower-case letters, digits and _ (starting with a letter), "
-                                     f"and not {', '.join(Multitask.columns)}")
+                                     f"and not {', '.join(INPUTS)}")
             return heads
+
+        @field_validator("max_length", *IMAGE_OPTIONS)
+        @classmethod
+        def _option_of_the_input(cls, value: Any, info: ValidationInfo) -> Any:
+            """An option of the other input would be silently ignored: refused instead."""
+            wanted = "text" if info.field_name == "max_length" else "image"
+            if info.data.get("input", "text") != wanted:
+                raise ValueError(f"applies to task.input {wanted} only (this recipe's input is {info.data.get('input')})")
+            return value
 
     @classmethod
     def roles(cls, options: "Multitask.Options") -> tuple[str, ...]:
-        return (*cls.columns, *options.heads)
+        return (options.input, *options.heads)
 
     @classmethod
     def label_roles(cls, options: "Multitask.Options") -> tuple[str, ...]:
@@ -168,6 +198,8 @@ class Multitask:
         self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
         self.labels = labels
         self.dropout = recipe["train"].get("dropout")
+        self.image = self.options.input == "image"
+        self.skip_bad_rows = recipe["data"].get("on_bad_rows") == "skip"
         self.uncertainty = self.options.weighting == "uncertainty"
         lr = recipe["train"]["lr"]
         self.log_variance_lr_scale = self.options.log_variance_lr / lr if lr else 1.0  # lr 0 trains nothing, these included
@@ -187,41 +219,81 @@ class Multitask:
     def check(self) -> None:
         if self.unsupported:
             raise UserError(self.unsupported[0], f"not supported by task {self.name} yet (it assumes one set of logits); remove it")
-        check_text_model(self)
+        if self.image:
+            self.build_model()  # the weights exist and fit the architecture (read weights-only)
+        else:
+            check_text_model(self)
+
+    def image_task(self) -> ImageClassification:
+        """The image encoder's loading, decoding and augmentation: the image task's own."""
+        task = {"image_size": self.options.image_size, "crop_scale": self.options.crop_scale,
+                "flip": self.options.flip, "rotation": self.options.rotation}
+        recipe = {"model": {"path": self.model_path, "num_layers": self.num_layers}, "task": task,
+                  "train": {"dropout": self.dropout}, "data": {"on_bad_rows": "skip" if self.skip_bad_rows else "fail"}}
+        return ImageClassification(recipe, ["unused", "labels"])
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Tokenise; labels [B, H], one column per head in the order of task.heads."""
+        """Tokenise, or decode and resize; labels [B, H], one column per head in the order of task.heads."""
         labels = np.stack([np.asarray(batch[name], dtype=np.int64) for name in self.options.heads], axis=1)
+        if self.image:
+            pixels, keep = decode_images(batch, self.options.image_size, self.skip_bad_rows)
+            return {"pixels": pixels, "labels": labels[keep]}
         return {"input_ids": tokenize(self.model_path, batch["text"], self.options.max_length), "labels": labels}
 
+    def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Train-only: the image task's random resized crop, flip and rotation (text passes through)."""
+        return self.image_task().augment(batch) if self.image else batch
+
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        labels = torch.as_tensor(np.asarray(batch["labels"]))
+        if self.image:
+            return {"pixels": normalise(batch["pixels"]), "labels": labels}
         pad_id = load_tokenizer(self.model_path).pad_token_id or 0
         input_ids, attention_mask = pad_sequences(batch["input_ids"], pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.as_tensor(np.asarray(batch["labels"]))}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def heads_config(self) -> dict[str, Any]:
+        """What config.json records of the heads: each head's labels, and the pooling."""
+        return {"multitask_heads": {name: list(self.labels[name]) for name in self.options.heads},
+                "multitask_pooling": "global_average" if self.image else "mean"}
 
     def config(self):
         config = encoder_config(self.model_path, self.dropout, self.num_layers)
-        config.multitask_heads = {name: list(self.labels[name]) for name in self.options.heads}  # labels, in config.json
-        config.multitask_pooling = "mean"
+        for key, value in self.heads_config().items():
+            setattr(config, key, value)
         return config
+
+    def wrap(self, encoder: torch.nn.Module, lr_scale: float = 1.0) -> MultitaskModel:
+        """The heads (and log-variances) on ``encoder``."""
+        if self.image:
+            width, dropout = encoder.config["head_channels"], encoder.config["dropout"]
+        else:
+            config = encoder.config
+            width, dropout = config.hidden_size, getattr(config, "classifier_dropout", None) or getattr(config, "hidden_dropout_prob", 0.1)
+        return MultitaskModel(encoder, width, dropout, self.classes(), self.uncertainty, lr_scale)
 
     def skeleton(self) -> torch.nn.Module:
         from transformers import AutoModel
 
         with torch.device("meta"):
-            return MultitaskModel(AutoModel.from_config(self.config()), self.classes(), self.uncertainty)
+            return self.wrap(self.image_task().skeleton() if self.image else AutoModel.from_config(self.config()))
 
     def build_model(self) -> torch.nn.Module:
+        if self.image:
+            return self.wrap(self.image_task().build_model(), self.log_variance_lr_scale)
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(self.model_path, config=self.config(), use_safetensors=True)  # never unpickle
-        return MultitaskModel(encoder, self.classes(), self.uncertainty, self.log_variance_lr_scale)
+        return self.wrap(encoder, self.log_variance_lr_scale)
 
     def head_names(self, model: torch.nn.Module) -> list[str]:
         return ["heads"] + (["log_variances"] if self.uncertainty else [])
 
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: batch[key] for key in (("pixels",) if self.image else ("input_ids", "attention_mask"))}
+
     def forward(self, model, batch):
-        logits, log_variances = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits, log_variances = model(**self.inputs(batch))
         losses, loss_sums = [], []
         for index, name in enumerate(self.options.heads):
             mean, (loss_sum, _) = classification_loss(logits[name], batch["labels"][:, index])
@@ -236,24 +308,29 @@ class Multitask:
         return objective, (torch.stack(loss_sums), logits, log_variances)
 
     def embed(self, model, batch) -> torch.Tensor:
-        """The shared encoder's mean-pooled features [B, H], without the heads."""
-        return getattr(model, "module", model).features(batch["input_ids"], batch["attention_mask"])
+        """The shared encoder's pooled features [B, width], without the heads."""
+        return getattr(model, "module", model).features(**self.inputs(batch))
 
     def new_metrics(self) -> MultitaskMetrics:
         return MultitaskMetrics(self.classes(), self.weights, self.uncertainty)
 
     def save_pretrained(self, model: torch.nn.Module, directory: str) -> None:
-        """The encoder's own save_pretrained layout (config.json with the heads' labels, tokenizer),
-        its model.safetensors extended with the heads (and log-variances)."""
+        """The encoder's own export layout (text: transformers' save_pretrained and the tokenizer;
+        image: the image task's), config.json with the heads' labels, its model.safetensors
+        extended with the heads (and log-variances)."""
         from pathlib import Path
 
         from safetensors.torch import load_file, save_file
 
-        model.encoder.save_pretrained(directory, safe_serialization=True)
+        if self.image:  # the image task's config, less its stand-in labels, plus the heads'
+            config = {key: value for key, value in model.encoder.config.items() if key not in ("labels", "num_labels")}
+            save_model(model.encoder, directory, {**config, **self.heads_config()})
+        else:
+            model.encoder.save_pretrained(directory, safe_serialization=True)
+            load_tokenizer(self.model_path).save_pretrained(directory)
         weights = Path(directory) / "model.safetensors"
         tensors = load_file(weights)
         tensors.update({f"heads.{key}": value.detach().contiguous() for key, value in model.heads.state_dict().items()})
         if model.log_variances is not None:
             tensors["log_variances"] = model.log_variances.detach().contiguous()
         save_file(tensors, weights, metadata={"format": "pt"})
-        load_tokenizer(self.model_path).save_pretrained(directory)

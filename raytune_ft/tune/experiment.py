@@ -141,7 +141,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     with tracked(recipe, experiment_dir) as tracker:  # each trial logs as a child of the experiment
         shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
                   "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
-                  "references": reference_specs(references)}
+                  "references": reference_specs(references), "trials_dir": str(experiment_dir / TRIALS)}
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
         results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
         return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)

@@ -68,7 +68,8 @@ def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_d
 
 
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
-    """The Tune function trainable. ``shared``: the base recipe, datasets, labels, references."""
+    """The Tune function trainable. ``shared``: the base recipe, datasets, labels, references and
+    the experiment's trials directory."""
     from ray import tune
 
     from raytune_ft.errors import UserError
@@ -78,7 +79,9 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
 
     started = time.time()
     context = tune.get_context()
-    run_dir = Path(context.get_trial_dir()) / "run"
+    # Straight into the experiment's own trial directory: Tune's trial dir (get_trial_dir) is a
+    # staging copy under Ray's session dir that Tune syncs to storage, which would keep it twice.
+    run_dir = Path(shared["trials_dir"]) / context.get_trial_name() / "run"
     # Only PBT reports Tune checkpoints; one here means "continue from it" (another trial's epoch
     # after an exploit, or this trial's own after a retry), so this trial's own run starts afresh.
     restored = tune.get_checkpoint()
