@@ -127,3 +127,37 @@ def test_replay_or_ewc_on_a_task_reference_is_refused(tiny_whisper, tmp_path):
     recipe["replay"] = {"fraction": 0.2}
     with pytest.raises(RecipeError, match="needs a probe reference"):
         validate_recipe(recipe)
+
+
+def decode_until_all_ranks_finish(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: this rank's transcripts end at step ``rank``; under ZeRO-3 (a
+    parameter tagged with ``ds_id``, as DeepSpeed tags partitioned ones) it keeps stepping until
+    the other rank's have ended too; without it, it stops at its own end."""
+    import torch.distributed as dist
+
+    from raytune_ft.tasks.speech_recognition import all_ranks_finished
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    plain, partitioned = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    partitioned.weight.ds_id = 0
+    steps = {}
+    for name, model in (("ddp", plain), ("zero3", partitioned)):
+        for step in range(5):
+            if all_ranks_finished(torch.tensor([step >= rank]), model):
+                break
+        steps[name] = step
+    results[rank] = steps
+    dist.destroy_process_group()
+
+
+def test_greedy_decoding_stops_only_when_every_rank_is_done_under_zero3():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(decode_until_all_ranks_finish, args=(port, results), nprocs=2)
+    assert dict(results) == {0: {"ddp": 0, "zero3": 1}, 1: {"ddp": 1, "zero3": 1}}

@@ -89,6 +89,19 @@ class SpeechMetrics:
         }
 
 
+def all_ranks_finished(finished: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether decoding may stop. Under ZeRO-3 every forward gathers parameters from every rank,
+    so a rank stops only when all ranks' transcripts have ended (ranks decode different clips)."""
+    import torch.distributed as dist
+
+    done = bool(finished.all())
+    if not (dist.is_available() and dist.is_initialized()) or not hasattr(next(model.parameters()), "ds_id"):
+        return done
+    pending = torch.tensor([0 if done else 1], device=finished.device)
+    dist.all_reduce(pending)
+    return int(pending) == 0
+
+
 @register
 class SpeechRecognition:
     name = "speech_recognition"
@@ -243,7 +256,7 @@ class SpeechRecognition:
             next_token = out.logits[:, -1].argmax(-1).masked_fill(finished, end)
             tokens = torch.cat([tokens, next_token[:, None]], 1)
             finished |= next_token == end
-            if finished.all():
+            if all_ranks_finished(finished, whisper):
                 break
             step_input = next_token[:, None]
         return tokens
