@@ -28,6 +28,7 @@ transformers directory that ``AutoModel.from_pretrained`` loads; image: the imag
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -175,8 +176,8 @@ class Multitask:
         def _option_of_the_input(cls, value: Any, info: ValidationInfo) -> Any:
             """An option of the other input would be silently ignored: refused instead."""
             wanted = "text" if info.field_name == "max_length" else "image"
-            if info.data.get("input", "text") != wanted:
-                raise ValueError(f"applies to task.input {wanted} only (this recipe's input is {info.data.get('input')})")
+            if "input" in info.data and info.data["input"] != wanted:  # an invalid input is its own error
+                raise ValueError(f"applies to task.input {wanted} only (this recipe's input is {info.data['input']})")
             return value
 
     @classmethod
@@ -224,8 +225,10 @@ class Multitask:
         else:
             check_text_model(self)
 
+    @cached_property
     def image_task(self) -> ImageClassification:
-        """The image encoder's loading, decoding and augmentation: the image task's own."""
+        """The image encoder's loading, decoding and augmentation: the image task's own (built
+        once, not per augmented batch)."""
         task = {"image_size": self.options.image_size, "crop_scale": self.options.crop_scale,
                 "flip": self.options.flip, "rotation": self.options.rotation}
         recipe = {"model": {"path": self.model_path, "num_layers": self.num_layers}, "task": task,
@@ -242,7 +245,7 @@ class Multitask:
 
     def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Train-only: the image task's random resized crop, flip and rotation (text passes through)."""
-        return self.image_task().augment(batch) if self.image else batch
+        return self.image_task.augment(batch) if self.image else batch
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         labels = torch.as_tensor(np.asarray(batch["labels"]))
@@ -276,11 +279,11 @@ class Multitask:
         from transformers import AutoModel
 
         with torch.device("meta"):
-            return self.wrap(self.image_task().skeleton() if self.image else AutoModel.from_config(self.config()))
+            return self.wrap(self.image_task.skeleton() if self.image else AutoModel.from_config(self.config()))
 
     def build_model(self) -> torch.nn.Module:
         if self.image:
-            return self.wrap(self.image_task().build_model(), self.log_variance_lr_scale)
+            return self.wrap(self.image_task.build_model(), self.log_variance_lr_scale)
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(self.model_path, config=self.config(), use_safetensors=True)  # never unpickle
