@@ -542,20 +542,21 @@ def eval_metric_fields(recipe: Recipe) -> list[tuple[str, str]]:
 def _check_roles(recipe: Recipe, task_cls, options) -> list[tuple[str, str]]:
     """The data sections map exactly the task's roles; label sets and buckets name label roles;
     metric fields name metrics the task reports."""
-    from raytune_ft.tasks import task_label_roles, task_metrics, task_roles
+    from raytune_ft.tasks import task_label_roles, task_metrics, task_probe_roles, task_roles
 
     problems: list[tuple[str, str]] = []
     roles, label_roles = task_roles(task_cls, options), task_label_roles(task_cls, options)
-    sections = [("data", recipe.data)] + [
-        (f"retention.references.{i}.data", reference.data) for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
+    sections = [("data", recipe.data, roles)] + [
+        (f"retention.references.{i}.data", reference.data, task_probe_roles(task_cls, options) if reference.kind == "probe" else roles)
+        for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
     ]
-    for prefix, data in sections:
-        missing = [role for role in roles if role not in data.columns]
-        unknown = [role for role in data.columns if role not in roles]
+    for prefix, data, needed in sections:
+        missing = [role for role in needed if role not in data.columns]
+        unknown = [role for role in data.columns if role not in needed]
         if missing:
-            problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(roles)})"))
+            problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(needed)})"))
         if unknown:
-            problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(roles)}"))
+            problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(needed)}"))
     several = label_roles != ("label",) and label_roles != ()
     if several and isinstance(recipe.data.labels, list):
         problems.append(("data.labels", f"task {recipe.task.type} has the label roles {', '.join(label_roles)}: "

@@ -83,7 +83,7 @@ RECIPE_CASES = {
     # cross-field conflicts
     "neither_epochs_nor_max_steps": ({"train.epochs": None}, "train.epochs: give epochs or max_steps"),
     "fractional_warmup_steps": ({"train.warmup": 2.5}, "train.warmup: a step count must be a whole number"),
-    "unknown_task": ({"task.type": "summarise"}, "task.type: unknown task 'summarise'; allowed: image_classification, multitask, speech_recognition, text_classification, visual_question_answering"),
+    "unknown_task": ({"task.type": "summarise"}, "task.type: unknown task 'summarise'; allowed: causal_lm, image_classification, multitask, speech_recognition, text_classification, visual_question_answering"),
     "unknown_strategy": ({"strategy.method": "dora"}, "strategy.method: unknown 'dora'; allowed:"),
     "unknown_backend": ({"train.backend": "fsdp"}, "train.backend: unknown 'fsdp'; allowed: ddp, deepspeed"),
     "option_of_another_strategy": ({"strategy.rank": 4}, "strategy.rank: applies to method lora, not full"),

