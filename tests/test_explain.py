@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import NEGATIVE, POSITIVE, cli, copy_run, write_recipe
+from conftest import NEGATIVE, POSITIVE, copy_run
 from raytune_ft.post import run_steps
 from raytune_ft.post.explain import choose_rows
 from raytune_ft.post.finished import FinishedRun
+from raytune_ft.recipe import validate_recipe
+from raytune_ft.train.runner import run as run_recipe
 from test_image import image_recipe
 
 
@@ -91,22 +93,21 @@ def test_rows_option_and_the_sentiment_word_carries_the_prediction(finished_text
     assert sorted(p.name for p in (run_dir / "post" / "explain").iterdir()) == sorted(f"row_{row}.png" for row in rows)
 
 
-def test_a_row_out_of_range_is_a_one_line_error(finished_text_run, tmp_path):
+def test_a_row_out_of_range_is_a_one_line_error(finished_text_run, tmp_path, cli_in_process):
     run_dir = copy_run(finished_text_run, tmp_path)
-    result = cli("post", str(run_dir), "--step", "explain", "--set", "post.explain.rows=[2,96]")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: post.explain.rows: row 96 is out of range: the test split has 96 rows (0..95)"
+    code, stderr = cli_in_process("post", str(run_dir), "--step", "explain", "--set", "post.explain.rows=[2,96]")
+    assert code == 2
+    assert stderr.strip() == "error: post.explain.rows: row 96 is out of range: the test split has 96 rows (0..95)"
     assert not (run_dir / "post" / "explain").exists()
 
 
-def test_image_run_explains_pixels_and_writes_the_report(tiny_efficientnet, tmp_path):  # noqa: F811
+def test_image_run_explains_pixels_and_writes_the_report(tiny_efficientnet, tmp_path, local_ray):  # noqa: F811
     """A real one-epoch image run with post.explain: the run itself writes the saliency PNGs and report.html."""
     recipe = image_recipe(tiny_efficientnet, tmp_path / "run", max_rows=64)
     recipe["train"]["epochs"] = 1
     recipe["scaling"]["workers"] = 1
     recipe["post"] = {"explain": {"examples": 2, "steps": 48}}
-    result = cli("run", str(write_recipe(recipe, tmp_path / "image.yaml")))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_recipe(validate_recipe(recipe))
 
     run_dir = tmp_path / "run"
     explained = json.loads((run_dir / "post" / "explain.json").read_text())

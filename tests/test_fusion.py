@@ -10,21 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, snapshot, tiny_recipe_dict, write_recipe
+from conftest import cli, run_in_fixture, snapshot, tiny_recipe_dict
 from raytune_ft.post.finished import FinishedRun
 from raytune_ft.post.fusion import average_weights, fuse, majority_vote
 
 
 @pytest.fixture(scope="module")
-def experiment(tiny_bert, sentiment_data, tmp_path_factory) -> Path:
+def experiment(tiny_bert, sentiment_data, tmp_path_factory, local_ray) -> Path:
+    from raytune_ft.recipe import validate_recipe
+    from raytune_ft.tune.experiment import run_experiment
+
     directory = tmp_path_factory.mktemp("fusion") / "experiment"
     recipe = tiny_recipe_dict(tiny_bert, sentiment_data, directory)
     recipe["train"]["epochs"] = 2
     # Two learning rates too small to leave the majority class in 2 epochs, one that learns the task.
     recipe["tune"] = {"searcher": "grid", "num_samples": 1, "space": {"train.lr": {"grid": [2e-4, 5e-4, 1e-3]}},
                       "workers_per_trial": 1, "max_concurrent_trials": 3}
-    result = cli("tune", str(write_recipe(recipe, directory.parent / "tune.yaml")))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_fixture(lambda force: run_experiment(validate_recipe(recipe), force=force))
     return directory
 
 

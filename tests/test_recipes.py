@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli, write_recipe
+from conftest import ROOT, cli
 from raytune_ft.errors import RecipeError
 from raytune_ft.recipe import apply_overrides, load_recipe, parse_value, validate_recipe
 
@@ -65,7 +64,7 @@ BROKEN = [
     (broken("train.backend", "horovod"), "train.backend", "allowed: ddp"),
     (broken("scaling.workers", 0), "scaling.workers", "greater than or equal to 1"),
     (broken("strategy.method", "magic"), "strategy.method", "allowed: freeze, full, gradual, head_only, lora, lp_ft"),
-    (broken("task.type", "regression"), "task.type", "allowed: image_classification, multitask, speech_recognition, text_classification"),
+    (broken("task.type", "regression"), "task.type", "allowed: causal_lm, image_classification, multitask, speech_recognition, text_classification"),
     (broken("task.max_length", 4), "task.max_length", "greater than or equal to 8"),
     (broken("task.maxlen", 64), "task.maxlen", "unknown field"),
     (broken("data.columns", {"text": "a"}), "data.columns", "missing label"),
@@ -122,17 +121,17 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("name,content,expected", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_recipe_errors_are_one_line(tmp_path, name, content, expected):
+def test_cli_recipe_errors_are_one_line(tmp_path, name, content, expected, cli_in_process):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
-    result = cli("validate", str(path))
-    assert result.returncode == 2
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    code, stderr = cli_in_process("validate", str(path))
+    assert code == 2
+    assert expected in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
-def test_cli_set_override_error(tmp_path):
-    result = cli("validate", "jobs/text_classification.yaml", "--set", "train.batch_size=zero")
-    assert result.returncode == 2
-    assert "train.batch_size" in result.stderr and "Traceback" not in result.stderr
+def test_cli_set_override_error(tmp_path, cli_in_process):
+    code, stderr = cli_in_process("validate", str(ROOT / "jobs" / "text_classification.yaml"), "--set", "train.batch_size=zero")
+    assert code == 2
+    assert "train.batch_size" in stderr and "Traceback" not in stderr

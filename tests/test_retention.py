@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, write_recipe
+from conftest import write_recipe
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
 
@@ -156,10 +156,10 @@ def test_gradual_and_lp_ft_schedules_on_a_real_model(tiny_recipe):
     ({"regularizer": {"method": "ewc", "strength": 1.0}}, "regularizer"),
     ({"wise_ft": {"alphas": [0.5, 2.0]}}, "wise_ft.alphas"),
 ])
-def test_bad_retention_configs_are_one_line_errors(tiny_recipe, tmp_path, change, field):
+def test_bad_retention_configs_are_one_line_errors(tiny_recipe, tmp_path, change, field, cli_in_process):
     recipe_path = write_recipe({**tiny_recipe, **change}, tmp_path / "bad.yaml")
-    result = cli("run", str(recipe_path))
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and field in lines[0] and "Traceback" not in result.stderr, result.stderr
+    code, stderr = cli_in_process("run", str(recipe_path))
+    assert code == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in stderr, stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written

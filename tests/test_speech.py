@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, write_recipe
 from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.tasks.speech_recognition import SpeechMetrics, SpeechRecognition, edit_distance, normalise
@@ -104,11 +103,12 @@ def tiny_recipe(model: Path, run_dir: Path) -> dict:
     }
 
 
-def test_tiny_whisper_trains_on_spoken_digits_with_two_workers(tiny_whisper, tmp_path):
+def test_tiny_whisper_trains_on_spoken_digits_with_two_workers(tiny_whisper, tmp_path, local_ray):
+    from raytune_ft.recipe import validate_recipe
+    from raytune_ft.train.runner import run
+
     run_dir = tmp_path / "run"
-    result = cli("run", str(write_recipe(tiny_recipe(tiny_whisper, run_dir), tmp_path / "speech.yaml")))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run(validate_recipe(tiny_recipe(tiny_whisper, run_dir)))
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row["train/loss"] for row in history if "train/loss" in row]
     assert losses[-1] < losses[0] - 1.0, losses  # from ~ln(51864) = 10.9 towards the digit words

@@ -16,15 +16,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, Payload, cli, snapshot, write_recipe
+from conftest import ROOT, Payload, cli, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
 
 
-def test_two_worker_ddp_run_learns_and_writes_outputs(tiny_recipe, local_ray):
-    recipe = validate_recipe(tiny_recipe)
-    summary = run(recipe)
-    run_dir = recipe.run_dir()
+@pytest.fixture(scope="module")
+def ddp_run(tiny_bert, sentiment_data, local_ray, tmp_path_factory) -> tuple[dict, dict]:
+    """The tiny recipe run once, uninterrupted, by 2 DDP workers: (recipe dict, summary). Early
+    stopping waits for an improvement with patience to spare, so the best weights travel with
+    every checkpoint (the resume test's reference run covers that path too)."""
+    recipe = tiny_recipe_dict(tiny_bert, sentiment_data, tmp_path_factory.mktemp("ddp") / "run")
+    recipe["train"]["early_stopping"] = {"metric": "eval/accuracy", "mode": "max", "patience": 10}
+    return recipe, run_in_fixture(lambda force: run(validate_recipe(recipe), force=force))
+
+
+def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
+    summary = ddp_run[1]
+    run_dir = Path(summary["outputs"]["run_dir"])
 
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [row for row in history if "train/loss" in row]
@@ -57,25 +66,23 @@ def test_head_only_baseline_freezes_the_body(tiny_recipe, local_ray, tiny_bert):
         assert torch.equal(after["bert." + key if "bert." + key in after else key], value), key
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path):
-    """Epoch 1 checkpoints, then the run crashes; --resume finishes it. The final weights equal
-    an uninterrupted run with the same seed (same data order, optimizer and schedule state)."""
-    tiny_recipe["train"]["early_stopping"] = {"metric": "eval/accuracy", "mode": "max", "patience": 10}
-    recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process):
+    """Epoch 1 checkpoints, then the run crashes (the real command line: exit 1, the workers'
+    error as the last line); --resume finishes it. The final weights equal the uninterrupted
+    run's with the same seed (same data order, optimizer and schedule state)."""
+    recipe, straight = ddp_run
+    recipe = {**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "resumed")}}
+    recipe_path = write_recipe(recipe, tmp_path / "tiny.yaml")
 
-    straight = cli("run", str(recipe_path), "--output", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    crashed = cli("run", str(recipe_path), "--output", str(tmp_path / "resumed"), env={"RAYTUNE_FT_FAULT": "raise_after_epoch:1"})
+    crashed = cli("run", str(recipe_path), env={"RAYTUNE_FT_FAULT": "raise_after_epoch:1"})
     assert crashed.returncode == 1
     assert crashed.stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
-    again = cli("run", str(recipe_path), "--output", str(tmp_path / "resumed"))
-    assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwritten
-    resumed = cli("run", str(recipe_path), "--output", str(tmp_path / "resumed"), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["resumed_at"][0]["epoch"] == 1
+    code, stderr = cli_in_process("run", str(recipe_path))
+    assert code == 2 and "--resume" in stderr  # never silently overwritten
+    resumed = run(validate_recipe(recipe), resume=True)
+    assert resumed["resumed_at"][0]["epoch"] == 1
 
-    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    a = load_file(Path(straight["outputs"]["model"]) / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
@@ -109,7 +116,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / latest["checkpoint_dir_name"] if latest else None
 
 
-def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recipe, tmp_path, cli_in_process):
+def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recipe, tmp_path, cli_in_process, local_ray):
     """SIGKILL the `raytune-ft run` process once epoch 1's checkpoint is on disk; --resume then
     finishes. The interrupted epoch restarts from its beginning (the step count at epoch 1's end),
     so metrics.jsonl holds every epoch exactly once. Damaged copies of the killed run are refused."""
@@ -151,8 +158,7 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
         assert stderr.startswith(f"error: --resume: {weights}: ") and "checkpoint to resume from is damaged" in stderr
         assert snapshot(copy) == before and not (tmp_path / "pwned").exists()
 
-    resumed = cli("run", str(recipe_path), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run(validate_recipe(tiny_recipe), resume=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [row for row in rows if "train/loss" in row]
     assert [row["epoch"] for row in epochs] == [1, 2, 3]
@@ -161,14 +167,13 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     assert summary["resumed_at"] == [{"epoch": 1, "step": epochs[0]["step"]}]
 
 
-def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(tiny_recipe, tmp_path):
+def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(tiny_recipe, tmp_path, local_ray, monkeypatch):
     """A worker process SIGKILLed mid-epoch 2 (rank 1): with train.max_failures the worker group
     restarts from epoch 1's checkpoint within the same run, which finishes with each epoch once."""
     tiny_recipe["train"].update(epochs=2, max_failures=1)
-    recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
-    result = cli("run", str(recipe_path), env={"RAYTUNE_FT_FAULT": "kill_at_step:25"})  # 20 steps per epoch
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("RAYTUNE_FT_FAULT", "kill_at_step:25")  # 20 steps per epoch
+    summary = run(validate_recipe(tiny_recipe))
     assert (tmp_path / "run" / ".fault_fired").exists()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_at"] == [{"epoch": 1, "step": 20}]
+    assert summary["resumed_at"] == [{"epoch": 1, "step": 20}]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, cli, write_recipe
+from conftest import ROOT, write_recipe
 from raytune_ft.recipe import load_recipe, validate_recipe
 from raytune_ft.tune.experiment import run_experiment
 from raytune_ft.tune.pareto import hypervolume, pareto_front
@@ -156,15 +156,14 @@ def test_pbt_copies_the_good_trial_into_the_bad_one(tiny_recipe, tmp_path, local
     assert [record["epoch"] for record in history if "train/loss" in record] == [1, 2, 3]
 
 
-def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, tmp_path):
+def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, tmp_path, local_ray, monkeypatch):
     """Every trial raises once after epoch 1 (RAYTUNE_FT_FAULT) and is retried from its checkpoint;
     the trial that freezes more layers than the model has fails for good, the other finishes."""
     tiny_recipe["strategy"] = {"method": "freeze", "layers": 1}
     with_search(tiny_recipe, tmp_path, searcher="grid", max_failures=1, space={"strategy.layers": {"grid": [1, 9]}})
     tiny_recipe["train"]["epochs"] = 2
-    path = write_recipe(tiny_recipe, tmp_path / "tune.yaml")
-    result = cli("tune", str(path), env={"RAYTUNE_FT_FAULT": "raise_after_epoch:1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("RAYTUNE_FT_FAULT", "raise_after_epoch:1")
+    run_experiment(validate_recipe(tiny_recipe))
     rows = {int(row["strategy.layers"]): row for row in results(tmp_path / "experiment")}
     assert rows[1]["status"] == "ok" and rows[1]["epochs"] == "2"
     assert rows[9]["status"] == "error" and "TrialFailed: strategy.layers: 9 layers to freeze" in rows[9]["error"]
@@ -178,7 +177,7 @@ def finished_trials(experiment) -> list:
     return sorted(experiment.glob("trials/trial_*/run/summary.json")) if "TERMINATED" in state else []
 
 
-def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path):
+def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path, local_ray):
     with_search(tiny_recipe, tmp_path, searcher="grid", max_concurrent_trials=1,
                 space={"train.lr": {"grid": [1e-3, 3e-3]}})
     path = write_recipe(tiny_recipe, tmp_path / "tune.yaml")
@@ -194,8 +193,7 @@ def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path):
     assert len(first) == 1, "the first trial did not finish in time"
     finished_at = first[0].stat().st_mtime
 
-    resumed = cli("tune", str(path), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_experiment(load_recipe(path), resume=True)
     assert first[0].stat().st_mtime == finished_at  # the finished trial was not run again
     rows = results(experiment)
     assert sorted(float(row["train.lr"]) for row in rows) == [1e-3, 3e-3]
@@ -216,12 +214,12 @@ BAD_SPACES = [
 
 
 @pytest.mark.parametrize("space,message", BAD_SPACES, ids=[message.split(":")[1].strip() + "-" + str(i) for i, (_, message) in enumerate(BAD_SPACES)])
-def test_bad_search_space_is_one_line_before_any_trial(space, message, tiny_recipe, tmp_path):
+def test_bad_search_space_is_one_line_before_any_trial(space, message, tiny_recipe, tmp_path, cli_in_process):
     with_search(tiny_recipe, tmp_path, space=space)
-    result = cli("tune", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    code, stderr = cli_in_process("tune", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert not (tmp_path / "experiment").exists()
 
 
@@ -234,13 +232,13 @@ def test_bad_search_space_is_one_line_before_any_trial(space, message, tiny_reci
     ({"scheduler": "pbt", "space": {"train.lr": {"choice": [1e-3]}}}, None),
     ({"metric": ["eval/accuracy", "eval/loss"], "mode": "max"}, None),
 ])
-def test_search_settings_are_checked(tune, message, tiny_recipe, tmp_path):
+def test_search_settings_are_checked(tune, message, tiny_recipe, tmp_path, cli_in_process):
     with_search(tiny_recipe, tmp_path, **{"space": {"train.lr": {"choice": [1e-3]}}, **tune})
     if message is None:
         assert validate_recipe(tiny_recipe).tune.modes in (["max"], ["max", "max"])
         return
-    result = cli("validate", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    code, stderr = cli_in_process("validate", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
+    assert code == 2 and message in stderr, stderr
 
 
 def test_pareto_front_and_hypervolume():

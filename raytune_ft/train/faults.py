@@ -1,6 +1,6 @@
 """Fault injection for the reliability tests: crash or kill a worker at a chosen point, once.
 
-Set ``RAYTUNE_FT_FAULT`` on the driver (it travels in the loop config), e.g.
+Set ``RAYTUNE_FT_FAULT`` on the driver (it travels in the loop config, and to every Tune trial), e.g.
 ``raise_after_epoch:1`` (rank 0 raises right after epoch 1's checkpoint is reported) or
 ``kill_at_step:5`` (rank 1, or 0 alone, kills its own process mid-epoch) or ``stall_at_step:5``
 (rank 1 writes its node's id into the marker and waits there, for a test to remove that node
@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 
+FAULT_ENV = "RAYTUNE_FT_FAULT"
+
+
 def fault_config(run_dir: Path) -> dict[str, Any]:
-    spec = os.environ.get("RAYTUNE_FT_FAULT", "")
+    spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return {}
     kind, _, at = spec.partition(":")

@@ -119,6 +119,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Run the search of ``recipe.tune`` end to end; write and return the experiment summary."""
     from ray import tune
 
+    from raytune_ft.train.faults import FAULT_ENV
     from raytune_ft.train.runner import check_ray_address, init_ray, plan_run, prepare_datasets, prepare_run_dir, reference_specs
     from raytune_ft.tune.trial import run_trial
 
@@ -141,7 +142,8 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     with tracked(recipe, experiment_dir) as tracker:  # each trial logs as a child of the experiment
         shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
                   "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
-                  "references": reference_specs(references), "trials_dir": str(experiment_dir / TRIALS)}
+                  "references": reference_specs(references), "trials_dir": str(experiment_dir / TRIALS),
+                  "fault": os.environ.get(FAULT_ENV)}
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
         results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
         return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)

@@ -9,6 +9,7 @@ trial from a Tune checkpoint (its own or another trial's) and the run starts afr
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -75,9 +76,12 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     from raytune_ft.errors import UserError
     from raytune_ft.tasks import TASKS
     from raytune_ft.train.checkpoint import write_text_atomic
+    from raytune_ft.train.faults import FAULT_ENV
     from raytune_ft.train.runner import TrainingFailed, check_strategy, fit, write_outputs
 
     started = time.time()
+    if shared["fault"]:  # a test's injected fault, set on the driver (this actor's process ends with the trial)
+        os.environ[FAULT_ENV] = shared["fault"]
     context = tune.get_context()
     # Straight into the experiment's own trial directory: Tune's trial dir (get_trial_dir) is a
     # staging copy under Ray's session dir that Tune syncs to storage, which would keep it twice.
