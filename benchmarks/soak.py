@@ -1,7 +1,9 @@
 """Soak: N consecutive tiny runs, then a Tune experiment of M tiny trials, on ONE local Ray
 instance, in-process (what a notebook or a tune driver does). Measures what each run and the
-experiment leave behind: Ray worker processes alive, placement groups not removed, files under
-Ray's session directory, checkpoint temp dirs, driver RSS.
+experiment leave behind: actors alive, Ray worker processes alive, placement groups not removed,
+files under Ray's session directory, checkpoint temp dirs, driver RSS. Idle worker processes are
+kept 5 minutes for the next run to reuse (raytune_ft.train.runner.EMBEDDED_RAY_DEFAULTS), so their
+count rises to a plateau; a leaked actor shows as an alive actor.
 
 Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N, default 20, and
 SOAK_TRIALS=M, default 16)
@@ -32,13 +34,16 @@ OVERRIDES = ["data.max_rows=64", "train.epochs=1", "train.batch_size=16", "basel
 def measure() -> dict:
     import ray
     from ray._private.worker import _global_node
+    from ray.util.state import list_actors
 
     ours = psutil.Process().children(recursive=True)  # the embedded Ray this driver started
     workers = [p for p in ours if _cmdline(p) and "default_worker.py" in " ".join(_cmdline(p))]
     groups = ray.util.placement_group_table().values()
+    actors = list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     session = Path(_global_node.get_session_dir_path())
     session_files = [p for p in session.rglob("*") if p.is_file()]
     return {
+        "actors_alive": len(actors),
         "ray_worker_processes": len(workers),
         "placement_groups_not_removed": sum(group["state"] != "REMOVED" for group in groups),
         "placement_groups_total": len(groups),

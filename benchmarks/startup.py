@@ -4,7 +4,10 @@ and wrap-up. raytune-ft's settings against Ray's defaults, alternating, side by 
 
 - Ray Data's V1 parquet reader (V2 spends ~3 s planning even a one-file read),
 - no preemption-watcher actor on a one-host cluster,
-- the Train controller polling its workers every 0.5 s instead of 2 s.
+- the Train controller polling its workers every 0.5 s instead of 2 s,
+- idle worker processes kept 5 minutes instead of 1 s, so a second Train run in the same Ray (the
+  main run after its head-only baseline, the next Tune trial) reuses processes that already
+  imported torch and transformers: the "two runs" case, with the baseline on, measures that.
 
 Run: make bench-startup   (writes benchmarks/results/startup.json)
 """
@@ -20,15 +23,17 @@ from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 3
-RAY_DEFAULTS = {"RAY_DATA_USE_DATASOURCE_V2": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
+RAY_DEFAULTS = {"RAY_DATA_USE_DATASOURCE_V2": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2",
+                "RAY_idle_worker_killing_time_threshold_ms": "1000"}
+CASES = {"one run": "false", "two runs": "true"}  # baseline.enabled: the head-only baseline is a Train run of its own
 
 
-def one_run(env: dict[str, str]) -> dict[str, float]:
+def one_run(env: dict[str, str], baseline: str) -> dict[str, float]:
     run_dir = ROOT / "runs" / "bench_startup"
     command = [
         sys.executable, "-m", "raytune_ft.cli", "run", "jobs/text_classification.yaml", "--force", "--output", str(run_dir),
         "--set", "data.max_rows=128", "--set", "train.epochs=null", "--set", "train.max_steps=4",
-        "--set", "baseline.enabled=false", "--set", "train.early_stopping=null", "--set", "post.report=false", "--set", "retention=null",
+        "--set", f"baseline.enabled={baseline}", "--set", "train.early_stopping=null", "--set", "post.report=false", "--set", "retention=null",
     ]
     started = time.perf_counter()
     output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True,
@@ -41,24 +46,24 @@ def one_run(env: dict[str, str]) -> dict[str, float]:
 
 
 def main() -> None:
-    ours, ray_defaults = [], []
+    rounds: dict[str, dict[str, list]] = {case: {"raytune_ft_settings": [], "ray_defaults": []} for case in CASES}
     for _ in range(ROUNDS):
-        ours.append(one_run({}))
-        ray_defaults.append(one_run(RAY_DEFAULTS))
-    medians = {name: {key: median(run[key] for run in runs) for key in runs[0]} for name, runs in
-               (("raytune_ft_settings", ours), ("ray_defaults", ray_defaults))}
-    result = {
-        **medians,
-        "ratio_process_s": medians["raytune_ft_settings"]["process_s"] / medians["ray_defaults"]["process_s"],
-        "setup": {"recipe": "jobs/text_classification.yaml", "rows": 128, "steps": 4, "retention": None, "workers": 2, "rounds": ROUNDS},
-        "rounds": {"raytune_ft_settings": ours, "ray_defaults": ray_defaults},
-    }
+        for case, baseline in CASES.items():
+            rounds[case]["raytune_ft_settings"].append(one_run({}, baseline))
+            rounds[case]["ray_defaults"].append(one_run(RAY_DEFAULTS, baseline))
+    result: dict = {"setup": {"recipe": "jobs/text_classification.yaml", "rows": 128, "steps": 4, "retention": None,
+                              "workers": 2, "rounds": ROUNDS, "cases": {case: f"baseline.enabled={b}" for case, b in CASES.items()}}}
+    for case, runs in rounds.items():
+        medians = {name: {key: median(run[key] for run in series) for key in series[0]} for name, series in runs.items()}
+        ratio = medians["raytune_ft_settings"]["process_s"] / medians["ray_defaults"]["process_s"]
+        result[case] = {**medians, "ratio_process_s": ratio, "rounds": runs}
+        for name, m in medians.items():
+            print(f"{case:9s} {name:20s} process {m['process_s']:6.1f} s  run {m['run_s']:6.1f} s  "
+                  f"data ready {m['data_ready_s']:5.1f} s  training {m['train_s']:5.1f} s")
+        print(f"{case:9s} ratio (ours / Ray defaults, whole process): {ratio:.2f}")
     out = ROOT / "benchmarks" / "results" / "startup.json"
     out.write_text(json.dumps(result, indent=2))
-    for name in ("raytune_ft_settings", "ray_defaults"):
-        m = medians[name]
-        print(f"{name:20s} process {m['process_s']:6.1f} s  run {m['run_s']:6.1f} s  data ready {m['data_ready_s']:5.1f} s  training {m['train_s']:5.1f} s")
-    print(f"ratio (ours / Ray defaults, whole process): {result['ratio_process_s']:.2f}   -> {out}")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,11 @@ from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
 
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 DATASOURCE_V2 = "RAY_DATA_USE_DATASOURCE_V2"
-EMBEDDED_TRAIN_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+EMBEDDED_RAY_DEFAULTS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_idle_worker_killing_time_threshold_ms": "300000",
+}
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
     "RAY_DATA_LOG_LEVEL": "WARNING",
@@ -90,9 +94,13 @@ def start_local_ray(**kwargs: Any) -> None:
     # This host is the whole cluster: no node of it can be preempted, so no Train run needs a
     # preemption-watcher actor (a process per run, seconds of a core to start). Train's controller
     # polls its workers every 2 s by default, which a run pays at its start and its end; polling
-    # two local actors 4 times a second costs nothing. A value the user set wins.
+    # two local actors 4 times a second costs nothing. Ray ends an idle worker process after 1 s
+    # once there are more than num_cpus; kept for 5 minutes, the processes that preprocessed the
+    # data (torch and transformers already imported) become the next run's controller and
+    # workers: a warm run (the main run after its baseline, the next Tune trial) starts in ~13 s
+    # instead of ~22 s on 2 cores. A value the user set wins.
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
-        key: os.environ.get(key, default) for key, default in EMBEDDED_TRAIN_DEFAULTS.items()}}
+        key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()}}
     previous = {key: os.environ.get(key) for key in ray_processes_env}
     os.environ.update(ray_processes_env)
     try:
