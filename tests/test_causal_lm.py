@@ -155,10 +155,12 @@ def tiny_recipe(model: Path, data: dict[str, Path], topics: Path, run_dir: Path)
     }
 
 
-def test_tiny_llama_adapts_with_lora_on_two_workers(tiny_llama, tmp_path, local_ray):
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_tiny_llama_adapts_with_lora_on_two_workers(backend, tiny_llama, tmp_path, local_ray):
     """Target perplexity falls, the pretrained text's rises (scored before and after), every test
     row is scored once across the two ranks, and the merged export reloads with
-    AutoModelForCausalLM and scores the test rows exactly as the run did."""
+    AutoModelForCausalLM and scores the test rows exactly as the run did; under DDP and under
+    DeepSpeed ZeRO-2 (ZeRO-3 refuses retention references)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -168,7 +170,11 @@ def test_tiny_llama_adapts_with_lora_on_two_workers(tiny_llama, tmp_path, local_
     data = write_splits(tmp_path, sentiment_rows, (("train", 240, 1), ("test", 40, 2)))
     topics = write_splits(tmp_path, topic_rows, (("topics", 48, 4),))["topics"]
     run_dir = tmp_path / "run"
-    summary = run(validate_recipe(tiny_recipe(tiny_llama, data, topics, run_dir)))
+    recipe = tiny_recipe(tiny_llama, data, topics, run_dir)
+    recipe["train"]["backend"] = backend
+    if backend == "deepspeed":
+        recipe["deepspeed"] = {"zero_stage": 2}
+    summary = run(validate_recipe(recipe))
 
     test_texts = [row["sentence"] for row in sentiment_rows(40, 2)]
     base = score(text_task(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama), test_texts)
