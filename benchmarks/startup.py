@@ -5,9 +5,10 @@ and wrap-up. raytune-ft's settings against Ray's defaults, alternating, side by 
 - Ray Data's V1 parquet reader (V2 spends ~3 s planning even a one-file read),
 - no preemption-watcher actor on a one-host cluster,
 - the Train controller polling its workers every 0.5 s instead of 2 s,
-- idle worker processes kept 5 minutes instead of 1 s, so a second Train run in the same Ray (the
-  main run after its head-only baseline, the next Tune trial) reuses processes that already
-  imported torch and transformers: the "two runs" case, with the baseline on, measures that.
+- idle worker processes kept 5 minutes instead of 1 s, so a later Train run in the same Ray can
+  reuse processes that already imported torch and transformers.
+
+Two cases: one run (baseline off) and two runs (the head-only baseline, then the main run).
 
 Run: make bench-startup   (writes benchmarks/results/startup.json)
 """
