@@ -37,7 +37,10 @@ def measure() -> dict:
     from ray.util.state import list_actors
 
     ours = psutil.Process().children(recursive=True)  # the embedded Ray this driver started
-    workers = [p for p in ours if _cmdline(p) and "default_worker.py" in " ".join(_cmdline(p))]
+    # A worker names itself ray::IDLE, ray::<Actor> or ray::<task> once it starts; before, its
+    # command line is default_worker.py. Ray's two agents are not workers.
+    workers = [p for p in ours if (command := " ".join(_cmdline(p))) and ("default_worker.py" in command or (
+        command.startswith("ray::") and not command.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))))]
     groups = ray.util.placement_group_table().values()
     actors = list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     session = Path(_global_node.get_session_dir_path())
