@@ -1,5 +1,10 @@
 """Architectures written out here, for models whose usual library (timm, torchvision) is not
-available, and the pooling the text encoders' users share."""
+available, the pooling the text encoders' users share, and the converters' atomic write."""
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -8,3 +13,18 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """Hidden states [B, T, H] averaged over the real (unpadded) tokens: [B, H]."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def save_directory_atomically(target: Path, save: Callable[[Path], None]) -> Path:
+    """``save(tmp)`` into a temporary sibling of ``target`` named for this process, then renamed to
+    ``target``: a half-written model is never read, and when another process got there first, its
+    copy stays."""
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    save(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(tmp)
+    return target

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from raytune_ft.errors import UserError
+from raytune_ft.models import save_directory_atomically
 
 # blk.N.<gguf name> -> model.layers.N.<transformers name>
 BLOCK_TENSORS = {
@@ -159,12 +160,8 @@ def build_tokenizer(reader, path: str | Path):
 
 
 def convert(source: str | Path, target: str | Path) -> Path:
-    """A llama GGUF file -> a transformers directory at ``target`` (written to a temporary sibling
-    of this process and renamed, so a half-written model is never read; when another process got
-    there first, its copy stays)."""
-    import os
-    import shutil
-
+    """A llama GGUF file -> a transformers directory at ``target`` (written atomically: see
+    ``save_directory_atomically``)."""
     from transformers import LlamaForCausalLM
 
     source, target = Path(source), Path(target)
@@ -177,13 +174,9 @@ def convert(source: str | Path, target: str | Path) -> Path:
     if [key for key in missing if not (key == "lm_head.weight" and config.tie_word_embeddings)] or unexpected:
         raise UserError(str(source), f"tensors do not fit the llama config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(tmp)
-    return target
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    return save_directory_atomically(target, save)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raytune_ft.models import save_directory_atomically
+
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 # Whisper tiny.en: what config.json of a faster-whisper export does not carry.
@@ -119,8 +121,8 @@ def hf_state_dict(ct2: dict[str, np.ndarray], layers: int) -> dict[str, torch.Te
 
 
 def convert(source: str | Path, target: str | Path) -> Path:
-    """A faster-whisper tiny.en directory -> a HF Whisper directory at ``target`` (written to a
-    temporary sibling and renamed, so a half-written model is never read)."""
+    """A faster-whisper tiny.en directory -> a HF Whisper directory at ``target`` (written
+    atomically: see ``save_directory_atomically``)."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
     source, target = Path(source), Path(target)
@@ -135,9 +137,10 @@ def convert(source: str | Path, target: str | Path) -> Path:
         raise ValueError(f"{source}: conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()  # proj_out shares the token embeddings (CT2 stores it as an alias)
     model.generation_config.no_timestamps_token_id = NO_TIMESTAMPS
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    WhisperTokenizerFast(tokenizer_file=str(source / "tokenizer.json")).save_pretrained(tmp)
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
-    tmp.rename(target)
-    return target
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        WhisperTokenizerFast(tokenizer_file=str(source / "tokenizer.json")).save_pretrained(directory)
+        WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(directory)
+
+    return save_directory_atomically(target, save)
