@@ -95,10 +95,10 @@ def start_local_ray(**kwargs: Any) -> None:
     # preemption-watcher actor (a process per run, seconds of a core to start). Train's controller
     # polls its workers every 2 s by default, which a run pays at its start and its end; polling
     # two local actors 4 times a second costs nothing. Ray ends an idle worker process after 1 s
-    # once there are more than num_cpus; kept for 5 minutes, the processes that preprocessed the
-    # data (torch and transformers already imported) become the next run's controller and
-    # workers: a warm run (the main run after its baseline, the next Tune trial) starts in ~13 s
-    # instead of ~22 s on 2 cores. A value the user set wins.
+    # once there are more than num_cpus; kept for 5 minutes, processes that already imported torch
+    # and transformers can serve a later run in the same driver (4 tiny runs in one process: ~13 s
+    # a warm run instead of ~22 s on 2 cores; one `raytune-ft run`, with a handful of workers under
+    # num_cpus, gains nothing measurable). A value the user set wins.
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()}}
     previous = {key: os.environ.get(key) for key in ray_processes_env}
