@@ -54,8 +54,11 @@ bench-startup: $(STAMP)
 bench-distill: $(STAMP)
 	$(PY) benchmarks/distill.py
 
+# Gain vs retention for every mitigation: CASE=text (MiniLM-L6) or image (EfficientNet-Lite0), SEEDS seeds.
+CASE  ?= text
+SEEDS ?= 1
 bench-retention: $(STAMP)
-	$(PY) benchmarks/retention.py
+	$(PY) benchmarks/retention.py --case $(CASE) --seeds $(SEEDS)
 
 # A local autoscaling cluster (cluster/local-autoscale.yaml): token auth, dashboard on 127.0.0.1:8265.
 # Its processes share one process group, so cluster-down stops them and no other Ray on this machine.

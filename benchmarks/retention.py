@@ -1,11 +1,15 @@
-"""Gain vs retention: every mitigation on the text case, same seeds and budget, one run.
+"""Gain vs retention: every mitigation on a real case, same seeds and budget, one run.
 
-MiniLM-L6 fine-tuned on drug-review sentiment (target: test macro-F1); reference: a linear probe
-for the topic of Debian fortunes on the frozen sentence embeddings (retention = probe accuracy
-after / before). Target gain is measured against head-only training (the body frozen):
-share of full gain = (method - head_only) / (full - head_only).
+Cases (``--case``):
+- text: MiniLM-L6 fine-tuned on drug-review sentiment (target: test macro-F1); reference: a linear
+  probe for the topic of Debian fortunes on the frozen sentence embeddings.
+- image: EfficientNet-Lite0 that this benchmark first fine-tunes on Fashion-MNIST classes 0-4
+  (upright), then fine-tuned on classes 5-9 rotated by 90 degrees (target: test accuracy);
+  reference: accuracy on classes 0-4 with the base model's own head (a ``head`` reference).
+Retention = reference accuracy after / before. Target gain is measured against head-only training
+(the body frozen): share of full gain = (method - head_only) / (full - head_only).
 
-Run: make bench-retention   [SEEDS=3]   (writes benchmarks/results/retention.{json,md,png})
+Run: make bench-retention   [CASE=image SEEDS=3]   (writes benchmarks/results/retention[_CASE].{json,md,png})
 """
 
 from __future__ import annotations
@@ -14,85 +18,184 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {
-    "head_only": ["strategy.method=head_only", "train.lr=2e-3"],
-    "full": [],
-    "freeze": ["strategy.method=freeze", "strategy.layers=4"],
-    "gradual": ["strategy.method=gradual"],
-    "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "train.lr=2e-3"],
-    "lp_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1"],
-    "l2sp": ["regularizer.method=l2sp", "regularizer.strength=0.1"],
-    "ewc": ["regularizer.method=ewc", "regularizer.strength=100", "regularizer.fisher_samples=128"],
-    "replay": ["replay.fraction=0.2", "replay.loss_weight=1.0"],
-    "wise_ft": ["wise_ft.alphas=[0.25,0.5,0.75,1.0]", "wise_ft.min_retention=0.98", "wise_ft.metric=eval/macro_f1"],
-}
+WORK = ROOT / "runs" / "bench_retention"
+FASHION_OLD = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]  # Fashion-MNIST classes 0-4
+FASHION_NEW = ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # classes 5-9
 
 
-def run_method(method: str, seed: int, args) -> dict:
+@dataclass
+class Case:
+    recipe: str
+    metric: str  # the target's test metric
+    reference: str  # the retention reference's name (its accuracy is the reference metric)
+    methods: dict[str, list[str]]
+    title: str
+    results: str  # benchmarks/results/<results>.{json,md,png}
+    sizing: list[str] = field(default_factory=list)
+
+
+TEXT = Case(
+    recipe="text_classification.yaml", metric="macro_f1", reference="topics", results="retention",
+    title="MiniLM-L6: drug-review sentiment vs fortunes-topic retention",
+    methods={
+        "head_only": ["strategy.method=head_only", "train.lr=2e-3"],
+        "full": [],
+        "freeze": ["strategy.method=freeze", "strategy.layers=4"],
+        "gradual": ["strategy.method=gradual"],
+        "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "train.lr=2e-3"],
+        "lp_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1"],
+        "l2sp": ["regularizer.method=l2sp", "regularizer.strength=0.1"],
+        "ewc": ["regularizer.method=ewc", "regularizer.strength=100", "regularizer.fisher_samples=128"],
+        "replay": ["replay.fraction=0.2", "replay.loss_weight=1.0"],
+        "wise_ft": ["wise_ft.alphas=[0.25,0.5,0.75,1.0]", "wise_ft.min_retention=0.98", "wise_ft.metric=eval/macro_f1"],
+    },
+)
+
+IMAGE = Case(
+    recipe="image_classification.yaml", metric="accuracy", reference="original", results="retention_image",
+    title="EfficientNet-Lite0: rotated Fashion-MNIST 5-9 vs the original head on 0-4",
+    methods={
+        "head_only": ["strategy.method=head_only", "train.lr=3e-3"],
+        "full": [],
+        "freeze": ["strategy.method=freeze", "strategy.layers=12"],
+        "gradual": ["strategy.method=gradual"],
+        "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "strategy.target_modules=[_project_conv,_expand_conv]",
+                 "train.lr=3e-3"],
+        "lp_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1"],
+        "l2sp": ["regularizer.method=l2sp", "regularizer.strength=1.0"],
+        "ewc": ["regularizer.method=ewc", "regularizer.strength=100", "regularizer.fisher_samples=128"],
+        "replay": ["replay.fraction=0.2", "replay.loss_weight=1.0"],
+        # WiSE-FT on LP-FT: the head is trained on the base body first, so interpolating the body keeps a matching head.
+        "wise_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1", "wise_ft.alphas=[0.25,0.5,0.75,1.0]",
+                    "wise_ft.min_retention=0.98", "wise_ft.metric=eval/accuracy"],
+    },
+)
+CASES = {"text": TEXT, "image": IMAGE}
+
+
+def fashion_subset(path: Path, split: str, classes: list[str], count: int, rotate: int = 0, skip: int = 0) -> str:
+    """``count`` Fashion-MNIST rows of ``split`` in ``classes`` after the first ``skip``, as parquet
+    (image PNG, label), each image rotated by ``rotate`` degrees; written once."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from raytune_ft.data import assets
+
+    if not path.exists():
+        table = pads.dataset(assets.fashion_mnist(split)).to_table(filter=pads.field("label").isin(classes)).slice(skip, count)
+        rows = table.to_pylist()
+        for row in rows:
+            with Image.open(io.BytesIO(row["image"])) as image:
+                buffer = io.BytesIO()
+                image.rotate(rotate).save(buffer, format="PNG")
+                row["image"] = buffer.getvalue()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return str(path)
+
+
+def prepare_image_case(args) -> list[str]:
+    """The image case's data and base model (made once, then reused): EfficientNet-Lite0 fine-tuned
+    here on upright classes 0-4; the overrides that point the image recipe at them."""
     from raytune_ft.recipe import load_recipe
     from raytune_ft.train.runner import run
 
-    out = ROOT / "runs" / "bench_retention" / f"{method}-seed{seed}"
+    data = WORK / "image" / "data"
+    old = {"train": fashion_subset(data / "old_train.parquet", "train", FASHION_OLD, 3000),
+           "test": fashion_subset(data / "old_test.parquet", "test", FASHION_OLD, args.ref_rows)}
+    new = {split: fashion_subset(data / f"new_{split}.parquet", split, FASHION_NEW, args.train_rows if split == "train" else 1000, rotate=90)
+           for split in ("train", "test")}
+    base = WORK / "image" / "base"
+    if not (base / "summary.json").exists():
+        recipe = load_recipe(ROOT / "jobs" / "image_classification.yaml", [
+            f"output.dir={base}", f"data.train={old['train']}", f"data.test={old['test']}", "data.max_rows=null",
+            "data.validation_fraction=0.1", "train.epochs=3", "task.image_size=32", "baseline.enabled=false", "train.seed=0"])
+        summary = run(recipe, force=True)
+        print(f"base model: test accuracy on classes 0-4 {summary['test']['accuracy']:.3f}", flush=True)
+    # The reference's train split is for replay and EWC: old-class rows the base model was not trained on.
+    ref_train = fashion_subset(data / "old_ref_train.parquet", "train", FASHION_OLD, 1000, skip=3000)
+    reference = {"name": "original", "kind": "head", "data": {
+        "train": ref_train, "test": old["test"], "columns": {"image": "image", "label": "label"}}}
+    return [f"model.path={base / 'model'}", f"data.train={new['train']}", f"data.test={new['test']}", "data.max_rows=null",
+            "data.validation_fraction=0.1", "task.image_size=32", f"retention={json.dumps({'references': [reference]})}"]
+
+
+def run_method(case: Case, method: str, seed: int, args) -> dict:
+    from raytune_ft.recipe import load_recipe
+    from raytune_ft.train.runner import run
+
+    out = WORK / args.case / f"{method}-seed{seed}"
     overrides = [
-        f"output.dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.early_stopping=null",
-        "baseline.enabled=false", f"data.max_rows={args.train_rows}",
-        f"retention.references.0.data.max_rows={args.ref_rows}", *METHODS[method],
+        f"output.dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}", "train.early_stopping=null", "baseline.enabled=false",
+        *case.sizing, *([] if args.lr is None else [f"train.lr={args.lr}"]), *case.methods[method],
     ]
-    recipe = load_recipe(ROOT / "jobs" / "text_classification.yaml", overrides)
+    recipe = load_recipe(ROOT / "jobs" / case.recipe, overrides)
     started = time.perf_counter()
     summary = run(recipe, force=True)
     retention = summary["retention"]
+    accuracy = f"ref/{case.reference}/accuracy"
     return {
-        "method": method, "seed": seed, "macro_f1": summary["test"]["macro_f1"], "accuracy": summary["test"]["accuracy"],
-        "ref_before": retention["before"]["ref/topics/accuracy"], "ref_after": retention["after"]["ref/topics/accuracy"],
-        "retention": retention["retention"]["retention/topics/accuracy"], "worst_retention": retention["worst_during_run"],
+        "case": args.case, "method": method, "seed": seed, "target": summary["test"][case.metric],
+        "macro_f1": summary["test"]["macro_f1"], "accuracy": summary["test"]["accuracy"],
+        "ref_before": retention["before"][accuracy], "ref_after": retention["after"][accuracy],
+        "retention": retention["retention"][f"retention/{case.reference}/accuracy"], "worst_retention": retention["worst_during_run"],
         "wall_s": time.perf_counter() - started, "wise_alpha": (summary.get("wise_ft") or {}).get("alpha"),
     }
 
 
-def table(rows: list[dict]) -> str:
+def table(case: Case, rows: list[dict]) -> str:
     by_method: dict[str, list[dict]] = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
     seeds = sorted({row["seed"] for row in rows})
-    head = {r["seed"]: r["macro_f1"] for r in by_method["head_only"]}
-    full_gain = {r["seed"]: r["macro_f1"] - head[r["seed"]] for r in by_method["full"]}
+    head = {r["seed"]: r["target"] for r in by_method["head_only"]}
+    full_gain = {r["seed"]: r["target"] - head[r["seed"]] for r in by_method["full"]}
 
     def stat(values):
         return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
-    lines = [f"seeds {seeds}; target = test macro-F1 on drug reviews; reference = fortunes topic probe accuracy",
-             "", "| method | target macro-F1 | gain vs head-only | share of full's gain | reference acc. | retention | worst retention in run | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"{case.title}; seeds {seeds}; mean ± standard deviation over seeds", "",
+             f"| method | target {case.metric} | gain vs head-only | share of full's gain | reference acc. | retention | "
+             "worst retention in run | wall s |", "|---|---|---|---|---|---|---|---|"]
     for method, group in by_method.items():
-        gains = [r["macro_f1"] - head[r["seed"]] for r in group]
+        gains = [r["target"] - head[r["seed"]] for r in group]
         shares = [g / full_gain[r["seed"]] for g, r in zip(gains, group) if abs(full_gain[r["seed"]]) > 1e-9]
-        lines.append(f"| {method} | {stat([r['macro_f1'] for r in group])} | {stat(gains)} | {stat(shares) if shares else '-'} | "
+        lines.append(f"| {method} | {stat([r['target'] for r in group])} | {stat(gains)} | {stat(shares) if shares else '-'} | "
                      f"{stat([r['ref_after'] for r in group])} | {stat([r['retention'] for r in group])} | "
                      f"{stat([r['worst_retention'] for r in group])} | {statistics.mean(r['wall_s'] for r in group):.0f} |")
     before = statistics.mean(r["ref_before"] for r in rows)
     lines.append(f"\nreference accuracy of the base model: {before:.3f}")
+    met = [method for method, group in by_method.items() if method not in ("head_only", "full")
+           and statistics.mean(r["retention"] for r in group) >= 0.98
+           and statistics.mean(r["target"] - head[r["seed"]] for r in group) >= 0.95 * statistics.mean(full_gain.values())]
+    lines.append(f"retention >= 0.98 with >= 95% of full fine-tuning's mean gain: {', '.join(met) or 'none'}")
     return "\n".join(lines)
 
 
-def scatter(rows: list[dict], path: Path) -> None:
+def scatter(case: Case, rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    head = {r["seed"]: r["macro_f1"] for r in rows if r["method"] == "head_only"}
+    head = {r["seed"]: r["target"] for r in rows if r["method"] == "head_only"}
     figure, axis = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
-        axis.scatter([r["macro_f1"] - head[r["seed"]] for r in group], [r["retention"] for r in group], label=method, s=40)
+        axis.scatter([r["target"] - head[r["seed"]] for r in group], [r["retention"] for r in group], label=method, s=40)
     axis.axhline(0.98, color="grey", linestyle="--", linewidth=0.8)
-    axis.set_xlabel("target gain over head-only (test macro-F1)")
-    axis.set_ylabel("retention (reference probe accuracy, after / before)")
-    axis.set_title("MiniLM-L6: drug-review sentiment vs fortunes-topic retention")
+    axis.set_xlabel(f"target gain over head-only (test {case.metric})")
+    axis.set_ylabel("retention (reference accuracy, after / before)")
+    axis.set_title(case.title, fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -100,26 +203,34 @@ def scatter(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=sorted(CASES), default="text")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--train-rows", type=int, default=600)
-    parser.add_argument("--ref-rows", type=int, default=400)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--epochs", type=int, default=None, help="default: text 4, image 3")
+    parser.add_argument("--lr", type=float, default=None, help="default: text 3e-4, image the recipe's 1e-3")
+    parser.add_argument("--train-rows", type=int, default=None, help="target train rows; default: text 600, image 1500")
+    parser.add_argument("--ref-rows", type=int, default=400, help="reference rows (text: per split; image: its test split)")
+    parser.add_argument("--methods", default=None, help="comma-separated; default: every method of the case")
     args = parser.parse_args()
 
+    case = CASES[args.case]
+    if args.case == "text":
+        args.epochs, args.lr, args.train_rows = args.epochs or 4, args.lr or 3e-4, args.train_rows or 600
+        case.sizing = [f"data.max_rows={args.train_rows}", f"retention.references.0.data.max_rows={args.ref_rows}"]
+    else:
+        args.epochs, args.train_rows = args.epochs or 3, args.train_rows or 1500
+        case.sizing = prepare_image_case(args)
     rows = []
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(args.seeds):
-        for method in args.methods.split(","):
-            rows.append(run_method(method, seed, args))
+        for method in (args.methods or ",".join(case.methods)).split(","):
+            rows.append(run_method(case, method, seed, args))
             print(json.dumps(rows[-1]), flush=True)
-            (out / "retention.json").write_text(json.dumps(rows, indent=2))
-    text = table(rows)
-    (out / "retention.md").write_text(text + "\n")
-    scatter(rows, out / "retention.png")
+            (out / f"{case.results}.json").write_text(json.dumps(rows, indent=2))
+    text = table(case, rows)
+    (out / f"{case.results}.md").write_text(text + "\n")
+    scatter(case, rows, out / f"{case.results}.png")
     print(text)
 
 

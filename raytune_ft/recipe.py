@@ -104,11 +104,14 @@ SHARED_STRATEGY_OPTIONS = {"method", "layer_lr_decay"}
 class ReferenceSection(Section):
     """One reference evaluation of the original capability (scored before training and at every
     evaluation). ``probe``: a linear probe on the frozen pooled embeddings of a labelled set.
-    ``task``: the task's own metrics on a reference set with the task's columns (e.g. WER on
-    real speech), evaluated as is; data.test if given, else every row of data.train."""
+    ``head``: the base model's own classifier head, as pretrained, on the current features of a
+    set labelled in the base model's labels (accuracy on the original classes with the original
+    head; nothing fitted). ``task``: the task's own metrics on a reference set with the task's
+    columns (e.g. WER on real speech), evaluated as is; data.test if given, else every row of
+    data.train."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="metrics are named ref/<name>/<metric>")
-    kind: Literal["probe", "task"] = "probe"
+    kind: Literal["probe", "head", "task"] = "probe"
     data: DataSection = Field(description="the reference set (same fields as data:); probe: labelled")
 
 
@@ -500,8 +503,8 @@ class Recipe(Section):
             if getattr(value, field) is not None and getattr(value, field) not in names:
                 raise ValueError(f"{section}.{field}: unknown reference {getattr(value, field)!r}; defined: {', '.join(names)}")
             chosen = getattr(value, field) or names[0]
-            if next(r.kind for r in self.retention.references if r.name == chosen) != "probe":
-                raise ValueError(f"{section}.{field}: reference {chosen!r} is kind task; {section} needs a probe reference (its original probe)")
+            if next(r.kind for r in self.retention.references if r.name == chosen) == "task":
+                raise ValueError(f"{section}.{field}: reference {chosen!r} is kind task; {section} needs a probe or head reference (its original readout)")
         return self
 
     def run_dir(self) -> Path:
@@ -547,7 +550,7 @@ def _check_roles(recipe: Recipe, task_cls, options) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     roles, label_roles = task_roles(task_cls, options), task_label_roles(task_cls, options)
     sections = [("data", recipe.data, roles)] + [
-        (f"retention.references.{i}.data", reference.data, task_probe_roles(task_cls, options) if reference.kind == "probe" else roles)
+        (f"retention.references.{i}.data", reference.data, task_probe_roles(task_cls, options) if reference.kind != "task" else roles)
         for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
     ]
     for prefix, data, needed in sections:

@@ -103,7 +103,7 @@ RECIPE_CASES = {
     "ewc_without_reference": ({"regularizer": {"method": "ewc", "strength": 1.0}}, "regularizer: needs a retention reference"),
     "replay_unknown_reference": ({**REFERENCE, "replay": {"reference": "news"}}, "replay.reference: unknown reference 'news'"),
     "ewc_on_task_reference": ({**REFERENCE, "retention.references.0.kind": "task", "regularizer": {"method": "ewc", "strength": 1.0}},
-                              "regularizer.reference: reference 'topics' is kind task; regularizer needs a probe reference"),
+                              "regularizer.reference: reference 'topics' is kind task; regularizer needs a probe or head reference"),
     "relative_storage_path": ({"output.storage_path": "shared/runs"}, "output.storage_path: give s3://BUCKET/PREFIX"),
     # tune section
     "tune_empty_space": ({"tune": {"space": {}}}, "tune.space: Dictionary should have at least 1 item"),
@@ -349,7 +349,7 @@ def case_freeze_unknown_module(recipe, tmp_path):
 
 def case_lora_targets_match_nothing(recipe, tmp_path):
     recipe["strategy"] = {"method": "lora", "target_modules": ["q_proj", "v_proj"]}
-    return "strategy.target_modules: no Linear module named q_proj, v_proj in BertForSequenceClassification", "candidates:"
+    return "strategy.target_modules: no Linear or 1x1 Conv2d module named q_proj, v_proj in BertForSequenceClassification", "candidates:"
 
 
 # environment

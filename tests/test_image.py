@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, write_recipe
+from conftest import TINY_EFFICIENTNET, cli, write_recipe
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
@@ -172,3 +172,139 @@ def test_skip_mode_counts_bad_rows_and_refuses_too_many(tiny_efficientnet, image
     recipe.data.max_bad_fraction = 0.0
     with pytest.raises(UserError, match=r"data.max_bad_fraction: 1 of \d+ rows of data.(train|validation) .* are bad"):
         prepare_datasets(recipe, splits, labels, task, references)
+
+
+def class_subset(path: Path, split: str, classes: list[str], count: int) -> Path:
+    """The first ``count`` Fashion-MNIST rows of ``split`` in ``classes``, as parquet (image, label)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from raytune_ft.data import assets
+
+    table = pads.dataset(assets.fashion_mnist(split)).to_table(filter=pads.field("label").isin(classes)).slice(0, count)
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def three_class_cnn(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """A tiny EfficientNet trained here (no Ray) on three Fashion-MNIST classes, exported with its
+    labels in a non-alphabetical order, and a reference set of those classes."""
+    import pyarrow.parquet as pq
+
+    from raytune_ft.models.efficientnet_lite import EfficientNetLite
+    from raytune_ft.tasks.image_classification import decode_image, normalise, save_model
+
+    root = tmp_path_factory.mktemp("three_class_cnn")
+    labels = ["Trouser", "Bag", "Sneaker"]
+    data = {"train": class_subset(root / "train.parquet", "train", labels, 480),
+            "test": class_subset(root / "test.parquet", "test", labels, 96)}
+    rows = pq.read_table(data["train"]).to_pylist()
+    pixels = normalise(np.stack([decode_image(row["image"], 32) for row in rows]))
+    targets = torch.tensor([labels.index(row["label"]) for row in rows])
+    torch.manual_seed(0)
+    model = EfficientNetLite({**TINY_EFFICIENTNET, "num_labels": 3, "labels": labels, "image_size": 32})
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(90):
+        batch = torch.randint(0, len(rows), (32,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(pixels[batch]), targets[batch]).backward()
+        optimizer.step()
+    save_model(model.eval(), root / "model", {**TINY_EFFICIENTNET, "num_labels": 3, "labels": labels, "image_size": 32})
+    return root / "model", data
+
+
+def own_accuracy(model_dir: Path, data: Path) -> float:
+    """The exported model's accuracy on ``data`` with its own head, computed here without raytune_ft's loop."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from raytune_ft.models.efficientnet_lite import EfficientNetLite
+    from raytune_ft.tasks.image_classification import decode_image, normalise
+
+    config = json.loads((model_dir / "config.json").read_text())
+    model = EfficientNetLite(config)
+    model.load_state_dict(load_file(model_dir / "model.safetensors"))
+    rows = pq.read_table(data).to_pylist()
+    with torch.no_grad():
+        predicted = model.eval()(normalise(np.stack([decode_image(row["image"], 32) for row in rows]))).argmax(-1)
+    return float((predicted == torch.tensor([config["labels"].index(row["label"]) for row in rows])).float().mean())
+
+
+def test_head_reference_scores_the_original_head_and_sees_it_forget(three_class_cnn, local_ray, tmp_path):
+    """Fine-tune the three-class CNN on two other classes; the ``head`` reference is the base
+    model's own head on its own classes: before training exactly the exported model's accuracy,
+    and it falls once a huge learning rate has moved the body."""
+    model_dir, reference = three_class_cnn
+    target = {split: class_subset(tmp_path / f"{split}.parquet", split, ["Coat", "Dress"], 160) for split in ("train", "test")}
+    recipe = image_recipe(model_dir, tmp_path / "run", train=str(target["train"]), test=str(target["test"]), max_rows=None, validation_fraction=0.2)
+    recipe["train"].update(lr=0.3, epochs=2, clip_grad_norm=None)
+    recipe["retention"] = {"references": [{"name": "original", "kind": "head", "data": {
+        "train": str(reference["train"]), "test": str(reference["test"]), "columns": {"image": "image", "label": "label"}}}]}
+    summary = run(validate_recipe(recipe))
+
+    retention = summary["retention"]
+    base = own_accuracy(model_dir, reference["test"])
+    assert base > 0.6  # three classes: chance is 1/3
+    assert retention["before"]["ref/original/accuracy"] == pytest.approx(base, abs=1e-6)
+    assert retention["after"]["ref/original/accuracy"] < base - 0.1
+    assert retention["retention"]["retention/original/accuracy"] < 0.9
+
+
+def test_head_reference_needs_a_model_with_its_own_labelled_head(tiny_efficientnet, three_class_cnn, tmp_path):
+    from raytune_ft.tasks import TASKS
+    from raytune_ft.train.runner import plan_references
+
+    _, reference = three_class_cnn
+    head = {"references": [{"name": "original", "kind": "head", "data": {
+        "train": str(reference["train"]), "test": str(reference["test"]), "columns": {"image": "image", "label": "label"}}}]}
+    from raytune_ft.data import assets
+
+    imagenet = validate_recipe({**image_recipe(assets.efficientnet_lite0(), tmp_path / "run"), "retention": head})
+    with pytest.raises(UserError, match="model.path: .* has no classifier with named labels"):
+        plan_references(imagenet, TASKS["image_classification"])
+    head["references"][0]["data"]["labels"] = ["Bag", "Sneaker", "Trouser"]
+    renamed = validate_recipe({**image_recipe(three_class_cnn[0], tmp_path / "run"), "retention": head})
+    with pytest.raises(UserError, match=r"retention.references.0.data.labels: a head reference reads the base model's labels \['Trouser', 'Bag', 'Sneaker'\]"):
+        plan_references(renamed, TASKS["image_classification"])
+
+    text = validate_recipe({"name": "t", "task": {"type": "text_classification"}, "model": {"path": str(tmp_path)},
+                            "data": {"train": str(reference["train"]), "columns": {"text": "label", "label": "label"}},
+                            "retention": {"references": [{"name": "original", "kind": "head", "data": {
+                                "train": str(reference["train"]), "columns": {"text": "label", "label": "label"}}}]}})
+    with pytest.raises(UserError, match="retention.references.0.kind: head: the text_classification task keeps no original classifier head"):
+        plan_references(text, TASKS["text_classification"])
+
+
+def test_lora_on_pointwise_convolutions_merges_into_plain_weights(tiny_efficientnet):
+    """LoRA on a CNN's 1x1 convolutions: the base weights stay as they were, the merged export
+    computes what the adapted model computes; a depthwise (3x3, grouped) target is refused."""
+    from raytune_ft.strategies import build_strategy
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused"))).to_dict()
+    task = build_task(recipe, ["a", "b", "c"])
+    spec = {"strategy": {"method": "lora", "rank": 4, "target_modules": ["_project_conv", "_expand_conv"]}}
+    strategy = build_strategy(spec)
+    strategy.check(task.skeleton())
+    base = task.build_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = strategy.prepare(base, task)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    pixels, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        task.forward(model, {"pixels": pixels, "labels": labels})[0].backward()
+        optimizer.step()
+    base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                if "lora_" not in k and "classifier" not in k}
+    assert all(torch.equal(before[k], v) for k, v in base_now.items() if k in before and "running" not in k and "num_batches" not in k)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(pixels)
+        merged = strategy.export(model)
+        assert torch.allclose(merged(pixels), adapted, atol=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in merged.state_dict().items() if "_project_conv" in k)
+
+    with pytest.raises(UserError, match="strategy.target_modules: no Linear or 1x1 Conv2d module named _depthwise_conv"):
+        build_strategy({"strategy": {"method": "lora", "target_modules": ["_depthwise_conv"]}}).check(task.skeleton())

@@ -125,7 +125,7 @@ def test_replay_or_ewc_on_a_task_reference_is_refused(tiny_whisper, tmp_path):
 
     recipe = tiny_recipe(tiny_whisper, tmp_path / "run")
     recipe["replay"] = {"fraction": 0.2}
-    with pytest.raises(RecipeError, match="needs a probe reference"):
+    with pytest.raises(RecipeError, match="needs a probe or head reference"):
         validate_recipe(recipe)
 
 

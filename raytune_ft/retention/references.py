@@ -6,6 +6,10 @@ score it on the reference test split. The probe is refit at every evaluation, so
 the features still encode, not whether one fixed readout still fits. The probe fitted on the base
 model (the "original probe") is kept: replay trains against it and EWC takes its Fisher from it.
 
+``head``: the base model's own classifier head, fixed as pretrained, read on the current features
+of a set labelled in the base model's labels: accuracy on the original classes with the original
+head. Replay and EWC use it as they use the original probe.
+
 ``task``: the task's own metrics on a reference set of the task's kind (WER on real speech for
 ASR), with the model as it is; nothing is fitted. Retention compares the metrics the task's
 Metrics declare ``retained`` (higher is better: accuracy; for speech word_accuracy = max(0, 1 - WER)).
@@ -62,6 +66,13 @@ class Probe:
         return features @ self.weight + self.bias
 
     @classmethod
+    def from_head(cls, weight: torch.Tensor, bias: torch.Tensor) -> "Probe":
+        """A classifier head ``features @ weight.T + bias`` as a probe (no standardisation)."""
+        features = weight.shape[1]
+        return cls(torch.zeros(features, dtype=torch.float64), torch.ones(features, dtype=torch.float64),
+                   weight.double().T.contiguous(), bias.double())
+
+    @classmethod
     def fit(cls, features: torch.Tensor, labels: torch.Tensor, classes: int) -> "Probe":
         """L2-regularised multinomial logistic regression, full-batch L-BFGS in float64 (deterministic)."""
         features = features.double()
@@ -92,10 +103,12 @@ class Probe:
 
 
 class Reference:
-    """One probe reference: its task (for collation and ``embed``), label count and worker shards."""
+    """One probe or head reference: its task (for collation and ``embed``), label count, worker
+    shards and, for ``head``, the base model's own head (then nothing is fitted)."""
 
-    def __init__(self, name: str, task, classes: int, shards: dict[str, Any], batch_size: int):
+    def __init__(self, name: str, task, classes: int, shards: dict[str, Any], batch_size: int, head: Probe | None = None):
         self.name, self.task, self.classes, self.shards, self.batch_size = name, task, classes, shards, batch_size
+        self.head = head
         self.original_probe: Probe | None = None
         self.before: dict[str, float] = {}
 
@@ -117,20 +130,23 @@ class Reference:
         return gather_rows(local), gather_rows(local_labels)
 
     def score(self, module, device) -> tuple[dict[str, float], Probe]:
-        """Refit the probe on the current features; its accuracy and macro-F1 on the test split."""
-        train_x, train_y = self.features(module, "train", device)
+        """Accuracy and macro-F1 on the test split: the fixed head's, or a probe's refitted on the
+        current features."""
         test_x, test_y = self.features(module, "test", device)
-        if not distributed() or dist.get_rank() == 0:
-            probe = Probe.fit(train_x, train_y, self.classes)
-        else:  # shapes for the broadcast; rank 0 fits, everyone gets its probe
-            dims = train_x.shape[1]
-            probe = Probe(*(torch.zeros(shape, dtype=torch.float64) for shape in ((dims,), (dims,), (dims, self.classes), (self.classes,))))
-        probe.broadcast()
+        probe = self.head if self.head is not None else self.refit(module, device)
         metrics = ClassificationMetrics(self.classes)
         logits = probe.logits(test_x)
         metrics.update((torch.tensor(0.0), logits), {"labels": test_y})
         result = metrics.compute(metrics.state())
         return {key: result[key] for key in self.retained()}, probe
+
+    def refit(self, module, device) -> Probe:
+        """A probe fitted on the train split's current features; rank 0 fits, every rank gets it."""
+        train_x, train_y = self.features(module, "train", device)
+        if not distributed() or dist.get_rank() == 0:
+            return Probe.fit(train_x, train_y, self.classes).broadcast()
+        dims = train_x.shape[1]  # shapes for the broadcast
+        return Probe(*(torch.zeros(shape, dtype=torch.float64) for shape in ((dims,), (dims,), (dims, self.classes), (self.classes,)))).broadcast()
 
     def retained(self) -> tuple[str, ...]:
         return ("accuracy", "macro_f1")

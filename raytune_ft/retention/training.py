@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytune_ft.retention.references import Reference, References, TaskReference
+from raytune_ft.retention.references import Probe, Reference, References, TaskReference
 from raytune_ft.retention.regularizers import (
     Regularizer, cached_fisher, fisher_cache_path, fisher_diagonal, pretrained_anchor, save_fisher,
 )
@@ -31,7 +31,9 @@ def build_references(config: dict[str, Any], recipe: dict[str, Any], task) -> Re
         if spec["kind"] == "task":
             references.append(TaskReference(spec["name"], task, shards["test"], batch))
         else:
-            references.append(Reference(spec["name"], build_task(recipe, spec["labels"]), len(spec["labels"]), shards, batch))
+            reference_task = build_task(recipe, spec["labels"])
+            head = Probe.from_head(*reference_task.original_head()[1:]) if spec["kind"] == "head" else None
+            references.append(Reference(spec["name"], reference_task, len(spec["labels"]), shards, batch, head))
     return References(references)
 
 

@@ -182,8 +182,9 @@ class LinearProbeThenFineTune(Full):
 
 @register
 class LoRA(Full):
-    """Low-rank adapters (peft) on ``target_modules``; the base weights stay frozen, the head
-    trains fully, and export merges the adapters into plain weights."""
+    """Low-rank adapters (peft) on ``target_modules`` (Linear layers, or a CNN's 1x1 convolutions);
+    the base weights stay frozen, the head trains fully, and export merges the adapters into plain
+    weights."""
 
     name = "lora"
 
@@ -197,12 +198,17 @@ class LoRA(Full):
         )
 
     def check(self, skeleton):
+        """Every target names Linear or pointwise (1x1, ungrouped) Conv2d modules only: peft's
+        adapter for a wider convolution would not pad as a TensorFlow-style "same" convolution does."""
         targets = self.options.get("target_modules") or ["query", "value"]
-        names = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
-        missing = [t for t in targets if t not in names]
+        fits, misfits = set(), set()
+        for name, module in skeleton.named_modules():
+            pointwise = isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
+            (fits if isinstance(module, torch.nn.Linear) or pointwise else misfits).add(name.rsplit(".", 1)[-1])
+        missing = [t for t in targets if t not in fits or t in misfits]
         if missing:
-            raise UserError("strategy.target_modules", f"no Linear module named {', '.join(missing)} in {type(skeleton).__name__}; "
-                            f"candidates: {', '.join(sorted(names))}")
+            raise UserError("strategy.target_modules", f"no Linear or 1x1 Conv2d module named {', '.join(missing)} in {type(skeleton).__name__} "
+                            f"(or not every module of that name is one); candidates: {', '.join(sorted(fits - misfits))}")
 
     def prepare(self, model, task):
         from peft import get_peft_model

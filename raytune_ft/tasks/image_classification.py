@@ -162,6 +162,19 @@ class ImageClassification:
                                           f"(missing {', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'})")
         return model
 
+    def original_head(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The base model's own classifier, as pretrained: its labels, weight [labels, features]
+        and bias (for a ``head`` retention reference; read weights-only)."""
+        from safetensors.torch import load_file
+
+        pretrained, weights = self.pretrained()
+        labels = pretrained.get("labels")
+        state = load_file(weights) if weights is not None and labels else {}
+        if f"{HEAD}.weight" not in state:
+            raise UserError("model.path", f"{self.model_path} has no classifier with named labels (config.json labels); "
+                                          "a head reference needs a model exported with its own labels")
+        return list(labels), state[f"{HEAD}.weight"], state[f"{HEAD}.bias"]
+
     def head_names(self, model: torch.nn.Module) -> list[str]:
         return [HEAD]
 

@@ -319,6 +319,8 @@ def plan_references(recipe: Recipe, task_cls) -> list[dict[str, Any]]:
     planned = []
     for i, reference in enumerate(recipe.retention.references if recipe.retention else []):
         data = reference.data.model_dump()
+        if reference.kind == "head":  # rows are labelled in the base model's own labels, in its order
+            data["labels"] = original_head_labels(recipe, task_cls, data.get("labels"), f"retention.references.{i}")
         splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
         if reference.kind == "task":  # the task's own metrics on the whole set, nothing fitted
             by_name = {split.name: split for split in splits}
@@ -333,9 +335,20 @@ def plan_references(recipe: Recipe, task_cls) -> list[dict[str, Any]]:
         # The held-out part of train is the probe's test split when no test file is given.
         by_name = {split.name: split for split in splits}
         test = by_name.get("test") or by_name["validation"]
-        planned.append({"name": reference.name, "kind": "probe", "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
+        planned.append({"name": reference.name, "kind": reference.kind, "labels": labels, "data": data, "task": task_cls(recipe.to_dict(), labels),
                         "splits": {"train": by_name["train"], "test": test}})
     return planned
+
+
+def original_head_labels(recipe: Recipe, task_cls, given: list[str] | None, prefix: str) -> list[str]:
+    """The labels of the base model's own classifier head, which a ``head`` reference reads."""
+    task = task_cls(recipe.to_dict(), recipe.data.labels or [])
+    if not hasattr(task, "original_head"):
+        raise UserError(f"{prefix}.kind", f"head: the {recipe.task.type} task keeps no original classifier head to read; use kind probe")
+    labels = task.original_head()[0]
+    if given is not None and list(given) != labels:
+        raise UserError(f"{prefix}.data.labels", f"a head reference reads the base model's labels {labels}; remove data.labels or list exactly those")
+    return labels
 
 
 def reference_specs(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
