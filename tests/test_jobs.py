@@ -26,6 +26,7 @@ from conftest import ROOT, cli, write_recipe
 
 BIN = Path(sys.executable).parent
 DASHBOARD = "http://127.0.0.1:8291"
+HEAD_START_S = 240  # a loaded 2-core machine has taken over 120 s to bring a head's dashboard up
 
 
 def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.Popen:
@@ -37,7 +38,7 @@ def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     option = dict(zip(args, args[1:]))
     agent = (option.get("--node-ip-address") or get_node_ip_address(), int(option["--dashboard-agent-listen-port"]))
-    deadline = time.time() + 120
+    deadline = time.time() + HEAD_START_S
     while time.time() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
@@ -54,7 +55,7 @@ def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.
         except OSError:
             time.sleep(1)
     stop_head(head)
-    raise RuntimeError(f"no answer from {probe} and the agent at {agent} in 120 s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"no answer from {probe} and the agent at {agent} in {HEAD_START_S} s: {log.read_text()[-2000:]}")
 
 
 def stop_head(head: subprocess.Popen) -> None:
