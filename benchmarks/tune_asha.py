@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="image")
     parser.add_argument("--max-rows", type=int, default=1000, help="rows of each split (data.max_rows)")
     parser.add_argument("--epochs", type=int, default=12, help="epochs of a full trial (ASHA's max_t)")
-    parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA: 1/rf of the trials at a rung go on")
+    parser.add_argument("--reduction-factor", type=int, default=9, help="ASHA: 1/rf of the trials at a rung go on (9: rungs at epochs 1 and 9)")
     parser.add_argument("--image-size", type=int, default=32, help="image: pixels per side (32: an epoch of 800 images in ~5 s)")
     parser.add_argument("--order-seed", type=int, default=0, help="the seeded order of each dimension's values")
     parser.add_argument("--max-length", type=int, default=64, help="text: tokens per review")
