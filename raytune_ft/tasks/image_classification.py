@@ -164,16 +164,17 @@ class ImageClassification:
 
     def original_head(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """The base model's own classifier, as pretrained: its labels, weight [labels, features]
-        and bias (for a ``head`` retention reference; read weights-only)."""
-        from safetensors.torch import load_file
+        and bias (for a ``head`` retention reference; only those two tensors are read)."""
+        from safetensors import safe_open
 
         pretrained, weights = self.pretrained()
         labels = pretrained.get("labels")
-        state = load_file(weights) if weights is not None and labels else {}
-        if f"{HEAD}.weight" not in state:
-            raise UserError("model.path", f"{self.model_path} has no classifier with named labels (config.json labels); "
-                                          "a head reference needs a model exported with its own labels")
-        return list(labels), state[f"{HEAD}.weight"], state[f"{HEAD}.bias"]
+        if weights is not None and labels:
+            with safe_open(weights, framework="pt") as state:
+                if f"{HEAD}.weight" in state.keys():
+                    return list(labels), state.get_tensor(f"{HEAD}.weight"), state.get_tensor(f"{HEAD}.bias")
+        raise UserError("model.path", f"{self.model_path} has no classifier with named labels (config.json labels); "
+                                      "a head reference needs a model exported with its own labels")
 
     def head_names(self, model: torch.nn.Module) -> list[str]:
         return [HEAD]
