@@ -18,7 +18,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,6 @@ class Case:
     methods: dict[str, list[str]]
     title: str
     results: str  # benchmarks/results/<results>.{json,md,png}
-    sizing: list[str] = field(default_factory=list)
 
 
 TEXT = Case(
@@ -129,14 +128,14 @@ def prepare_image_case(args) -> list[str]:
             "data.validation_fraction=0.1", "task.image_size=32", f"retention={json.dumps({'references': [reference]})}"]
 
 
-def run_method(case: Case, method: str, seed: int, args) -> dict:
+def run_method(case: Case, method: str, seed: int, sizing: list[str], args) -> dict:
     from raytune_ft.recipe import load_recipe
     from raytune_ft.train.runner import run
 
     out = WORK / args.case / f"{method}-seed{seed}"
     overrides = [
         f"output.dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}", "train.early_stopping=null", "baseline.enabled=false",
-        *case.sizing, *([] if args.lr is None else [f"train.lr={args.lr}"]), *case.methods[method],
+        *sizing, *([] if args.lr is None else [f"train.lr={args.lr}"]), *case.methods[method],
     ]
     recipe = load_recipe(ROOT / "jobs" / case.recipe, overrides)
     started = time.perf_counter()
@@ -216,16 +215,16 @@ def main() -> None:
     case = CASES[args.case]
     if args.case == "text":
         args.epochs, args.lr, args.train_rows = args.epochs or 4, args.lr or 3e-4, args.train_rows or 600
-        case.sizing = [f"data.max_rows={args.train_rows}", f"retention.references.0.data.max_rows={args.ref_rows}"]
+        sizing = [f"data.max_rows={args.train_rows}", f"retention.references.0.data.max_rows={args.ref_rows}"]
     else:
         args.epochs, args.train_rows = args.epochs or 3, args.train_rows or 1500
-        case.sizing = prepare_image_case(args)
+        sizing = prepare_image_case(args)
     rows = []
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(args.seeds):
         for method in (args.methods or ",".join(case.methods)).split(","):
-            rows.append(run_method(case, method, seed, args))
+            rows.append(run_method(case, method, seed, sizing, args))
             print(json.dumps(rows[-1]), flush=True)
             (out / f"{case.results}.json").write_text(json.dumps(rows, indent=2))
     text = table(case, rows)
