@@ -71,6 +71,9 @@ IMAGE = Case(
         # WiSE-FT on LP-FT: the head is trained on the base body first, so interpolating the body keeps a matching head.
         "wise_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1", "wise_ft.alphas=[0.25,0.5,0.75,1.0]",
                     "wise_ft.min_retention=0.98", "wise_ft.metric=eval/accuracy"],
+        # Two lines together: LoRA keeps most of the body, replay keeps what LoRA would still forget.
+        "lora_replay": ["strategy.method=lora", "strategy.rank=16", "strategy.alpha=32", "strategy.target_modules=[_project_conv,_expand_conv]",
+                        "train.lr=4e-3", "replay.fraction=0.3", "replay.loss_weight=1.0"],
     },
 )
 CASES = {"text": TEXT, "image": IMAGE}

@@ -100,6 +100,30 @@ def test_frozen_body_keeps_batch_norm_statistics(tiny_efficientnet):
     assert model.classifier.weight.grad is not None and model._conv_stem.weight.grad is None
 
 
+def test_replay_forward_leaves_batch_norm_statistics_to_the_target_batches(tiny_efficientnet):
+    """A replay batch (a few rows of another distribution) is normalised with the running
+    statistics and does not move them; the model stays in train mode and still gets gradients."""
+    from raytune_ft.retention.training import running_statistics_kept
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused"))).to_dict()
+    task = build_task(recipe, [str(i) for i in range(3)])
+    model = task.build_model().train()
+    statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    replayed = torch.randn(4, 3, 32, 32) * 3 + 1
+    with running_statistics_kept(model):
+        features = task.embed(model, {"pixels": replayed})
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in statistics.items())
+    assert model.training and all(m.training for m in model.modules())
+    features.sum().backward()
+    assert model._conv_stem.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(features, task.embed(model.eval(), {"pixels": replayed}))
+    model.train()
+    task.embed(model, {"pixels": replayed})  # without it, a train-mode forward moves them
+    assert not torch.equal(statistics["_bn0.running_mean"], model._bn0.running_mean)
+
+
 def test_efficientnet_lite0_loads_weights_only_and_recognises_a_photo():
     """All 296 tensors of the real package load strictly into our architecture (weights-only
     unpickling of the legacy file), and Grace Hopper's photo (shipped with matplotlib) is ImageNet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -67,10 +68,26 @@ def build_regularizer(config: dict[str, Any], recipe: dict[str, Any], backend, r
     return Regularizer(spec["strength"], anchor, {k: v.to(backend.device) for k, v in fisher.items()})
 
 
+@contextmanager
+def running_statistics_kept(model: torch.nn.Module):
+    """Batch norms normalise with, and leave unchanged, their running statistics. A replay batch is
+    a few rows from another distribution: in train mode it would both normalise with its own
+    few-row statistics and pull the running statistics towards them."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()
+
+
 class Replay:
     """Reference rows mixed into every training batch: fraction f of the combined batch, scored by
     the reference's original probe (fitted on the base model), weighted by ``loss_weight``. The
-    replay order is seeded per (seed, epoch, rank), so a resumed run replays the same rows."""
+    replay order is seeded per (seed, epoch, rank), so a resumed run replays the same rows. Their
+    forward leaves batch-norm statistics to the target batches (``running_statistics_kept``)."""
 
     def __init__(self, recipe: dict[str, Any], references: References, device):
         spec = recipe["replay"]
@@ -89,7 +106,8 @@ class Replay:
         chosen = np.take(self.order, range(start, start + self.size), mode="wrap")
         batch = self.reference.task.collate({key: values[chosen] for key, values in self.rows.items()})
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        logits = self.reference.original_probe.logits(task.embed(model, batch).double())
+        with running_statistics_kept(model):
+            logits = self.reference.original_probe.logits(task.embed(model, batch).double())
         return self.weight * torch.nn.functional.cross_entropy(logits, batch["labels"]).float()
 
 
