@@ -119,6 +119,31 @@ def test_tiny_whisper_trains_on_spoken_digits_with_two_workers(tiny_whisper, tmp
     assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "model" / "preprocessor_config.json").is_file()
 
 
+def test_lora_whisper_evaluates_through_the_peft_wrapper(tiny_whisper, tmp_path):
+    """Evaluation (the encoder once, then greedy decoding) finds Whisper's encoder inside peft's
+    wrapper; LoRA's B starts at zero, so before training the adapted model decodes as the base."""
+    from raytune_ft.recipe import validate_recipe
+    from raytune_ft.strategies import build_strategy
+
+    recipe = tiny_recipe(tiny_whisper, tmp_path / "run")
+    recipe["strategy"] = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    recipe = validate_recipe(recipe).to_dict()
+    task = SpeechRecognition(recipe, [])
+    base = task.build_model().eval()
+    adapted = build_strategy(recipe).prepare(task.build_model(), task).eval()
+    assert type(adapted).__name__.startswith("Peft")
+    torch.manual_seed(0)
+    start, no_timestamps, end = task.special_tokens()
+    decoder_input_ids = torch.tensor([[start, no_timestamps, 1000, 2000]] * 2)
+    batch = {"input_features": torch.randn(2, 80, 200), "decoder_input_ids": decoder_input_ids,
+             "labels": torch.cat([torch.full((2, 1), -100), decoder_input_ids[:, 2:], torch.full((2, 1), end)], 1)}
+    with torch.no_grad():
+        base_loss, (_, _, base_transcripts) = task.forward(base, batch)
+        adapted_loss, (_, _, adapted_transcripts) = task.forward(adapted, batch)
+    assert adapted_transcripts is not None and torch.equal(adapted_transcripts, base_transcripts)
+    torch.testing.assert_close(adapted_loss, base_loss)
+
+
 def test_replay_or_ewc_on_a_task_reference_is_refused(tiny_whisper, tmp_path):
     from raytune_ft.errors import RecipeError
     from raytune_ft.recipe import validate_recipe

@@ -233,8 +233,8 @@ class SpeechRecognition:
         else:
             from transformers.modeling_outputs import BaseModelOutput
 
-            whisper = getattr(model, "module", model)
-            encoded = BaseModelOutput(last_hidden_state=whisper.model.encoder(batch["input_features"]).last_hidden_state)
+            whisper = getattr(model, "module", model)  # DDP / DeepSpeed; a LoRA (peft) model answers get_encoder too
+            encoded = BaseModelOutput(last_hidden_state=whisper.get_encoder()(batch["input_features"]).last_hidden_state)
             logits = whisper(encoder_outputs=encoded, decoder_input_ids=batch["decoder_input_ids"]).logits
             hypotheses = self.greedy(whisper, encoded)
         losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=PAD, reduction="none")
