@@ -182,8 +182,8 @@ def table(case: Case, rows: list[dict]) -> str:
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
     seeds = sorted({row["seed"] for row in rows})
-    head = {r["seed"]: r["target"] for r in by_method[case.baseline]}
-    full_gain = {r["seed"]: r["target"] - head[r["seed"]] for r in by_method["full"]}
+    baseline = {r["seed"]: r["target"] for r in by_method[case.baseline]}
+    full_gain = {r["seed"]: r["target"] - baseline[r["seed"]] for r in by_method["full"]}
 
     def stat(values):
         return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
@@ -192,7 +192,7 @@ def table(case: Case, rows: list[dict]) -> str:
              f"| method | target {case.metric} | gain vs {case.baseline} | share of full's gain | reference {case.reference_metric} | retention | "
              "worst retention in run | wall s |", "|---|---|---|---|---|---|---|---|"]
     for method, group in by_method.items():
-        gains = [r["target"] - head[r["seed"]] for r in group]
+        gains = [r["target"] - baseline[r["seed"]] for r in group]
         shares = [g / full_gain[r["seed"]] for g, r in zip(gains, group) if abs(full_gain[r["seed"]]) > 1e-9]
         lines.append(f"| {method} | {stat([r['target'] for r in group])} | {stat(gains)} | {stat(shares) if shares else '-'} | "
                      f"{stat([r['ref_after'] for r in group])} | {stat([r['retention'] for r in group])} | "
@@ -201,7 +201,7 @@ def table(case: Case, rows: list[dict]) -> str:
     lines.append(f"\nreference {case.reference_metric} of the base model: {before:.3f}")
     met = [method for method, group in by_method.items() if method not in (case.baseline, "full")
            and statistics.mean(r["retention"] for r in group) >= 0.98
-           and statistics.mean(r["target"] - head[r["seed"]] for r in group) >= 0.95 * statistics.mean(full_gain.values())]
+           and statistics.mean(r["target"] - baseline[r["seed"]] for r in group) >= 0.95 * statistics.mean(full_gain.values())]
     lines.append(f"retention >= 0.98 with >= 95% of full fine-tuning's mean gain: {', '.join(met) or 'none'}")
     return "\n".join(lines)
 
@@ -212,11 +212,11 @@ def scatter(case: Case, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    head = {r["seed"]: r["target"] for r in rows if r["method"] == case.baseline}
+    baseline = {r["seed"]: r["target"] for r in rows if r["method"] == case.baseline}
     figure, axis = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
-        axis.scatter([r["target"] - head[r["seed"]] for r in group], [r["retention"] for r in group], label=method, s=40)
+        axis.scatter([r["target"] - baseline[r["seed"]] for r in group], [r["retention"] for r in group], label=method, s=40)
     axis.axhline(0.98, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel(f"target gain over {case.baseline} (test {case.metric})")
     axis.set_ylabel(f"retention (reference {case.reference_metric}, after / before)")
@@ -246,10 +246,13 @@ def main() -> None:
     elif args.case == "image":
         args.epochs, args.train_rows = args.epochs or 3, args.train_rows or 1500
         sizing = prepare_image_case(args)
-    else:  # the shipped speech recipe, LibriVox as the only reference (the digits one repeats the target's zero-shot score)
+    else:  # the shipped speech recipe, its LibriVox reference alone (the digits one repeats the target's zero-shot score)
+        import yaml
+
         args.epochs, args.train_rows = args.epochs or 3, args.train_rows or 96
-        librivox = {"name": "librivox", "kind": "task", "data": {"train": "asset:librivox", "columns": {"audio": "audio", "text": "text"}}}
-        sizing = [f"data.max_rows={args.train_rows}", f"retention={json.dumps({'references': [librivox]})}"]
+        shipped = yaml.safe_load((ROOT / "jobs" / case.recipe).read_text())["retention"]["references"]
+        kept = [reference for reference in shipped if reference["name"] == case.reference]
+        sizing = [f"data.max_rows={args.train_rows}", f"retention={json.dumps({'references': kept})}"]
     rows = []
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
