@@ -129,6 +129,22 @@ def deepspeed_config(recipe: dict[str, Any]) -> dict[str, Any]:
     return merge(generated, recipe["deepspeed"]["config"])
 
 
+def use_cpu_accelerator() -> None:
+    """DeepSpeed on the CPU. Its accelerator JIT-builds one small op (the shared-memory all-reduce):
+    beside this Python environment, not in a cache shared by every environment (where a killed
+    build's lock hangs all)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when deepspeed is first imported
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_cpu_op() -> None:
+    """Build that op now (`make install`), where runs look for it, so no run waits for it."""
+    use_cpu_accelerator()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 @register
 class DeepSpeedBackend:
     """DeepSpeed ZeRO (stages 0-3, optional CPU offload of optimizer state and parameters)."""
@@ -162,10 +178,7 @@ class DeepSpeedBackend:
 
         self.device = ray.train.torch.get_device()
         if self.device.type != "cuda":
-            os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when deepspeed is first imported
-            # The CPU accelerator JIT-builds a small op; build it beside this Python environment,
-            # not in a cache shared by every environment (where a killed build's lock hangs all).
-            os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+            use_cpu_accelerator()
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
