@@ -50,6 +50,16 @@ def multitask_recipe(tiny_bert: Path, data: dict[str, Path], run_dir: Path, **ta
     }
 
 
+def assert_scores_match(logits: torch.Tensor, labels: torch.Tensor, test: dict, head: str) -> None:
+    """The reloaded export scores the test rows as the run did: the same mean cross-entropy
+    (continuous: float32 kernels on other batch splits differ by ~1e-3 of it, a wrong weight by
+    far more), and the same accuracy up to two near-tie rows another kernel may break the other way."""
+    loss = float(torch.nn.functional.cross_entropy(logits.float(), labels))
+    assert loss == pytest.approx(test[f"{head}_loss"], rel=1e-2), head
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=2.5 / len(labels)), head
+
+
 def test_two_heads_train_on_two_workers_and_export_reloads(tiny_bert, review_data, local_ray, tmp_path):
     recipe = validate_recipe(multitask_recipe(tiny_bert, review_data, tmp_path / "run", weighting="uncertainty"))
     summary = run(recipe)
@@ -99,10 +109,9 @@ def test_two_heads_train_on_two_workers_and_export_reloads(tiny_bert, review_dat
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     for head, column in (("sentiment", "mood"), ("topic", "subject")):
         labels = config["multitask_heads"][head]
-        predicted = (pooled @ tensors[f"heads.{head}.weight"].T + tensors[f"heads.{head}.bias"]).argmax(-1)
-        truth = [labels.index(row[column]) if row[column] in labels else labels.index("other") for row in table]
-        accuracy = float((predicted == torch.tensor(truth)).float().mean())
-        assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=1.5 / len(table)), head
+        logits = pooled @ tensors[f"heads.{head}.weight"].T + tensors[f"heads.{head}.bias"]
+        truth = torch.tensor([labels.index(row[column]) if row[column] in labels else labels.index("other") for row in table])
+        assert_scores_match(logits, truth, test, head)
 
 
 def test_metrics_state_sums_over_ranks():
@@ -321,9 +330,8 @@ def test_image_heads_train_on_two_workers_and_the_export_is_the_image_tasks_layo
     with torch.no_grad():
         features = encoder.eval().features(batch["pixels"])
     for index, head in enumerate(("shape", "color")):
-        predicted = (features @ tensors[f"heads.{head}.weight"].T + tensors[f"heads.{head}.bias"]).argmax(-1)
-        accuracy = float((predicted == batch["labels"][:, index]).float().mean())
-        assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=1.5 / 96), head
+        logits = features @ tensors[f"heads.{head}.weight"].T + tensors[f"heads.{head}.bias"]
+        assert_scores_match(logits, batch["labels"][:, index], test, head)
 
     # A model.path again: the image task takes the encoder (new classifier), multitask too (new heads).
     again = {"task": {"type": "image_classification", "image_size": 32}, "model": {"path": str(export)}, "train": {}, "data": {}}
