@@ -120,7 +120,8 @@ def test_image_run_explains_pixels_and_writes_the_report(tiny_efficientnet, tmp_
                                  [row for row in range(len(labels)) if predicted[row] != labels[row]])
     assert len(explained["examples"]) == 2
     for example in explained["examples"]:
-        assert example["completeness_error"] < 0.05 * abs(example["logit_difference"]), example
+        # 5%, plus float32's rounding over 3072 pixel sums: a one-epoch model's logit may barely move (seen: 2e-5)
+        assert example["completeness_error"] < 0.05 * abs(example["logit_difference"]) + 1e-5, example
         for key in ("png", "image"):
             assert_png(run_dir / example[key])
         with Image.open(run_dir / example["image"]) as image:

@@ -51,13 +51,13 @@ def multitask_recipe(tiny_bert: Path, data: dict[str, Path], run_dir: Path, **ta
 
 
 def assert_scores_match(logits: torch.Tensor, labels: torch.Tensor, test: dict, head: str) -> None:
-    """The reloaded export scores the test rows as the run did: the same mean cross-entropy
-    (continuous: float32 kernels on other batch splits differ by ~1e-3 of it, a wrong weight by
-    far more), and the same accuracy up to two near-tie rows another kernel may break the other way."""
+    """The reloaded export scores the test rows as the run did: the same mean cross-entropy (the
+    run's ranks evaluate rank 0's exported model, batch-norm statistics included), and the same
+    accuracy up to one near-tie row that another batch split may break the other way."""
     loss = float(torch.nn.functional.cross_entropy(logits.float(), labels))
-    assert loss == pytest.approx(test[f"{head}_loss"], rel=1e-2), head
+    assert loss == pytest.approx(test[f"{head}_loss"], rel=1e-4), head
     accuracy = float((logits.argmax(-1) == labels).float().mean())
-    assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=2.5 / len(labels)), head
+    assert accuracy == pytest.approx(test[f"{head}_accuracy"], abs=1.5 / len(labels)), head
 
 
 def test_two_heads_train_on_two_workers_and_export_reloads(tiny_bert, review_data, local_ray, tmp_path):

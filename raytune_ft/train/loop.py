@@ -69,6 +69,19 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def average_running_statistics(module: torch.nn.Module) -> None:
+    """Batch-norm running statistics are each rank's own (DDP sends rank 0's only at the next
+    training forward, DeepSpeed never): average them, so that every rank evaluates, and rank 0
+    exports, the same model."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    stats = [buffer for name, buffer in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    if stats:
+        flat = all_reduce_sum(torch.cat([buffer.detach().double().flatten() for buffer in stats])) / dist.get_world_size()
+        for buffer, values in zip(stats, flat.split([buffer.numel() for buffer in stats])):
+            buffer.copy_(values.view_as(buffer))
+
+
 def in_lockstep(batches, collective_forward: bool):
     """Yield ``(batch, counts)``. Evaluation shards differ in length by design (one may even be
     empty); when every forward is a collective (ZeRO-3 gathers parameters), a rank whose shard has
@@ -289,6 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         eval_started = time.perf_counter()
         train_loss = all_reduce_sum(loss_sum)
+        average_running_statistics(backend.module)
         validation = evaluate(task, backend.module, shards.get("validation"), eval_batch, backend)
         reference = references.evaluate(backend.module, backend.device) if references else {}
         state["eval_time_s"] += time.perf_counter() - eval_started
