@@ -75,7 +75,8 @@ def average_running_statistics(module: torch.nn.Module) -> None:
     exports, the same model."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    stats = [buffer for name, buffer in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    stats = [buffer for norm in norms for buffer in (norm.running_mean, norm.running_var)]
     if stats:
         flat = all_reduce_sum(torch.cat([buffer.detach().double().flatten() for buffer in stats])) / dist.get_world_size()
         for buffer, values in zip(stats, flat.split([buffer.numel() for buffer in stats])):
