@@ -277,16 +277,24 @@ def pytest_runtest_teardown(item):
 
 
 @pytest.fixture(scope="session")
-def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory) -> Path:
+def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory, worker_id) -> Path:
     """A finished tiny text run (1 worker, 3 epochs, its model exported), made once per session by
-    the real CLI. Tests that write into a run directory work on ``copy_run(finished_text_run, tmp_path)``."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    recipe = tiny_recipe_dict(tiny_bert, sentiment_data, run_dir)
-    recipe["train"]["epochs"] = 3
-    recipe["scaling"]["workers"] = 1
-    path = write_recipe(recipe, run_dir.parent / "recipe.yaml")
-    result = run_in_fixture(lambda force: cli("run", str(path), *(["--force"] if force else [])))
-    assert result.returncode == 0, result.stderr[-3000:]
+    the real CLI, and under xdist once for all test processes (a file lock in the base directory
+    they share: each process building its own cost a CLI run, about a minute on two loaded cores).
+    Tests that write into a run directory work on ``copy_run(finished_text_run, tmp_path)``."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    run_dir = shared / "finished_text_run" / "run"
+    with FileLock(shared / "finished_text_run.lock"):
+        if not (run_dir / "summary.json").is_file():
+            run_dir.parent.mkdir(exist_ok=True)
+            recipe = tiny_recipe_dict(tiny_bert, sentiment_data, run_dir)
+            recipe["train"]["epochs"] = 3
+            recipe["scaling"]["workers"] = 1
+            path = write_recipe(recipe, run_dir.parent / "recipe.yaml")
+            result = run_in_fixture(lambda force: cli("run", str(path), *(["--force"] if force else [])))
+            assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
