@@ -112,15 +112,20 @@ def topic_data(tmp_path_factory) -> dict[str, Path]:
     return write_splits(tmp_path_factory.mktemp("topics"), topic_rows, (("train", 240, 3), ("test", 120, 4)))
 
 
-@pytest.fixture
-def retention_recipe(tiny_recipe, topic_data) -> dict:
-    """The tiny recipe with a probe reference on the topic data."""
-    tiny_recipe["retention"] = {"references": [{
+def with_topic_reference(recipe: dict, topic_data: dict[str, Path]) -> dict:
+    """``recipe`` with a probe reference on the topic data."""
+    recipe["retention"] = {"references": [{
         "name": "topics", "data": {"train": str(topic_data["train"]), "test": str(topic_data["test"]),
                                    "columns": {"text": "text", "label": "topic"}},
     }]}
+    return recipe
+
+
+@pytest.fixture
+def retention_recipe(tiny_recipe, topic_data) -> dict:
+    """The tiny recipe with a probe reference on the topic data, 3 epochs."""
     tiny_recipe["train"]["epochs"] = 3
-    return tiny_recipe
+    return with_topic_reference(tiny_recipe, topic_data)
 
 
 def tiny_recipe_dict(tiny_bert: Path, sentiment_data: dict[str, Path], run_dir: Path) -> dict:
@@ -278,9 +283,10 @@ def pytest_runtest_teardown(item):
 
 @pytest.fixture(scope="session")
 def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory, worker_id) -> Path:
-    """A finished tiny text run (1 worker, 3 epochs, its model exported), made once per session by
-    the real CLI, and under xdist once for all test processes (a file lock in the base directory
-    they share: each process building its own cost a CLI run, about a minute on two loaded cores).
+    """A finished tiny text run (1 worker, 3 epochs, its model exported, tracked to TensorBoard and
+    MLflow), made once per session by the real CLI, and under xdist once for all test processes (a
+    file lock in the base directory they share: each process building its own cost a CLI run,
+    about a minute on two loaded cores).
     Tests that write into a run directory work on ``copy_run(finished_text_run, tmp_path)``."""
     from filelock import FileLock
 
@@ -292,6 +298,7 @@ def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory, worker_id) ->
             recipe = tiny_recipe_dict(tiny_bert, sentiment_data, run_dir)
             recipe["train"]["epochs"] = 3
             recipe["scaling"]["workers"] = 1
+            recipe["output"].update(tensorboard=True, mlflow=True)  # test_tracking reads them back
             path = write_recipe(recipe, run_dir.parent / "recipe.yaml")
             result = run_in_fixture(lambda force: cli("run", str(path), *(["--force"] if force else [])))
             assert result.returncode == 0, result.stderr[-3000:]

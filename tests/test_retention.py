@@ -23,9 +23,17 @@ def body_distance(tuned: dict, base: dict) -> float:
     return (moved / total) ** 0.5
 
 
-def test_nothing_trained_retains_everything(retention_recipe, local_ray):
-    retention_recipe["train"].update(lr=0.0, epochs=1)
-    summary = run(validate_recipe(retention_recipe))
+def test_head_only_keeps_the_body_bit_identical_and_retains_everything(retention_recipe, local_ray, tiny_bert):
+    """The head-only baseline trains the classifier alone: every pretrained weight is exported
+    unchanged, so the probe reference on the body's features scores as before, exactly."""
+    retention_recipe["strategy"] = {"method": "head_only"}
+    retention_recipe["train"]["epochs"] = 1
+    recipe = validate_recipe(retention_recipe)
+    summary = run(recipe)
+    before = load_file(tiny_bert / "model.safetensors")
+    after = load_file(recipe.run_dir() / "model" / "model.safetensors")
+    for key, value in before.items():
+        assert torch.equal(after["bert." + key if "bert." + key in after else key], value), key
     retention = summary["retention"]
     assert retention["before"]["ref/topics/accuracy"] > 0.5  # the random tiny encoder's features carry topic (chance 1/3)
     assert retention["retention"]["retention/topics/accuracy"] == pytest.approx(1.0)

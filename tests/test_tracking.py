@@ -1,66 +1,23 @@
-"""Experiment tracking: a real run and a real Tune experiment log to TensorBoard and MLflow, read
-back through MLflow's client and TensorBoard's own event reader."""
+"""Experiment tracking: a real run logs to TensorBoard and MLflow, read back through MLflow's
+client and TensorBoard's own event reader (a Tune experiment's tracking: test_tune.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import write_recipe
+from tracking_checks import assert_same_as_metrics_jsonl, events, logged_hparams
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.report.tracking import Tracker, mlflow_client, tracked
-from raytune_ft.train.runner import run
-from raytune_ft.tune.experiment import run_experiment
 
 
-def metric_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def events(directory: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def logged_hparams(accumulator: EventAccumulator) -> dict:
-    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    return dict(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
-
-
-def assert_same_as_metrics_jsonl(run_dir: Path, client: MlflowClient, run_id: str, tensorboard: Path) -> None:
-    """Every number of every metrics.jsonl record, at the record's step, in MLflow (exactly) and
-    TensorBoard (to float32); logged while training ran, before the run wrote its summary."""
-    records = metric_records(run_dir)
-    finished = (run_dir / "summary.json").stat().st_mtime
-    accumulator = events(tensorboard)
-    names = {key for record in records for key in record if key != "step"}
-    assert {"train/loss", "eval/accuracy", "test/accuracy", "epoch"} <= names
-    for name in names:
-        expected = [(record["step"], record[name]) for record in records if name in record]
-        history = client.get_metric_history(run_id, name)
-        assert [(m.step, m.value) for m in history] == expected, name
-        scalars = accumulator.Scalars(name)
-        assert [s.step for s in scalars] == [step for step, _ in expected], name
-        assert [s.value for s in scalars] == pytest.approx([value for _, value in expected], rel=1e-6), name
-        if name.startswith("eval/"):  # live: each epoch arrived while the run was still training
-            assert max(m.timestamp for m in history) / 1000 < finished and max(s.wall_time for s in scalars) < finished
-
-
-def test_a_run_logs_metrics_params_and_artifacts(tiny_recipe, tmp_path, local_ray):
-    tiny_recipe["train"]["epochs"] = 2
-    tiny_recipe["scaling"]["workers"] = 1
-    tiny_recipe["output"].update(tensorboard=True, mlflow=True)
-    run(validate_recipe(tiny_recipe))
-    run_dir = tmp_path / "run"
-
+def test_a_run_logs_metrics_params_and_artifacts(finished_text_run):
+    """The shared finished CLI run (tensorboard and mlflow on) logged live to both."""
+    run_dir = finished_text_run
     uri = f"file:{run_dir / 'mlruns'}"  # the default: a file store inside the run directory
     client = mlflow_client(uri)
     state = json.loads((run_dir / "tracking.json").read_text())
@@ -77,31 +34,6 @@ def test_a_run_logs_metrics_params_and_artifacts(tiny_recipe, tmp_path, local_ra
     accumulator = events(run_dir / "tensorboard")
     assert logged_hparams(accumulator)["train.lr"].number_value == pytest.approx(3e-3)
     assert "recipe/text_summary" in accumulator.Tags()["tensors"]
-
-
-def test_each_tune_trial_is_a_child_run_and_a_tensorboard_directory(tiny_recipe, tmp_path, local_ray):
-    tiny_recipe["train"]["epochs"] = 1
-    tiny_recipe["output"].update(dir=str(tmp_path / "experiment"), tensorboard=True,
-                                 mlflow={"tracking_uri": str(tmp_path / "store"), "experiment": "sweep"})
-    tiny_recipe["tune"] = {"workers_per_trial": 1, "max_concurrent_trials": 2, "num_samples": 1, "searcher": "grid",
-                           "space": {"train.lr": {"grid": [1e-3, 3e-3]}}}
-    run_experiment(validate_recipe(tiny_recipe))
-    experiment = tmp_path / "experiment"
-
-    client = mlflow_client(f"file:{tmp_path / 'store'}")
-    parent = json.loads((experiment / "tracking.json").read_text())["run_id"]
-    experiment_id = client.get_experiment_by_name("sweep").experiment_id
-    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-    with open(experiment / "results.csv") as f:
-        rows = {row["trial"]: row for row in csv.DictReader(f)}
-    assert sorted(child.info.run_name for child in children) == sorted(rows)
-    assert {"results.csv", "summary.json", "best_recipe.yaml"} <= {a.path for a in client.list_artifacts(parent)}
-    for child in children:
-        trial = child.info.run_name
-        assert child.info.status == "FINISHED"
-        assert float(child.data.params["train.lr"]) == float(rows[trial]["train.lr"])
-        assert_same_as_metrics_jsonl(experiment / "trials" / trial / "run", client, child.info.run_id,
-                                     experiment / "tensorboard" / trial)
 
 
 def test_a_resumed_run_continues_its_mlflow_run(tiny_recipe, tmp_path):

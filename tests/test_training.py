@@ -55,17 +55,6 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
     assert [model.config.id2label[i] for i in predicted] == ["positive", "negative"]
 
 
-def test_head_only_baseline_freezes_the_body(tiny_recipe, local_ray, tiny_bert):
-    tiny_recipe["strategy"] = {"method": "head_only"}
-    tiny_recipe["train"]["epochs"] = 1
-    recipe = validate_recipe(tiny_recipe)
-    run(recipe)
-    before = load_file(tiny_bert / "model.safetensors")
-    after = load_file(recipe.run_dir() / "model" / "model.safetensors")
-    for key, value in before.items():
-        assert torch.equal(after["bert." + key if "bert." + key in after else key], value), key
-
-
 def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process):
     """Epoch 1 checkpoints, then the run crashes (the real command line: exit 1, the workers'
     error as the last line); --resume finishes it. The final weights equal the uninterrupted

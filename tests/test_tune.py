@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, write_recipe
+from conftest import ROOT, run_in_fixture, tiny_recipe_dict, with_topic_reference, write_recipe
+from tracking_checks import assert_same_as_metrics_jsonl
 from raytune_ft.recipe import load_recipe, validate_recipe
+from raytune_ft.report.tracking import mlflow_client
 from raytune_ft.tune.experiment import run_experiment
 from raytune_ft.tune.pareto import hypervolume, pareto_front
 
@@ -32,13 +34,22 @@ def results(experiment_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(retention_recipe, tmp_path, local_ray):
-    with_search(retention_recipe, tmp_path, searcher="grid", space={"train.lr": {"grid": [1e-3, 3e-3]}},
+@pytest.fixture(scope="module")
+def grid_experiment(tiny_bert, sentiment_data, topic_data, local_ray, tmp_path_factory) -> tuple[Path, dict]:
+    """A grid over two learning rates with a retention reference, a WiSE-FT sweep per trial and
+    both trackers on: (experiment directory, summary). The Pareto and tracking tests read it."""
+    directory = tmp_path_factory.mktemp("grid")
+    recipe = with_topic_reference(tiny_recipe_dict(tiny_bert, sentiment_data, directory / "run"), topic_data)
+    with_search(recipe, directory, searcher="grid", space={"train.lr": {"grid": [1e-3, 3e-3]}},
                 metric=["eval/accuracy", "retention/min"], mode=["max", "max"])
-    retention_recipe["wise_ft"] = {"alphas": [0.0, 0.5, 1.0], "metric": "eval/accuracy", "min_retention": 0.0}
-    summary = run_experiment(validate_recipe(retention_recipe))
-    experiment = tmp_path / "experiment"
+    recipe["wise_ft"] = {"alphas": [0.0, 0.5, 1.0], "metric": "eval/accuracy", "min_retention": 0.0}
+    recipe["output"].update(tensorboard=True, mlflow={"tracking_uri": str(directory / "store"), "experiment": "sweep"})
+    summary = run_in_fixture(lambda force: run_experiment(validate_recipe(recipe), force=force))
+    return directory / "experiment", summary
 
+
+def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(grid_experiment):
+    experiment, summary = grid_experiment
     rows = results(experiment)
     assert sorted(float(row["train.lr"]) for row in rows) == [1e-3, 3e-3]
     assert all(row["status"] == "ok" and row["epochs"] == "1" for row in rows)
@@ -65,9 +76,47 @@ def test_grid_runs_exactly_the_grid_and_writes_the_pareto_front(retention_recipe
     assert staged == []
 
 
-@pytest.mark.parametrize("searcher", ["random", "optuna"])
-def test_samplers_stay_inside_the_declared_space(searcher, tiny_recipe, tmp_path, local_ray):
-    with_search(tiny_recipe, tmp_path, searcher=searcher, num_samples=2, seed=3, space={
+def test_each_tune_trial_is_a_child_run_and_a_tensorboard_directory(grid_experiment):
+    experiment, _ = grid_experiment
+    client = mlflow_client(f"file:{experiment.parent / 'store'}")
+    parent = json.loads((experiment / "tracking.json").read_text())["run_id"]
+    experiment_id = client.get_experiment_by_name("sweep").experiment_id
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    with open(experiment / "results.csv") as f:
+        rows = {row["trial"]: row for row in csv.DictReader(f)}
+    assert sorted(child.info.run_name for child in children) == sorted(rows)
+    assert {"results.csv", "summary.json", "best_recipe.yaml"} <= {a.path for a in client.list_artifacts(parent)}
+    for child in children:
+        trial = child.info.run_name
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["train.lr"]) == float(rows[trial]["train.lr"])
+        assert_same_as_metrics_jsonl(experiment / "trials" / trial / "run", client, child.info.run_id,
+                                     experiment / "tensorboard" / trial)
+
+
+def test_random_search_samples_the_declared_space_with_both_bounds(tiny_recipe, tmp_path):
+    """The random searcher draws from the Tune domains that param_space builds: floats inside a
+    log-uniform range, and integers from randint's low to its high, both included."""
+    import random
+
+    import numpy as np
+
+    from raytune_ft.tune.space import param_space
+
+    with_search(tiny_recipe, tmp_path, searcher="random", space={
+        "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"randint": [8, 12]},
+    })
+    space = param_space(validate_recipe(tiny_recipe).tune)
+    random.seed(0)
+    np.random.seed(0)
+    lrs = [space["train.lr"].sample() for _ in range(500)]
+    sizes = {space["train.batch_size"].sample() for _ in range(500)}
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and min(lrs) < 2e-4 and max(lrs) > 5e-3
+    assert sizes == {8, 9, 10, 11, 12} and all(isinstance(size, int) for size in sizes)
+
+
+def test_optuna_samples_stay_inside_the_declared_space(tiny_recipe, tmp_path, local_ray):
+    with_search(tiny_recipe, tmp_path, searcher="optuna", num_samples=2, seed=3, space={
         "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"randint": [8, 12]},
     })
     summary = run_experiment(validate_recipe(tiny_recipe))
