@@ -163,10 +163,8 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
     )
 
 
-@pytest.fixture
-def cli_in_process(monkeypatch, capsys):
-    """``raytune-ft ARGS`` in this process, for cases that must fail before Ray starts (starting
-    it is an AssertionError): returns (exit code, stderr)."""
+def command_line_here(monkeypatch, capsys, *, reaches_ray: bool):
+    """``raytune-ft ARGS`` run by its ``main`` in this process: returns (exit code, stderr)."""
     from raytune_ft.cli import main
 
     def no_ray(*_, **__):
@@ -174,14 +172,35 @@ def cli_in_process(monkeypatch, capsys):
 
     def run(*args: str) -> tuple[int, str]:
         with monkeypatch.context() as patched:
-            patched.setattr("raytune_ft.train.runner.init_ray", no_ray)
+            if not reaches_ray:
+                patched.setattr("raytune_ft.train.runner.init_ray", no_ray)
             patched.setattr(sys, "argv", ["raytune-ft", *args])
             capsys.readouterr()
             with pytest.raises(SystemExit) as exited:
                 main()
+        if reaches_ray:
+            import ray
+
+            if not ray.is_initialized():  # a failed run shuts Ray down to flush its workers' logs
+                start_test_ray()
         return exited.value.code, capsys.readouterr().err
 
     return run
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch, capsys):
+    """``raytune-ft ARGS`` in this process, for cases that must fail before Ray starts (starting
+    it is an AssertionError): returns (exit code, stderr)."""
+    return command_line_here(monkeypatch, capsys, reaches_ray=False)
+
+
+@pytest.fixture
+def cli_on_test_ray(monkeypatch, capsys, local_ray):
+    """``raytune-ft ARGS`` in this process, on this file's running Ray (the command line's own
+    code path, without a process and a Ray of its own; a Ray it shut down is started again):
+    returns (exit code, stderr)."""
+    return command_line_here(monkeypatch, capsys, reaches_ray=True)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, Payload, cli, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
+from conftest import ROOT, Payload, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
 
@@ -55,17 +55,19 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
     assert [model.config.id2label[i] for i in predicted] == ["positive", "negative"]
 
 
-def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process):
-    """Epoch 1 checkpoints, then the run crashes (the real command line: exit 1, the workers'
-    error as the last line); --resume finishes it. The final weights equal the uninterrupted
-    run's with the same seed (same data order, optimizer and schedule state)."""
+def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process, cli_on_test_ray, monkeypatch):
+    """Epoch 1 checkpoints, then the run crashes (the command line: exit 1, the workers' error
+    as the last line); --resume finishes it. The final weights equal the uninterrupted run's with
+    the same seed (same data order, optimizer and schedule state)."""
     recipe, straight = ddp_run
     recipe = {**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "resumed")}}
     recipe_path = write_recipe(recipe, tmp_path / "tiny.yaml")
 
-    crashed = cli("run", str(recipe_path), env={"RAYTUNE_FT_FAULT": "raise_after_epoch:1"})
-    assert crashed.returncode == 1
-    assert crashed.stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
+    with monkeypatch.context() as faulty:
+        faulty.setenv("RAYTUNE_FT_FAULT", "raise_after_epoch:1")
+        code, stderr = cli_on_test_ray("run", str(recipe_path))
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
     code, stderr = cli_in_process("run", str(recipe_path))
     assert code == 2 and "--resume" in stderr  # never silently overwritten
     resumed = run(validate_recipe(recipe), resume=True)
