@@ -97,6 +97,10 @@ SPEECH = Case(
         "l2sp": ["strategy.method=full", "regularizer.method=l2sp", "regularizer.strength=0.1"],
         "wise_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1", "wise_ft.alphas=[0.25,0.5,0.75,1.0]",
                     "wise_ft.min_retention=0.98", "wise_ft.metric=eval/word_accuracy"],
+        # Whisper has no new head: WiSE-FT of full fine-tuning interpolates every weight back towards the
+        # pretrained model itself (of lp_ft, its θ_base is the model after the decoder-only epoch, which already forgot).
+        "wise_ft_full": ["strategy.method=full", "wise_ft.alphas=[0.1,0.2,0.3,0.4,0.5,0.75,1.0]",
+                         "wise_ft.min_retention=0.98", "wise_ft.metric=eval/word_accuracy"],
     },
 )
 CASES = {"text": TEXT, "image": IMAGE, "speech": SPEECH}

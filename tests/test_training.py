@@ -57,8 +57,10 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
 
 def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process, cli_on_test_ray, monkeypatch):
     """Epoch 1 checkpoints, then the run crashes (the command line: exit 1, the workers' error
-    as the last line); --resume finishes it. The final weights equal the uninterrupted run's with
-    the same seed (same data order, optimizer and schedule state)."""
+    as the last line); --resume goes on, and a worker process SIGKILLed mid-epoch 3 (rank 1) makes
+    Train restart the worker group from epoch 2's checkpoint within that run (train.max_failures).
+    The final weights equal the uninterrupted run's with the same seed (same data order,
+    optimizer and schedule state), through both kinds of restart."""
     recipe, straight = ddp_run
     recipe = {**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "resumed")}}
     recipe_path = write_recipe(recipe, tmp_path / "tiny.yaml")
@@ -70,8 +72,11 @@ def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_
     assert stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
     code, stderr = cli_in_process("run", str(recipe_path))
     assert code == 2 and "--resume" in stderr  # never silently overwritten
-    resumed = run(validate_recipe(recipe), resume=True)
-    assert resumed["resumed_at"][0]["epoch"] == 1
+    (tmp_path / "resumed" / ".fault_fired").unlink()  # the crash's marker: the kill below may fire once too
+    monkeypatch.setenv("RAYTUNE_FT_FAULT", "kill_at_step:45")  # 20 steps an epoch: mid-epoch 3
+    resumed = run(validate_recipe({**recipe, "train": {**recipe["train"], "max_failures": 1}}), resume=True)
+    assert (tmp_path / "resumed" / ".fault_fired").exists()
+    assert resumed["resumed_at"] == [{"epoch": 1, "step": 20}, {"epoch": 2, "step": 40}]
 
     a = load_file(Path(straight["outputs"]["model"]) / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
@@ -156,15 +161,3 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     # The workers' own log lines may not reach the driver before it exits; the summary records it.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_at"] == [{"epoch": 1, "step": epochs[0]["step"]}]
-
-
-def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(tiny_recipe, tmp_path, local_ray, monkeypatch):
-    """A worker process SIGKILLed mid-epoch 2 (rank 1): with train.max_failures the worker group
-    restarts from epoch 1's checkpoint within the same run, which finishes with each epoch once."""
-    tiny_recipe["train"].update(epochs=2, max_failures=1)
-    monkeypatch.setenv("RAYTUNE_FT_FAULT", "kill_at_step:25")  # 20 steps per epoch
-    summary = run(validate_recipe(tiny_recipe))
-    assert (tmp_path / "run" / ".fault_fired").exists()
-    assert summary["resumed_at"] == [{"epoch": 1, "step": 20}]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2]

@@ -115,19 +115,6 @@ def test_random_search_samples_the_declared_space_with_both_bounds(tiny_recipe, 
     assert sizes == {8, 9, 10, 11, 12} and all(isinstance(size, int) for size in sizes)
 
 
-def test_optuna_samples_stay_inside_the_declared_space(tiny_recipe, tmp_path, local_ray):
-    with_search(tiny_recipe, tmp_path, searcher="optuna", num_samples=2, seed=3, space={
-        "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"randint": [8, 12]},
-    })
-    summary = run_experiment(validate_recipe(tiny_recipe))
-    rows = results(tmp_path / "experiment")
-    assert len(rows) == 2 and summary["failed"] == 0
-    for row in rows:
-        assert 1e-4 <= float(row["train.lr"]) <= 1e-2
-        assert 8 <= int(row["train.batch_size"]) <= 12
-        assert float(row["eval/accuracy"]) >= 0
-
-
 def test_asha_stops_the_useless_trial_at_the_first_milestone(tiny_recipe, tmp_path, local_ray):
     """One trial at a time, the useful lr first: at epoch 1 the lr-0 trial (nothing learned, the
     initial loss) is below the milestone's median and stops; the useful one runs all 3 epochs."""
@@ -226,9 +213,13 @@ def finished_trials(experiment) -> list:
     return sorted(experiment.glob("trials/trial_*/run/summary.json")) if "TERMINATED" in state else []
 
 
-def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path, local_ray):
-    with_search(tiny_recipe, tmp_path, searcher="grid", max_concurrent_trials=1,
-                space={"train.lr": {"grid": [1e-3, 3e-3]}})
+def test_resume_of_an_optuna_search_reruns_no_finished_trial_and_stays_in_the_space(tiny_recipe, tmp_path, local_ray):
+    """The driver (and the Ray it started) is killed once the first of Optuna's two trials has
+    finished; --resume restores the searcher, runs only the second, and both samples lie inside
+    the declared space."""
+    with_search(tiny_recipe, tmp_path, searcher="optuna", num_samples=2, seed=3, max_concurrent_trials=1, space={
+        "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"randint": [8, 12]},
+    })
     path = write_recipe(tiny_recipe, tmp_path / "tune.yaml")
     experiment = tmp_path / "experiment"
     process = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "tune", str(path)], cwd=ROOT,
@@ -242,11 +233,15 @@ def test_resume_does_not_rerun_finished_trials(tiny_recipe, tmp_path, local_ray)
     assert len(first) == 1, "the first trial did not finish in time"
     finished_at = first[0].stat().st_mtime
 
-    run_experiment(load_recipe(path), resume=True)
+    summary = run_experiment(load_recipe(path), resume=True)
     assert first[0].stat().st_mtime == finished_at  # the finished trial was not run again
     rows = results(experiment)
-    assert sorted(float(row["train.lr"]) for row in rows) == [1e-3, 3e-3]
-    assert all(row["status"] == "ok" for row in rows)
+    assert len(rows) == 2 and summary["failed"] == 0 and all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        assert 1e-4 <= float(row["train.lr"]) <= 1e-2
+        assert 8 <= int(row["train.batch_size"]) <= 12
+        assert float(row["eval/accuracy"]) >= 0
+    assert len({(row["train.lr"], row["train.batch_size"]) for row in rows}) == 2  # two samples, not one run twice
 
 
 BAD_SPACES = [
