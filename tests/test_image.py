@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_EFFICIENTNET, cli, write_recipe
+from conftest import TINY_EFFICIENTNET, write_recipe
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.runner import run
@@ -168,15 +168,16 @@ def test_checkpoint_with_objects_is_refused(tmp_path):
         read_legacy_checkpoint(path)
 
 
-def test_corrupt_image_is_a_one_line_error(tiny_efficientnet, image_folder, tmp_path):
+def test_corrupt_image_is_a_one_line_error(tiny_efficientnet, image_folder, tmp_path, cli_on_test_ray):
+    """Found while Ray Data decodes the folder (the command line's main, on this file's Ray)."""
     recipe = image_recipe(tiny_efficientnet, tmp_path / "run", train=str(image_folder), test=None, max_rows=None)
-    result = cli("run", str(write_recipe(recipe, tmp_path / "r.yaml")))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.strip().splitlines() if "broken.png" in line or line.startswith("error")]
-    assert len(lines) == 1, result.stderr[-2000:]  # Ray's own start-up warnings aside, one line
+    code, stderr = cli_on_test_ray("run", str(write_recipe(recipe, tmp_path / "r.yaml")))
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = [line for line in stderr.strip().splitlines() if "broken.png" in line or line.startswith("error")]
+    assert len(lines) == 1, stderr[-2000:]  # Ray's own warnings aside, one line
     assert lines[0].startswith(f"error: {image_folder / 'Trouser' / 'broken.png'}: cannot decode image"), lines[0]
-    assert result.stderr.strip().splitlines()[-1] == lines[0]
+    assert stderr.strip().splitlines()[-1] == lines[0]
 
 
 def test_skip_mode_counts_bad_rows_and_refuses_too_many(tiny_efficientnet, image_folder, tmp_path, local_ray):
