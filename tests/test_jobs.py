@@ -29,33 +29,48 @@ DASHBOARD = "http://127.0.0.1:8291"
 HEAD_START_S = 240  # a loaded 2-core machine has taken over 120 s to bring a head's dashboard up
 
 
-def start_head(args: list[str], env: dict, log: Path, probe: str) -> subprocess.Popen:
-    """`ray start --head --block` in its own process group; returns once ``probe`` answers HTTP and
-    the head's dashboard agent (``--dashboard-agent-listen-port``), which takes the jobs, listens."""
+def start_head(args: list[str], env: dict, log: Path, probe: str, attempts: int = 2) -> subprocess.Popen:
+    """`ray start --head --block` in its own process group; returns once ``probe`` answers HTTP,
+    the head's dashboard agent (``--dashboard-agent-listen-port``), which takes the jobs, listens,
+    and `ray start` has reported the runtime started. On overloaded cores `ray start` can give up
+    on its own start-up (its raylet has 30 s to register, not configurable): it is started again."""
     from ray._private.services import get_node_ip_address
 
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", *args],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     option = dict(zip(args, args[1:]))
     agent = (option.get("--node-ip-address") or get_node_ip_address(), int(option["--dashboard-agent-listen-port"]))
-    deadline = time.time() + HEAD_START_S
-    while time.time() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(probe, timeout=2)
-        except urllib.error.HTTPError:  # 401: up, and asking for the token
-            pass
-        except OSError:
+    # The dashboard's own start-up limit (60 s by default) is not enough on loaded cores either.
+    env = {**env, "PYTHONUNBUFFERED": "1", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(HEAD_START_S)}
+    deadline = time.time() + HEAD_START_S * attempts
+    for attempt in range(1, attempts + 1):
+        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", *args],
+                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        while time.time() < deadline and head.poll() is None:
+            if "Ray runtime started" in log.read_text(errors="ignore") and answers(probe) and listens(agent):
+                return head
             time.sleep(1)
-            continue
-        try:
-            socket.create_connection(agent, timeout=2).close()
-            return head
-        except OSError:
-            time.sleep(1)
-    stop_head(head)
-    raise RuntimeError(f"no answer from {probe} and the agent at {agent} in {HEAD_START_S} s: {log.read_text()[-2000:]}")
+        stop_head(head)
+        if time.time() >= deadline or attempt == attempts:
+            break
+        log.rename(log.with_suffix(f".attempt{attempt}"))
+    raise RuntimeError(f"the head did not come up ({probe}, the agent at {agent}) in {attempts} tries: {log.read_text()[-2000:]}")
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:  # 401: up, and asking for the token
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def listens(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def stop_head(head: subprocess.Popen) -> None:
