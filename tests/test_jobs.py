@@ -52,7 +52,8 @@ def start_head(args: list[str], env: dict, log: Path, probe: str, attempts: int 
         if time.time() >= deadline or attempt == attempts:
             break
         log.rename(log.with_suffix(f".attempt{attempt}"))
-    raise RuntimeError(f"the head did not come up ({probe}, the agent at {agent}) in {attempts} tries: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"the head did not come up ({probe}, the agent at {agent}) in {attempt} of {attempts} tries "
+                       f"and {HEAD_START_S * attempts} s at most: {log.read_text()[-2000:]}")
 
 
 def answers(url: str) -> bool:
