@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, Payload, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
 from raytune_ft.recipe import validate_recipe
+from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.runner import run
 
 
@@ -113,19 +115,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recipe, tmp_path, cli_in_process, local_ray):
-    """SIGKILL the `raytune-ft run` process once epoch 1's checkpoint is on disk; --resume then
-    finishes. The interrupted epoch restarts from its beginning (the step count at epoch 1's end),
-    so metrics.jsonl holds every epoch exactly once. Damaged copies of the killed run are refused."""
+    """SIGKILL the `raytune-ft run` process mid-epoch 2, with epoch 1's checkpoint on disk (a worker
+    holds still there, so the kill cannot land after a later checkpoint); --resume then finishes.
+    The interrupted epoch restarts from its beginning (the step count at epoch 1's end), so
+    metrics.jsonl holds every epoch exactly once. Damaged copies of the killed run are refused."""
     tiny_recipe["train"]["epochs"] = 3
     recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
     run_dir = tmp_path / "run"
     with open(tmp_path / "killed.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "run", str(recipe_path)], cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, FAULT_ENV: "stall_at_step:25"})  # 20 steps an epoch
     local_ray = []
     try:
         deadline = time.monotonic() + 500
-        while latest_checkpoint(run_dir) is None:
+        while not (run_dir / ".fault_fired").exists():
             assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
         local_ray = psutil.Process(driver.pid).children(recursive=True)

@@ -214,17 +214,24 @@ def publish_outputs(run_dir: Path, destination: str) -> None:
 
 class ExactEvalDataConfig(DataConfig):
     """Train shards are equal (DDP needs the same number of steps everywhere); evaluation shards
-    are not, so no evaluation row is dropped or repeated. A materialized evaluation set is split
-    by its blocks; only a streamed set needs a coordinator actor (a process each, ~3 s of a core
-    to start on a small machine)."""
+    are not, so no evaluation row is dropped or repeated. A materialized set is split once for the
+    whole run, here on the driver before the workers hold the CPUs (an equal split runs tasks, and
+    after a lost machine no CPU may be left for them); only a streamed set needs a coordinator
+    actor (a process each, ~2 s of a core to start on a small machine) and a new streaming
+    execution every epoch."""
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+    def __init__(self, datasets: dict[str, Any], world_size: int):
         from ray.data.dataset import MaterializedDataset
 
+        super().__init__()
+        self.splits = {name: dataset.split(world_size, equal=name == "train")
+                       for name, dataset in datasets.items() if isinstance(dataset, MaterializedDataset)}
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
-            if name != "train" and isinstance(dataset, MaterializedDataset):
-                splits = [split.iterator() for split in dataset.split(world_size)]
+            if name in self.splits:
+                splits = [split.iterator() for split in self.splits[name]]
             else:
                 dataset = dataset.copy(dataset)
                 dataset.context.execution_options = self._resolve_execution_options(name)
@@ -402,7 +409,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        dataset_config=ExactEvalDataConfig(),
+        dataset_config=ExactEvalDataConfig(datasets, workers),
     )
     print(f"[raytune-ft] {recipe.name}: {plan['train_rows']} training rows, {workers} workers x batch "
           f"{recipe.train.batch_size}, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), strategy {recipe.strategy.method}", flush=True)
