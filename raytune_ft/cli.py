@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from raytune_ft.errors import UserError
+from raytune_ft.errors import TrainingFailed, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on Ray, measuring what they gain and what they keep.")
@@ -184,8 +184,6 @@ def fuse(
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2; nothing else is shown."""
-    from raytune_ft.train.runner import TrainingFailed
-
     try:
         app(standalone_mode=False)
     except UserError as error:

@@ -1,4 +1,5 @@
-"""User-facing errors: one line, names the field or file, exit code 2, no traceback."""
+"""User-facing errors: one line, names the field or file, exit code 2 (1 for a failed training run),
+no traceback. Imports nothing heavy: every command line reaches this module."""
 
 
 class UserError(Exception):
@@ -40,3 +41,22 @@ def find_user_error(error: BaseException | None) -> UserError | None:
             return error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
     return None
+
+
+class TrainingFailed(Exception):
+    """Training failed on the workers; the message is the workers' first error, one line."""
+
+    exit_code = 1
+
+    def __init__(self, error: Exception):
+        failures = getattr(error, "worker_failures", None) or {}
+        first = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
+        cause = getattr(first, "cause", None) or first
+        user_error = find_user_error(first)
+        if user_error is not None:
+            self.exit_code = user_error.exit_code
+            message = f"{user_error.where}: {user_error.message}" if user_error.where else user_error.message
+        else:
+            lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+            message = f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"
+        super().__init__(message)

@@ -25,7 +25,7 @@ import yaml
 
 from raytune_ft.data import tabular
 from raytune_ft.data.sharding import ExactEvalDataConfig
-from raytune_ft.errors import UserError, find_user_error
+from raytune_ft.errors import TrainingFailed, UserError, find_user_error
 from raytune_ft.post import configured_steps, run_steps
 from raytune_ft.recipe import Recipe
 from raytune_ft.report.tracking import tracked
@@ -399,25 +399,6 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
             staging.rename(export_dir)
     state["plan"] = plan
     return state
-
-
-class TrainingFailed(Exception):
-    """Training failed on the workers; the message is the workers' first error, one line."""
-
-    exit_code = 1
-
-    def __init__(self, error: Exception):
-        failures = getattr(error, "worker_failures", None) or {}
-        first = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
-        cause = getattr(first, "cause", None) or first
-        user_error = find_user_error(first)
-        if user_error is not None:
-            self.exit_code = user_error.exit_code
-            message = f"{user_error.where}: {user_error.message}" if user_error.where else user_error.message
-        else:
-            lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-            message = f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"
-        super().__init__(message)
 
 
 def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,

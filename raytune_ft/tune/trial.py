@@ -73,11 +73,11 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     the experiment's trials directory."""
     from ray import tune
 
-    from raytune_ft.errors import UserError
+    from raytune_ft.errors import TrainingFailed, UserError
     from raytune_ft.tasks import TASKS
     from raytune_ft.train.checkpoint import write_text_atomic
     from raytune_ft.train.faults import FAULT_ENV
-    from raytune_ft.train.runner import TrainingFailed, check_strategy, fit, write_outputs
+    from raytune_ft.train.runner import check_strategy, fit, write_outputs
 
     started = time.time()
     if shared["fault"]:  # a test's injected fault, set on the driver (this actor's process ends with the trial)
