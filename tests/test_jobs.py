@@ -214,6 +214,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from raytune_ft.recipe import load_recipe
+from raytune_ft.train.faults import FAULT_MARKER
 from raytune_ft.train.runner import run
 
 # A head with no CPUs (driver and Train controller only) and three 1-CPU machines: the 2 workers
@@ -223,7 +224,7 @@ cluster = Cluster(initialize_head=True, head_node_args={
 machines = [cluster.add_node(num_cpus=1, dashboard_agent_listen_port=52395 + i) for i in range(3)]
 cluster.wait_for_nodes()
 recipe = load_recipe(sys.argv[1])
-marker = recipe.run_dir() / ".fault_fired"
+marker = recipe.run_dir() / FAULT_MARKER
 removed = []
 
 def remove_the_stalled_workers_machine():

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, Payload, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.faults import FAULT_ENV
+from raytune_ft.train.faults import FAULT_ENV, FAULT_MARKER
 from raytune_ft.train.runner import run
 
 
@@ -74,10 +74,10 @@ def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_
     assert stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
     code, stderr = cli_in_process("run", str(recipe_path))
     assert code == 2 and "--resume" in stderr  # never silently overwritten
-    (tmp_path / "resumed" / ".fault_fired").unlink()  # the crash's marker: the kill below may fire once too
+    (tmp_path / "resumed" / FAULT_MARKER).unlink()  # the crash's marker: the kill below may fire once too
     monkeypatch.setenv("RAYTUNE_FT_FAULT", "kill_at_step:45")  # 20 steps an epoch: mid-epoch 3
     resumed = run(validate_recipe({**recipe, "train": {**recipe["train"], "max_failures": 1}}), resume=True)
-    assert (tmp_path / "resumed" / ".fault_fired").exists()
+    assert (tmp_path / "resumed" / FAULT_MARKER).exists()
     assert resumed["resumed_at"] == [{"epoch": 1, "step": 20}, {"epoch": 2, "step": 40}]
 
     a = load_file(Path(straight["outputs"]["model"]) / "model.safetensors")
@@ -128,7 +128,7 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     local_ray = []
     try:
         deadline = time.monotonic() + 500
-        while not (run_dir / ".fault_fired").exists():
+        while not (run_dir / FAULT_MARKER).exists():
             assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
         local_ray = psutil.Process(driver.pid).children(recursive=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 
 FAULT_ENV = "RAYTUNE_FT_FAULT"
+FAULT_MARKER = ".fault_fired"  # in the run directory: the fault has fired (and names the stalled node)
 
 
 def fault_config(run_dir: Path) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def fault_config(run_dir: Path) -> dict[str, Any]:
     if not spec:
         return {}
     kind, _, at = spec.partition(":")
-    return {"kind": kind, "at": int(at), "marker": str(run_dir / ".fault_fired")}
+    return {"kind": kind, "at": int(at), "marker": str(run_dir / FAULT_MARKER)}
 
 
 def maybe_fail(config: dict[str, Any], step: int, epoch: int, rank: int, after_checkpoint: bool = False) -> None:
