@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,13 @@ def local_ray():
 # (pytest cannot set up a module or session fixture again once it failed). The thread timeout in
 # pyproject.toml is the backstop for a block no signal reaches.
 HANG_LIMIT_S = int(os.environ.get("RAYTUNE_FT_TEST_HANG_LIMIT_S", "420"))
+# .ci/run's watchdog: each test process names its current test in the file <pid> of this
+# directory, and SIGUSR1 writes its threads' stacks to <pid>.stacks (not to stderr, which pytest
+# captures), so a suite that outlives CI's limit says where it was.
+WATCH_DIR = os.environ.get("RAYTUNE_FT_TEST_WATCH")
+if WATCH_DIR:
+    _stacks = open(Path(WATCH_DIR) / f"{os.getpid()}.stacks", "w")  # open for as long as the process lives
+    faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
 _interrupted = {"ray_unusable": False}
 
 
@@ -290,6 +298,8 @@ def pytest_runtest_setup(item):
 
     signal.signal(signal.SIGALRM, interrupt)
     signal.alarm(HANG_LIMIT_S)
+    if WATCH_DIR:
+        (Path(WATCH_DIR) / str(os.getpid())).write_text(f"{item.nodeid} (since {time.strftime('%H:%M:%S')})")
     yield
 
 
