@@ -57,6 +57,7 @@ TEXT = Case(
         "l2sp": ["regularizer.method=l2sp", "regularizer.strength=0.1"],
         "l2sp_1": ["regularizer.method=l2sp", "regularizer.strength=1.0"],  # 10x: does retention reach 0.98 with the gain kept?
         "l2sp_03": ["regularizer.method=l2sp", "regularizer.strength=0.3"],  # between 0.1 (gains, 0.975) and 1 (learns nothing)
+        "freeze_3": ["strategy.method=freeze", "strategy.layers=3"],  # one more trainable layer than freeze: more gain, how much retention?
         "ewc": ["regularizer.method=ewc", "regularizer.strength=100", "regularizer.fisher_samples=128"],
         "replay": ["replay.fraction=0.2", "replay.loss_weight=1.0"],
         "wise_ft": ["wise_ft.alphas=[0.25,0.5,0.75,1.0]", "wise_ft.min_retention=0.98", "wise_ft.metric=eval/macro_f1"],
