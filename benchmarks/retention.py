@@ -104,6 +104,13 @@ SPEECH = Case(
         # pretrained model itself (of lp_ft, its θ_base is the model after the decoder-only epoch, which already forgot).
         "wise_ft_full": ["strategy.method=full", "wise_ft.alphas=[0.1,0.2,0.3,0.4,0.5,0.75,1.0]",
                          "wise_ft.min_retention=0.98", "wise_ft.metric=eval/word_accuracy"],
+        # The decoder learns the digits within its first epoch at lr 1e-4; the rest of the budget only forgets.
+        "head_only_lr3e5": ["strategy.method=head_only", "train.lr=3e-5"],
+        "head_only_1ep": ["strategy.method=head_only", "train.epochs=1"],
+        # The decoder's layers alone: its token embeddings (tied to the output projection: the vocabulary's prior) stay.
+        "decoder_layers": ["strategy.method=freeze", "strategy.modules=[model.encoder,model.decoder.embed_tokens,model.decoder.embed_positions]"],
+        # The acoustic encoder alone: the synthetic voices are an acoustic shift; the decoder's language stays.
+        "encoder_only": ["strategy.method=freeze", "strategy.modules=[model.decoder,proj_out]"],
     },
 )
 CASES = {"text": TEXT, "image": IMAGE, "speech": SPEECH}
@@ -238,6 +245,17 @@ def scatter(case: Case, rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def combine(case: Case, out: Path, extra: list[Path]) -> None:
+    """The case's results plus the rows of ``extra`` (later files win for a method and seed)."""
+    rows = {(row["method"], row["seed"]): row for path in [out / f"{case.results}.json", *extra] for row in json.loads(path.read_text())}
+    combined = sorted(rows.values(), key=lambda row: (list(case.methods).index(row["method"]), row["seed"]))
+    (out / f"{case.results}.json").write_text(json.dumps(combined, indent=2))
+    text = table(case, combined)
+    (out / f"{case.results}.md").write_text(text + "\n")
+    scatter(case, combined, out / f"{case.results}.png")
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), default="text")
@@ -249,9 +267,15 @@ def main() -> None:
     parser.add_argument("--ref-rows", type=int, default=400, help="reference rows (text: per split; image: its test split)")
     parser.add_argument("--methods", default=None, help="comma-separated; default: every method of the case")
     parser.add_argument("--tag", default="", help="appended to the results' file names (a partial or exploratory run)")
+    parser.add_argument("--combine", default=None, help="comma-separated result files (e.g. tagged runs) whose rows join the case's "
+                        "results, replacing rows of the same method and seed; rewrites its table and plot, runs nothing")
     args = parser.parse_args()
 
     case = CASES[args.case]
+    out = ROOT / "benchmarks" / "results"
+    if args.combine:
+        combine(case, out, [Path(name) for name in args.combine.split(",")])
+        return
     if args.case == "text":
         args.epochs, args.lr, args.train_rows = args.epochs or 4, args.lr or 3e-4, args.train_rows or 600
         sizing = [f"data.max_rows={args.train_rows}", f"retention.references.0.data.max_rows={args.ref_rows}"]
@@ -266,7 +290,6 @@ def main() -> None:
         kept = [reference for reference in shipped if reference["name"] == case.reference]
         sizing = [f"data.max_rows={args.train_rows}", f"retention={json.dumps({'references': kept})}"]
     rows = []
-    out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method in (args.methods or ",".join(case.methods)).split(","):
