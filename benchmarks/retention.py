@@ -232,9 +232,10 @@ def scatter(case: Case, rows: list[dict], path: Path) -> None:
 
     baseline = {r["seed"]: r["target"] for r in rows if r["method"] == case.baseline}
     figure, axis = plt.subplots(figsize=(7, 5))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for index, method in enumerate(dict.fromkeys(r["method"] for r in rows)):  # past 10 colours, a new marker
         group = [r for r in rows if r["method"] == method]
-        axis.scatter([r["target"] - baseline[r["seed"]] for r in group], [r["retention"] for r in group], label=method, s=40)
+        axis.scatter([r["target"] - baseline[r["seed"]] for r in group], [r["retention"] for r in group], label=method, s=40,
+                     marker="osD^v"[index // 10 % 5])
     axis.axhline(0.98, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel(f"target gain over {case.baseline} (test {case.metric})")
     axis.set_ylabel(f"retention (reference {case.reference_metric}, after / before)")
