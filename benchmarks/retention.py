@@ -251,9 +251,14 @@ def combine(case: Case, out: Path, extra: list[Path]) -> None:
     rows = {(row["method"], row["seed"]): row for path in [out / f"{case.results}.json", *extra] for row in json.loads(path.read_text())}
     combined = sorted(rows.values(), key=lambda row: (list(case.methods).index(row["method"]), row["seed"]))
     (out / f"{case.results}.json").write_text(json.dumps(combined, indent=2))
-    text = table(case, combined)
-    (out / f"{case.results}.md").write_text(text + "\n")
-    scatter(case, combined, out / f"{case.results}.png")
+    report(case, combined, out / case.results)
+
+
+def report(case: Case, rows: list[dict], stem: Path) -> None:
+    """The table (<stem>.md, printed) and the gain-vs-retention scatter (<stem>.png) of ``rows``."""
+    text = table(case, rows)
+    Path(f"{stem}.md").write_text(text + "\n")
+    scatter(case, rows, Path(f"{stem}.png"))
     print(text)
 
 
@@ -299,10 +304,7 @@ def main() -> None:
             (out / f"{case.results}{args.tag}.json").write_text(json.dumps(rows, indent=2))
     if not {case.baseline, "full"} <= {row["method"] for row in rows}:
         return  # gains need both: the rows above are the result
-    text = table(case, rows)
-    (out / f"{case.results}{args.tag}.md").write_text(text + "\n")
-    scatter(case, rows, out / f"{case.results}{args.tag}.png")
-    print(text)
+    report(case, rows, out / f"{case.results}{args.tag}")
 
 
 if __name__ == "__main__":
