@@ -154,10 +154,11 @@ def test_replay_or_ewc_on_a_task_reference_is_refused(tiny_whisper, tmp_path):
         validate_recipe(recipe)
 
 
-def decode_until_all_ranks_finish(rank: int, port: int, results: str) -> None:
+def decode_until_all_ranks_finish(rank: int, port: int, results_dir: str) -> None:
     """One of two gloo ranks: this rank's transcripts end at step ``rank``; under ZeRO-3 (a
     parameter tagged with ``ds_id``, as DeepSpeed tags partitioned ones) it keeps stepping until
-    the other rank's have ended too; without it, it stops at its own end."""
+    the other rank's have ended too; without it, it stops at its own end. Its steps go to
+    ``results_dir``/rank<rank>.json."""
     import torch.distributed as dist
 
     from raytune_ft.tasks.speech_recognition import all_ranks_finished
@@ -171,7 +172,7 @@ def decode_until_all_ranks_finish(rank: int, port: int, results: str) -> None:
             if all_ranks_finished(torch.tensor([step >= rank]), model):
                 break
         steps[name] = step
-    Path(results, f"rank{rank}.json").write_text(json.dumps(steps))
+    Path(results_dir, f"rank{rank}.json").write_text(json.dumps(steps))
     dist.destroy_process_group()
 
 
