@@ -114,6 +114,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / latest["checkpoint_dir_name"] if latest else None
 
 
+def threads_niceness(processes: list[psutil.Process]) -> dict[str, set[int]]:
+    """The niceness values of the threads of the Ray Train workers and of Train's controller."""
+    found: dict[str, set[int]] = {"RayTrainWorker": set(), "TrainController": set()}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            kind = next((kind for kind in found if kind in " ".join(process.cmdline())), None)
+            if kind:
+                found[kind] |= {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in process.threads()}
+    return found
+
+
 def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recipe, tmp_path, cli_in_process, local_ray):
     """SIGKILL the `raytune-ft run` process mid-epoch 2, with epoch 1's checkpoint on disk (a worker
     holds still there, so the kill cannot land after a later checkpoint); --resume then finishes.
@@ -132,6 +143,7 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
             assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
         local_ray = psutil.Process(driver.pid).children(recursive=True)
+        niceness = threads_niceness(local_ray)
         driver.kill()
         driver.wait()
     finally:
@@ -139,6 +151,10 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
             with contextlib.suppress(psutil.Error):
                 process.kill()
         psutil.wait_procs(local_ray, timeout=30)
+    # Every thread of the training workers runs at the driver's niceness (root may raise a
+    # priority); Train's controller runs its Python at Ray's 15 (Ray's own C++ threads are at 0).
+    assert niceness["RayTrainWorker"] == {os.getpriority(os.PRIO_PROCESS, 0) if os.geteuid() == 0 else 15}
+    assert 15 in niceness["TrainController"]
     killed_at = latest_checkpoint(run_dir)
     assert killed_at.name == "checkpoint_epoch_0001" and not (run_dir / "summary.json").exists()
 

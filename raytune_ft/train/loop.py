@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from raytune_ft.train import WORKER_NICENESS
+
 SCALAR_TYPES = (int, float)
 
 
@@ -50,6 +52,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_at_niceness(niceness: str | None) -> None:
+    """Set every thread of this worker process to ``niceness`` (Linux; raising a priority needs
+    CAP_SYS_NICE or a nice limit that allows it): without the permission, the worker runs as Ray
+    started it. Threads started later inherit it from the thread that starts them."""
+    if niceness is None:
+        return
+    try:
+        for thread in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(thread), int(niceness))
+    except (OSError, ValueError):
+        pass
 
 
 class Collate(NumpyBatchCollateFn):
@@ -184,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raytune_ft.train.distill import Teacher, numbers
     from raytune_ft.train.faults import maybe_fail
 
+    run_at_niceness(os.environ.get(WORKER_NICENESS))
     quiet_worker_logs()
     recipe, plan = config["recipe"], config["plan"]
     train = recipe["train"]
