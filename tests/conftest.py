@@ -228,10 +228,11 @@ def start_test_ray() -> None:
     start_local_ray(num_cpus=4, logging_level="WARNING")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """An embedded local Ray for the in-process integration tests of one test file: a fresh driver
-    per file keeps the state one process accumulates in Ray small (see the hang guard below)."""
+    """The embedded local Ray of this test process's in-process integration tests, started by the
+    first test that needs it: one Ray for every file a test process runs (a fresh Ray per file
+    cost each file ~30 CPU-s of start-up, and its workers' imports again)."""
     import ray
 
     start_test_ray()
