@@ -100,11 +100,11 @@ def start_local_ray(**kwargs: Any) -> None:
     # and transformers can serve a later run in the same driver (4 tiny runs in one process: ~13 s
     # a warm run instead of ~22 s on 2 cores; one `raytune-ft run`, with a handful of workers under
     # num_cpus, gains nothing measurable). A value the user set wins.
-    # Ray starts every worker process at nice 15 and its own services at 0; on a machine that runs
-    # this one job, training workers then wait behind the services and Train's and Data's helper
-    # actors share the cores with them as equals. The training workers take the driver's
-    # niceness instead (where the OS lets them, see train.loop.run_at_niceness); the helpers stay
-    # at 15 and wait for them. Measured: 0.66-0.70 -> 0.80-0.83 of plain torchrun (README).
+    # Ray runs the Python threads of every worker process at nice 15 (its services and C++
+    # threads at 0), so the training workers share the cores as equals with Train's and Data's
+    # helper actors. The training workers take the driver's niceness instead (where the OS lets
+    # them, see train.loop.run_at_niceness); the helpers stay at 15. Measured against plain
+    # torchrun: 0.66-0.70 -> 0.80-0.83 on cores short of CPU, no change on idle ones (README).
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
         WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}
