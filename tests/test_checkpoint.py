@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,3 +64,21 @@ def test_atomic_write_leaves_whole_files_only(tmp_path):
     write_text_atomic(tmp_path / "summary.json", '{"done": true}')
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
     assert json.loads((tmp_path / "summary.json").read_text()) == {"done": True}
+
+
+EXPORT_WITHOUT_DEEPSPEED = """
+import sys
+from transformers import BertConfig, BertForSequenceClassification
+from raytune_ft.train.loop import unwrapping_without_importing_deepspeed
+config = BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+with unwrapping_without_importing_deepspeed():
+    BertForSequenceClassification(config).save_pretrained(sys.argv[1])
+assert "deepspeed" not in sys.modules, "the export imported deepspeed"
+"""
+
+
+def test_a_non_deepspeed_export_does_not_import_deepspeed(tmp_path):
+    """transformers' save_pretrained would import deepspeed (installed here) to test for its engine."""
+    result = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_DEEPSPEED, str(tmp_path / "model")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()

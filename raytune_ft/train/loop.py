@@ -13,10 +13,12 @@ run restarts the interrupted epoch with the data order it would have had.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -152,6 +154,25 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+@contextlib.contextmanager
+def unwrapping_without_importing_deepspeed():
+    """transformers' ``save_pretrained`` unwraps the model through accelerate, which imports
+    deepspeed whenever it is installed, only to ask whether the model is a DeepSpeedEngine: 1-2 s
+    of a core at the end of every run. No model is one unless deepspeed is already imported (a
+    DeepSpeed run has imported it), so until then accelerate is told it is not there."""
+    try:
+        from accelerate.utils import other
+    except ImportError:  # transformers unwraps without accelerate
+        yield
+        return
+    installed = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules and installed()
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = installed
+
+
 BEST_WEIGHTS = "best_weights.safetensors"
 
 
@@ -174,7 +195,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strate
     if wise_anchor is not None and not export and rank == 0:
         save_file(wise_anchor, os.path.join(directory, WISE_ANCHOR))
     if export:
-        with backend.full_weights():
+        with backend.full_weights(), unwrapping_without_importing_deepspeed():
             if rank == 0:
                 task.save_pretrained(strategy.export(backend.module), os.path.join(directory, "model"))
     if rank == 0:
