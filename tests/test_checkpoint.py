@@ -69,7 +69,7 @@ def test_atomic_write_leaves_whole_files_only(tmp_path):
 EXPORT_WITHOUT_DEEPSPEED = """
 import sys
 from transformers import BertConfig, BertForSequenceClassification
-from raytune_ft.train.loop import unwrapping_without_importing_deepspeed
+from raytune_ft.tasks import unwrapping_without_importing_deepspeed
 config = BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
 with unwrapping_without_importing_deepspeed():
     BertForSequenceClassification(config).save_pretrained(sys.argv[1])

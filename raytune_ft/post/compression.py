@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from raytune_ft.errors import UserError
+from raytune_ft.tasks import export_pretrained
 
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 QUANTIZED_LAYOUT = "quantization.json"
@@ -262,7 +263,7 @@ def prune(run, options) -> dict[str, Any]:
     for layer, name in weights:
         torch_prune.remove(layer, name)  # the zeros become the weights themselves
     directory = run.run_dir / "post" / "pruned"
-    replace_dir(directory, lambda partial: run.task().save_pretrained(model, str(partial)))
+    replace_dir(directory, lambda partial: export_pretrained(run.task(), model, str(partial)))
     table = [{key: row[key] for key in ("model", "accuracy", "macro_f1", "loss")} for row in rows]
     pruned_weights = [layer.weight for layer in layers.values()]
     return {

@@ -26,6 +26,7 @@ import torch
 
 from raytune_ft.errors import UserError
 from raytune_ft.post.finished import FinishedRun
+from raytune_ft.tasks import export_pretrained
 
 SPLITS = ("validation", "test")
 
@@ -164,7 +165,7 @@ def soups(first: FinishedRun, members: list[Member], directory: Path) -> dict[st
         return {split: first.evaluate(soup, split) for split in splits}
 
     def save(name: str, ingredients: list[Member], scores: dict[str, Any], **extra) -> dict[str, Any]:
-        task.save_pretrained(soup, str(directory / name))  # the soup ``score`` loaded last
+        export_pretrained(task, soup, str(directory / name))  # the soup ``score`` loaded last
         return {"members": [member.name for member in ingredients], **scores, "model": name, **extra}
 
     print(f"[raytune-ft] fuse: uniform soup of {len(members)}", flush=True)

@@ -26,7 +26,9 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -67,6 +69,31 @@ class Task(Protocol):
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]: ...
     def new_metrics(self) -> Metrics: ...
     def save_pretrained(self, model: torch.nn.Module, directory: str) -> None: ...
+
+
+@contextlib.contextmanager
+def unwrapping_without_importing_deepspeed():
+    """transformers' ``save_pretrained`` unwraps the model through accelerate, which imports
+    deepspeed whenever it is installed, only to ask whether the model is a DeepSpeedEngine: 1-2 s
+    of a core at the end of every run. No model is one unless deepspeed is already imported (a
+    DeepSpeed run has imported it), so until then accelerate is told it is not there."""
+    try:
+        from accelerate.utils import other
+    except ImportError:  # transformers unwraps without accelerate
+        yield
+        return
+    installed = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules and installed()
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = installed
+
+
+def export_pretrained(task: Task, model: torch.nn.Module, directory: str) -> None:
+    """``task.save_pretrained`` without the needless deepspeed import (see above)."""
+    with unwrapping_without_importing_deepspeed():
+        task.save_pretrained(model, directory)
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

@@ -13,12 +13,10 @@ run restarts the interrupted epoch with the data order it would have had.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -154,25 +152,6 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-@contextlib.contextmanager
-def unwrapping_without_importing_deepspeed():
-    """transformers' ``save_pretrained`` unwraps the model through accelerate, which imports
-    deepspeed whenever it is installed, only to ask whether the model is a DeepSpeedEngine: 1-2 s
-    of a core at the end of every run. No model is one unless deepspeed is already imported (a
-    DeepSpeed run has imported it), so until then accelerate is told it is not there."""
-    try:
-        from accelerate.utils import other
-    except ImportError:  # transformers unwraps without accelerate
-        yield
-        return
-    installed = other.is_deepspeed_available
-    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules and installed()
-    try:
-        yield
-    finally:
-        other.is_deepspeed_available = installed
-
-
 BEST_WEIGHTS = "best_weights.safetensors"
 
 
@@ -188,6 +167,8 @@ def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strate
     import ray.train
     from safetensors.torch import save_file
 
+    from raytune_ft.tasks import export_pretrained
+
     directory = tempfile.mkdtemp(prefix="raytune_ft_ckpt_")
     backend.save(directory, rank)
     if best_weights is not None and state["best_epoch"] != state["epoch"] and rank == 0:
@@ -195,9 +176,9 @@ def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strate
     if wise_anchor is not None and not export and rank == 0:
         save_file(wise_anchor, os.path.join(directory, WISE_ANCHOR))
     if export:
-        with backend.full_weights(), unwrapping_without_importing_deepspeed():
+        with backend.full_weights():
             if rank == 0:
-                task.save_pretrained(strategy.export(backend.module), os.path.join(directory, "model"))
+                export_pretrained(task, strategy.export(backend.module), os.path.join(directory, "model"))
     if rank == 0:
         with open(os.path.join(directory, "trainer_state.json"), "w") as f:
             json.dump(state, f)
