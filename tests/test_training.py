@@ -72,6 +72,8 @@ def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_
         code, stderr = cli_on_test_ray("run", str(recipe_path))
     assert code == 1
     assert stderr.strip().splitlines()[-1] == "error: training failed: RuntimeError: injected fault after epoch 1"
+    import ray  # the failed run shut its Ray down; the one started again while the fault was set is free of it
+    assert ray.get(ray.remote(lambda: os.environ.get(FAULT_ENV)).remote()) is None
     code, stderr = cli_in_process("run", str(recipe_path))
     assert code == 2 and "--resume" in stderr  # never silently overwritten
     (tmp_path / "resumed" / FAULT_MARKER).unlink()  # the crash's marker: the kill below may fire once too

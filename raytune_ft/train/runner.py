@@ -31,6 +31,7 @@ from raytune_ft.recipe import Recipe
 from raytune_ft.report.tracking import tracked
 from raytune_ft.train import WORKER_NICENESS
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
+from raytune_ft.train.faults import FAULT_ENV
 
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 DATASOURCE_V2 = "RAY_DATA_USE_DATASOURCE_V2"
@@ -108,14 +109,17 @@ def start_local_ray(**kwargs: Any) -> None:
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
         WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}
-    previous = {key: os.environ.get(key) for key in ray_processes_env}
+    # Every Ray process inherits this environment; an injected fault (tests) travels in a run's
+    # config instead, or it would fire in every later run and Tune trial on this Ray.
+    previous = {key: os.environ.get(key) for key in [*ray_processes_env, FAULT_ENV]}
     os.environ.update(ray_processes_env)
+    os.environ.pop(FAULT_ENV, None)
     try:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     finally:
         for key, value in previous.items():
             if value is None:
-                os.environ.pop(key)
+                os.environ.pop(key, None)
             else:
                 os.environ[key] = value
 
