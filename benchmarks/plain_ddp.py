@@ -45,6 +45,7 @@ def main() -> None:
     ids, ys = encoded["input_ids"][mine], encoded["labels"][mine]
 
     model = torch.nn.parallel.DistributedDataParallel(task.build_model())
+    model.train()  # from_pretrained returns eval mode; fine-tuning trains with the model's dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rates = []
     for epoch in range(args.epochs):
