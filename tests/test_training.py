@@ -91,6 +91,15 @@ def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_
     assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
 
 
+def test_embedded_ray_workers_collect_garbage_less_often(local_ray):
+    """Every worker process of the embedded Ray runs the set-up hook before its first task."""
+    import gc
+
+    import ray
+
+    assert ray.get(ray.remote(lambda: gc.get_threshold()).remote()) == (10_000, 20, 20)
+
+
 @pytest.mark.slow
 def test_real_minilm_smoke(local_ray, tmp_path):
     """The real MiniLM-L6 weights, the real drug reviews and the fortunes reference, a few steps
