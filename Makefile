@@ -46,8 +46,9 @@ test: $(STAMP)
 	# once more before it counts (--reruns 1): on two loaded cores a Ray head or agent can be late;
 	# a test that really fails fails twice, and the rerun shows as R in the output. A test that runs
 	# past 420 s is interrupted and rerun on a fresh Ray (tests/conftest.py); a test process that
-	# dies is not replaced (--max-worker-restart 0: xdist's loadfile can hang replacing it).
-	$(PY) -m pytest -q -x -n 2 --dist loadfile --reruns 1 --max-worker-restart 0 --durations=25 tests
+	# dies is not replaced (--max-worker-restart 0: xdist's loadfile can hang replacing it). Files
+	# go out costliest first (tests/conftest.py), not by xdist's default of most tests first.
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --reruns 1 --max-worker-restart 0 --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
