@@ -334,7 +334,8 @@ def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory, worker_id) ->
     """A finished tiny text run (1 worker, 3 epochs, its model exported, tracked to TensorBoard and
     MLflow), made once per session by the real CLI, and under xdist once for all test processes (a
     file lock in the base directory they share: each process building its own cost a CLI run,
-    about a minute on two loaded cores).
+    about a minute on two loaded cores). What the command printed is beside it, in
+    ``cli_output.txt``.
     Tests that write into a run directory work on ``copy_run(finished_text_run, tmp_path)``."""
     from filelock import FileLock
 
@@ -350,6 +351,7 @@ def finished_text_run(tiny_bert, sentiment_data, tmp_path_factory, worker_id) ->
             path = write_recipe(recipe, run_dir.parent / "recipe.yaml")
             result = run_in_fixture(lambda force: cli("run", str(path), *(["--force"] if force else [])))
             assert result.returncode == 0, result.stderr[-3000:]
+            (run_dir.parent / "cli_output.txt").write_text(result.stdout + result.stderr)
     return run_dir
 
 

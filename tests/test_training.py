@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,17 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
     inputs = tokenizer(["the drug was excellent for me", "the drug was dreadful for me"], return_tensors="pt", padding=True)
     predicted = model(**inputs).logits.argmax(-1).tolist()
     assert [model.config.id2label[i] for i in predicted] == ["positive", "negative"]
+
+
+def test_the_command_line_shows_progress_and_ends_with_the_summary_table(finished_text_run):
+    """What `raytune-ft run` prints: live progress lines, each epoch's metrics, the closing table
+    and where the outputs are; not Ray Data's hint to turn on the progress bars raytune-ft keeps off."""
+    output = (finished_text_run.parent / "cli_output.txt").read_text()
+    assert re.search(r"\[raytune-ft\] epoch 1 step \d+/\d+ loss [\d.]+ lr \S+ [\d.]+ samples/s data-wait \d+%", output)
+    assert re.search(r"\[raytune-ft\] epoch 3 done: train/loss [\d.]+, eval/loss", output)
+    assert re.search(r"^test accuracy +\S+ +[\d.]+", output, re.MULTILINE)
+    assert re.search(rf"^outputs: {re.escape(str(finished_text_run))} ", output, re.MULTILINE)
+    assert "Progress bars disabled" not in output
 
 
 def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process, cli_on_test_ray, monkeypatch):

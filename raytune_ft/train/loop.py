@@ -38,6 +38,8 @@ def quiet_worker_logs() -> None:
     import transformers
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # The driver turns Ray Data's progress bars off (init_ray); its hint to turn them on is noise.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:  # Train V2 logs every report at INFO through a logger named by its file path
         from ray.train.v2._internal.execution import context
 

@@ -44,7 +44,6 @@ WORKER_SETUP_HOOK = "raytune_ft.worker_setup.collect_garbage_less_often"
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
     "RAY_DATA_LOG_LEVEL": "WARNING",
-    "RAY_DEDUP_LOGS": "0",
 }
 
 
