@@ -30,9 +30,11 @@ def _load(recipe: Path, overrides: list[str], workers: Optional[int] = None, out
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
     """Check a recipe (schema, registered names, columns) without running it."""
+    from raytune_ft.report.tables import plural
+
     loaded = _load(recipe, set_)
     typer.echo(f"ok: {recipe} (task {loaded.task.type}, strategy {loaded.strategy.method}, "
-               f"{loaded.scaling.workers} workers, backend {loaded.train.backend})")
+               f"{plural(loaded.scaling.workers, 'worker')}, backend {loaded.train.backend})")
 
 
 @app.command()

@@ -64,7 +64,10 @@ def test_the_command_line_shows_progress_and_ends_with_the_summary_table(finishe
     output = (finished_text_run.parent / "cli_output.txt").read_text()
     assert re.search(r"\[raytune-ft\] epoch 1 step \d+/\d+ loss [\d.]+ lr \S+ [\d.]+ samples/s data-wait \d+%", output)
     assert re.search(r"\[raytune-ft\] epoch 3 done: train/loss [\d.]+, eval/loss", output)
+    assert re.search(r"training rows, 1 worker x batch 8, 120 steps \(40/epoch\)", output)
     assert re.search(r"^test accuracy +\S+ +[\d.]+", output, re.MULTILINE)
+    assert re.search(r"^time \d+ s \(training \d+ s\), [\d.]+ samples/s, data wait [\d.]+%, 3 epochs / 120 steps on 1 worker \(ddp\)$",
+                     output, re.MULTILINE)
     assert re.search(rf"^outputs: {re.escape(str(finished_text_run))} ", output, re.MULTILINE)
     assert "Progress bars disabled" not in output
 

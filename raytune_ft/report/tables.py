@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     target = summary.get("test") or summary.get("eval") or {}
     base = summary.get("baseline") or {}
@@ -29,7 +34,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         "",
         f"time {summary['wall_time_s']:.0f} s (training {summary['train_time_s']:.0f} s), "
         f"{summary['train_samples_per_s']:.1f} samples/s, data wait {summary['data_wait_fraction']:.1%}, "
-        f"{summary['epochs']} epochs / {summary['steps']} steps on {summary['workers']} workers ({summary['backend']})",
+        f"{summary['epochs']} epochs / {summary['steps']} steps on {plural(summary['workers'], 'worker')} ({summary['backend']})",
         *retention_lines(summary),
         *distill_lines(summary),
         *post_lines(summary),

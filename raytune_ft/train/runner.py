@@ -28,6 +28,7 @@ from raytune_ft.data.sharding import ExactEvalDataConfig
 from raytune_ft.errors import TrainingFailed, UserError, find_user_error
 from raytune_ft.post import configured_steps, run_steps
 from raytune_ft.recipe import Recipe
+from raytune_ft.report.tables import plural
 from raytune_ft.report.tracking import tracked
 from raytune_ft.train import WORKER_NICENESS
 from raytune_ft.train.checkpoint import verify_checkpoint, write_text_atomic
@@ -231,7 +232,7 @@ def step_plan(train_rows: int, recipe: Recipe) -> dict[str, int]:
     train, workers = recipe.train, recipe.scaling.workers
     rows_per_worker = train_rows // workers
     if rows_per_worker == 0:
-        raise UserError("data.train", f"{train_rows} training rows cannot feed {workers} workers")
+        raise UserError("data.train", f"{train_rows} training rows cannot feed {plural(workers, 'worker')}")
     micro = math.ceil(rows_per_worker / train.batch_size)
     steps_per_epoch = math.ceil(micro / train.grad_accum)
     limits = [train.max_steps] if train.max_steps else []
@@ -397,7 +398,7 @@ def fit(recipe: Recipe, run_dir: Path, datasets: dict[str, Any], train_rows: int
         datasets=datasets,
         dataset_config=ExactEvalDataConfig(datasets, workers),
     )
-    print(f"[raytune-ft] {recipe.name}: {plan['train_rows']} training rows, {workers} workers x batch "
+    print(f"[raytune-ft] {recipe.name}: {plan['train_rows']} training rows, {plural(workers, 'worker')} x batch "
           f"{recipe.train.batch_size}, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), strategy {recipe.strategy.method}", flush=True)
     try:
         result = trainer.fit()
