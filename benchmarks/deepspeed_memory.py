@@ -88,7 +88,7 @@ def bench_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import BertConfig, BertForSequenceClassification
 
-    from raytune_ft.train.backends import BACKENDS
+    from raytune_ft.backends import BACKENDS
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def bench_worker(config: dict) -> None:
     params = sum(p.numel() for p in model.parameters())
     largest_layer = max(p.numel() for p in model.parameters())
     recipe = config["recipe"]
-    backend = BACKENDS[recipe["train"]["backend"]](recipe)
+    backend = BACKENDS[recipe.train.backend](recipe)
     backend.setup(model, total_steps=config["warmup"] + config["steps"] + 1)
 
     generator = torch.Generator().manual_seed(ray.train.get_context().get_world_rank())
@@ -144,15 +144,15 @@ def run_config(name: str, precision: str, args) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raytune_ft.recipe import Recipe
+    from raytune_ft.recipe import validate_recipe
 
     backend, options = CONFIGS[name]
-    recipe = Recipe(
+    recipe = validate_recipe(dict(
         name="bench", task={"type": "text_classification"}, model={"path": "scratch"},
         data={"train": "synthetic", "columns": {"text": "text", "label": "label"}},
         train={"backend": backend, "batch_size": args.batch_size, "schedule": "constant", "precision": precision},
         scaling={"workers": args.workers}, deepspeed=options,
-    ).to_dict()
+    ))
     trainer = TorchTrainer(
         bench_worker,
         train_loop_config={"recipe": recipe, "layers": args.layers, "warmup": args.warmup, "steps": args.steps, "seq_len": args.seq_len},
@@ -190,7 +190,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     import ray
 
-    from raytune_ft.train.runner import QUIET_RAY
+    from raytune_ft.train.ray_start import QUIET_RAY
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)

@@ -8,15 +8,19 @@ Run: torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --rows N --epochs E --b
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from raytune_ft import load_recipe
 from raytune_ft.data import assets
 from raytune_ft.data.tabular import holdout_bucket
 from raytune_ft.tasks.text_classification import TextClassification
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -33,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     labels = ["negative", "neutral", "positive"]
-    recipe = {"model": {"path": str(assets.minilm_l6())}, "task": {"type": "text_classification", "max_length": args.max_length}, "train": {"dropout": None}}
+    recipe = load_recipe(ROOT / "jobs" / "text_classification.yaml", [f"model.path={assets.minilm_l6()}", f"task.max_length={args.max_length}"])
     task = TextClassification(recipe, labels)
     table = pq.read_table(assets.drug_reviews("train")).to_pydict()
     keep = holdout_bucket(np.array(table["review"])) >= 0.15  # the recipe's validation holdout

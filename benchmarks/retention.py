@@ -145,8 +145,8 @@ def fashion_subset(path: Path, split: str, classes: list[str], count: int, rotat
 def prepare_image_case(args) -> list[str]:
     """The image case's data and base model (made once, then reused): EfficientNet-Lite0 fine-tuned
     here on upright classes 0-4; the overrides that point the image recipe at them."""
-    from raytune_ft.recipe import load_recipe
-    from raytune_ft.train.runner import run
+    from raytune_ft import load_recipe
+    from raytune_ft import run
 
     data = WORK / "image" / "data"
     old = {"train": fashion_subset(data / "old_train.parquet", "train", FASHION_OLD, 3000),
@@ -169,8 +169,8 @@ def prepare_image_case(args) -> list[str]:
 
 
 def run_method(case: Case, method: str, seed: int, sizing: list[str], args) -> dict:
-    from raytune_ft.recipe import load_recipe
-    from raytune_ft.train.runner import run
+    from raytune_ft import load_recipe
+    from raytune_ft import run
 
     out = WORK / args.case / f"{method}-seed{seed}"
     overrides = [

@@ -2,7 +2,7 @@
 instance, in-process (what a notebook or a tune driver does). Measures what each run and the
 experiment leave behind: actors alive, Ray worker processes alive, placement groups not removed,
 files under Ray's session directory, checkpoint temp dirs, driver RSS. Idle worker processes are
-kept 5 minutes for the next run to reuse (raytune_ft.train.runner.EMBEDDED_RAY_DEFAULTS), so their
+kept 5 minutes for the next run to reuse (raytune_ft.train.ray_start.EMBEDDED_RAY_DEFAULTS), so their
 count rises to a plateau; a leaked actor shows as an alive actor.
 
 Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N, default 20, and
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from raytune_ft.recipe import load_recipe
-from raytune_ft.train.runner import init_ray, run
+from raytune_ft import load_recipe, run
+from raytune_ft.train.ray_start import init_ray
 from raytune_ft.tune.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "tune_asha.json"))
     args = parser.parse_args()
 
-    from raytune_ft.recipe import load_recipe
+    from raytune_ft import load_recipe
     from raytune_ft.tune.experiment import run_experiment
 
     work = Path(tempfile.mkdtemp(prefix="bench_tune_"))

@@ -149,6 +149,25 @@ def tiny_recipe(tiny_bert, sentiment_data, tmp_path) -> dict:
     return tiny_recipe_dict(tiny_bert, sentiment_data, tmp_path / "run")
 
 
+def unit_recipe(task: dict, model: str | Path, **sections):
+    """A typed recipe for building a task or strategy directly (no data is read): the task's and
+    the strategy's options validated by their owners, ``sections`` as in a recipe file."""
+    from raytune_ft.schema import Recipe
+    from raytune_ft.strategies import STRATEGIES
+    from raytune_ft.tasks import TASKS
+
+    strategy = sections.pop("strategy", {"method": "full"})
+    return Recipe(name="unit", task=TASKS[task["type"]].Options(**task), model={"path": str(model)}, data={"train": "unused", **sections.pop("data", {})},
+                  strategy=STRATEGIES[strategy["method"]].Options(**strategy), **sections)
+
+
+def strategy_of(spec: dict):
+    """The strategy of a recipe's ``strategy:`` section."""
+    from raytune_ft.strategies import STRATEGIES
+
+    return STRATEGIES[spec["method"]](STRATEGIES[spec["method"]].Options(**spec))
+
+
 def write_recipe(data: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -175,6 +194,7 @@ def command_line_here(monkeypatch, capsys, *, reaches_ray: bool):
         with monkeypatch.context() as patched:
             if not reaches_ray:
                 patched.setattr("raytune_ft.train.runner.init_ray", no_ray)
+                patched.setattr("raytune_ft.train.ray_start.init_ray", no_ray)
             patched.setattr(sys, "argv", ["raytune-ft", *args])
             capsys.readouterr()
             with pytest.raises(SystemExit) as exited:
@@ -221,7 +241,7 @@ class Payload:
 
 def start_test_ray() -> None:
     """The embedded local Ray of the in-process integration tests: 4 logical CPUs, quiet."""
-    from raytune_ft.train.runner import QUIET_RAY, start_local_ray
+    from raytune_ft.train.ray_start import QUIET_RAY, start_local_ray
 
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)

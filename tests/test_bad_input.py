@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import Payload, cli, snapshot, write_recipe
-from raytune_ft.recipe import set_field
+from raytune_ft.schema import set_field
 
 DELETE = object()
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, sentiment_rows, topic_rows, write_recipe, write_splits
+from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, sentiment_rows, topic_rows, unit_recipe, write_recipe, write_splits
 from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.models import gguf_llama
@@ -120,8 +120,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def text_task(model: Path, **task) -> CausalLM:
-    return CausalLM({"model": {"path": str(model)}, "task": {"type": "causal_lm", "max_length": 32, **task}, "train": {},
-                     "strategy": {"method": "lora"}, "baseline": {"enabled": False}}, [])
+    return CausalLM(unit_recipe({"type": "causal_lm", "max_length": 32, **task}, model, strategy={"method": "lora"}, baseline={"enabled": False}), [])
 
 
 def score(task: CausalLM, model, texts: list[str]) -> dict:
@@ -165,7 +164,7 @@ def test_tiny_llama_adapts_with_lora_on_two_workers(backend, tiny_llama, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from raytune_ft.recipe import validate_recipe
-    from raytune_ft.train.runner import run
+    from raytune_ft import run
 
     data = write_splits(tmp_path, sentiment_rows, (("train", 240, 1), ("test", 40, 2)))
     topics = write_splits(tmp_path, topic_rows, (("topics", 48, 4),))["topics"]
@@ -237,7 +236,7 @@ def test_a_probe_reference_maps_text_and_label_and_probes_the_pooled_states(tiny
     probe["data"]["columns"] = {"text": "text"}
     with pytest.raises(RecipeError, match="missing label"):
         validate_recipe(recipe)
-    task = CausalLM({**recipe, "task": {"type": "causal_lm", "max_length": 32}}, ["code", "food", "sport"])
+    task = CausalLM(validate_recipe({**recipe, "task": {"type": "causal_lm", "max_length": 32}}), ["code", "food", "sport"])
     batch = task.collate(task.preprocess({"text": np.array(["bread soup the", "football goal team match"], dtype=object),
                                           "label": np.array([1, 2])}))
     assert batch["labels"].tolist() == [1, 2]

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import Payload
-from raytune_ft.train.checkpoint import load_state, save_state, verify_checkpoint, write_text_atomic
+from raytune_ft.checkpoint import load_state, save_state, verify_checkpoint
+from raytune_ft.run_folder import write_text_atomic
 
 
 def test_optimizer_state_round_trips(tmp_path):

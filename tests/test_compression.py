@@ -126,7 +126,7 @@ def test_load_quantized_names_a_missing_export(finished_text_run, tmp_path):
 
 def test_recipe_post_quantize_runs_at_the_end_of_a_run(tiny_recipe, tmp_path, local_ray):
     from raytune_ft.recipe import validate_recipe
-    from raytune_ft.train.runner import run
+    from raytune_ft import run
 
     tiny_recipe["scaling"]["workers"] = 1
     tiny_recipe["train"]["epochs"] = 1

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli, run_in_fixture, tiny_recipe_dict, write_recipe
+from raytune_ft import run
 from raytune_ft.errors import TrainingFailed
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.runner import run
 
 CONFIGS = {  # deepspeed options, None for ddp; the hardest first, so a failure shows early
     "zero3_offload": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},

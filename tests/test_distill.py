@@ -14,18 +14,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import copy_run, write_recipe
+from conftest import copy_run, unit_recipe, write_recipe
+from raytune_ft import run
 from raytune_ft.errors import UserError
 from raytune_ft.post.finished import FinishedRun
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.report.tables import summary_table
 from raytune_ft.tasks import build_task
-from raytune_ft.train.runner import run
 
 
 def test_num_layers_keeps_the_first_layers_with_their_pretrained_weights(tiny_recipe, tiny_bert):
     tiny_recipe["model"]["num_layers"] = 1
-    recipe = validate_recipe(tiny_recipe).to_dict()
+    recipe = validate_recipe(tiny_recipe)
     model = build_task(recipe, ["negative", "positive"]).build_model()
     pretrained = load_file(tiny_bert / "model.safetensors")
     weights = model.state_dict()
@@ -37,7 +37,7 @@ def test_num_layers_keeps_the_first_layers_with_their_pretrained_weights(tiny_re
     assert not any(".layer.1." in key for key in weights)
     assert set(model.raytune_ft_new_modules) == {"classifier"}  # nothing of the kept body re-initialised
 
-    recipe["model"]["num_layers"] = 3
+    recipe.model.num_layers = 3
     with pytest.raises(UserError, match="model.num_layers: 3 is more than the 2 layers"):
         build_task(recipe, ["negative", "positive"]).skeleton()
 
@@ -46,7 +46,7 @@ def test_image_task_refuses_num_layers(tiny_recipe):
     tiny_recipe.update(task={"type": "image_classification"}, model={"path": "asset:efficientnet-lite0", "num_layers": 2})
     tiny_recipe["data"]["columns"] = {"image": "image", "label": "label"}
     with pytest.raises(UserError, match="model.num_layers: image_classification cannot truncate"):
-        build_task(validate_recipe(tiny_recipe).to_dict(), ["a", "b"]).skeleton()
+        build_task(validate_recipe(tiny_recipe), ["a", "b"]).skeleton()
 
 
 def noisy_labels(train_path, directory) -> str:

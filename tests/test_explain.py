@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import NEGATIVE, POSITIVE, copy_run
+from raytune_ft import run as run_recipe
 from raytune_ft.post import run_steps
 from raytune_ft.post.explain import choose_rows
 from raytune_ft.post.finished import FinishedRun
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.runner import run as run_recipe
 from test_image import image_recipe
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_EFFICIENTNET, write_recipe
+from conftest import TINY_EFFICIENTNET, strategy_of, unit_recipe, write_recipe
+from raytune_ft import run
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.runner import run
 
 
 def image_recipe(model: Path, run_dir: Path, **data) -> dict:
@@ -86,12 +86,11 @@ def test_tiny_efficientnet_learns_fashion_mnist_on_two_workers(tiny_efficientnet
 
 def test_frozen_body_keeps_batch_norm_statistics(tiny_efficientnet):
     """Head-only training must leave the body bit-identical: frozen batch norms stay in eval mode."""
-    from raytune_ft.strategies import build_strategy
     from raytune_ft.tasks import build_task
 
-    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused"))).to_dict()
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")))
     task = build_task(recipe, [str(i) for i in range(3)])
-    model = build_strategy({"strategy": {"method": "head_only"}}).prepare(task.build_model(), task)
+    model = strategy_of({"method": "head_only"}).prepare(task.build_model(), task)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier")}
     model.train()
     loss, _ = task.forward(model, {"pixels": torch.randn(8, 3, 32, 32), "labels": torch.randint(0, 3, (8,))})
@@ -103,10 +102,10 @@ def test_frozen_body_keeps_batch_norm_statistics(tiny_efficientnet):
 def test_replay_forward_leaves_batch_norm_statistics_to_the_target_batches(tiny_efficientnet):
     """A replay batch (a few rows of another distribution) is normalised with the running
     statistics and does not move them; the model stays in train mode and still gets gradients."""
-    from raytune_ft.retention.training import running_statistics_kept
+    from raytune_ft.addons.replay import running_statistics_kept
     from raytune_ft.tasks import build_task
 
-    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused"))).to_dict()
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")))
     task = build_task(recipe, [str(i) for i in range(3)])
     model = task.build_model().train()
     statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
@@ -141,7 +140,7 @@ def test_efficientnet_lite0_loads_weights_only_and_recognises_a_photo():
     model.load_state_dict(state, strict=True)  # every tensor used, none missing
     model.eval()
     photo = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB").resize((224, 224))
-    task = ImageClassification({"model": {"path": "unused"}, "task": {"image_size": 224}, "train": {}, "data": {}}, ["a", "b"])
+    task = ImageClassification(unit_recipe({"type": "image_classification", "image_size": 224}, "unused"), ["a", "b"])
     batch = task.collate({"pixels": np.asarray(photo)[None], "labels": np.zeros(1, dtype=np.int64)})
     with torch.no_grad():
         probabilities = model(batch["pixels"]).softmax(-1)[0]  # [1000]
@@ -183,20 +182,22 @@ def test_corrupt_image_is_a_one_line_error(tiny_efficientnet, image_folder, tmp_
 def test_skip_mode_counts_bad_rows_and_refuses_too_many(tiny_efficientnet, image_folder, tmp_path, local_ray):
     """The driver's data preparation (no training): the image folder's bad file is skipped and
     counted (what summary.json's bad_rows_skipped reports), and a fraction above the limit refused."""
-    from raytune_ft.train.runner import init_ray, plan_run, prepare_datasets
+    from raytune_ft.train.datasets import prepare_datasets
+    from raytune_ft.train.planning import plan_run
+    from raytune_ft.train.ray_start import init_ray
 
     recipe = validate_recipe(image_recipe(tiny_efficientnet, tmp_path / "run", train=str(image_folder), test=None, max_rows=None,
                                           validation_fraction=0.2, on_bad_rows="skip", max_bad_fraction=0.2))
-    splits, labels, task, references = plan_run(recipe)
-    assert labels == ["Bag", "Trouser"]
+    planned = plan_run(recipe)
+    assert planned.labels == ["Bag", "Trouser"]
     init_ray(None, recipe)
-    datasets, train_rows, bad_rows = prepare_datasets(recipe, splits, labels, task, references)
-    assert sum(bad_rows.values()) == 1
-    assert train_rows + datasets["validation"].count() == 24  # every good image, once
+    data = prepare_datasets(recipe, planned)
+    assert sum(data.bad_rows.values()) == 1
+    assert data.train_rows + data.datasets["validation"].count() == 24  # every good image, once
 
     recipe.data.max_bad_fraction = 0.0
     with pytest.raises(UserError, match=r"data.max_bad_fraction: 1 of \d+ rows of data.(train|validation) .* are bad"):
-        prepare_datasets(recipe, splits, labels, task, references)
+        prepare_datasets(recipe, planned)
 
 
 def class_subset(path: Path, split: str, classes: list[str], count: int) -> Path:
@@ -277,8 +278,7 @@ def test_head_reference_scores_the_original_head_and_sees_it_forget(three_class_
 
 
 def test_head_reference_needs_a_model_with_its_own_labelled_head(tiny_efficientnet, three_class_cnn, tmp_path):
-    from raytune_ft.tasks import TASKS
-    from raytune_ft.train.runner import plan_references
+    from raytune_ft.addons.references import RetentionReferences
 
     _, reference = three_class_cnn
     head = {"references": [{"name": "original", "kind": "head", "data": {
@@ -287,30 +287,28 @@ def test_head_reference_needs_a_model_with_its_own_labelled_head(tiny_efficientn
 
     imagenet = validate_recipe({**image_recipe(assets.efficientnet_lite0(), tmp_path / "run"), "retention": head})
     with pytest.raises(UserError, match="model.path: .* has no classifier with named labels"):
-        plan_references(imagenet, TASKS["image_classification"])
+        RetentionReferences.plan(imagenet, None, None)
     head["references"][0]["data"]["labels"] = ["Bag", "Sneaker", "Trouser"]
     renamed = validate_recipe({**image_recipe(three_class_cnn[0], tmp_path / "run"), "retention": head})
     with pytest.raises(UserError, match=r"retention.references.0.data.labels: a head reference reads the base model's labels \['Trouser', 'Bag', 'Sneaker'\]"):
-        plan_references(renamed, TASKS["image_classification"])
+        RetentionReferences.plan(renamed, None, None)
 
     text = validate_recipe({"name": "t", "task": {"type": "text_classification"}, "model": {"path": str(tmp_path)},
                             "data": {"train": str(reference["train"]), "columns": {"text": "label", "label": "label"}},
                             "retention": {"references": [{"name": "original", "kind": "head", "data": {
                                 "train": str(reference["train"]), "columns": {"text": "label", "label": "label"}}}]}})
     with pytest.raises(UserError, match="retention.references.0.kind: head: the text_classification task keeps no original classifier head"):
-        plan_references(text, TASKS["text_classification"])
+        RetentionReferences.plan(text, None, None)
 
 
 def test_lora_on_pointwise_convolutions_merges_into_plain_weights(tiny_efficientnet):
     """LoRA on a CNN's 1x1 convolutions: the base weights stay as they were, the merged export
     computes what the adapted model computes; a depthwise (3x3, grouped) target is refused."""
-    from raytune_ft.strategies import build_strategy
     from raytune_ft.tasks import build_task
 
-    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused"))).to_dict()
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")))
     task = build_task(recipe, ["a", "b", "c"])
-    spec = {"strategy": {"method": "lora", "rank": 4, "target_modules": ["_project_conv", "_expand_conv"]}}
-    strategy = build_strategy(spec)
+    strategy = strategy_of({"method": "lora", "rank": 4, "target_modules": ["_project_conv", "_expand_conv"]})
     strategy.check(task.skeleton())
     base = task.build_model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -332,4 +330,4 @@ def test_lora_on_pointwise_convolutions_merges_into_plain_weights(tiny_efficient
     assert any(not torch.equal(before[k], v) for k, v in merged.state_dict().items() if "_project_conv" in k)
 
     with pytest.raises(UserError, match="strategy.target_modules: no Linear or 1x1 Conv2d module named _depthwise_conv"):
-        build_strategy({"strategy": {"method": "lora", "target_modules": ["_depthwise_conv"]}}).check(task.skeleton())
+        strategy_of({"method": "lora", "target_modules": ["_depthwise_conv"]}).check(task.skeleton())

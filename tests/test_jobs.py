@@ -213,9 +213,9 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
-from raytune_ft.recipe import load_recipe
+from raytune_ft import load_recipe
+from raytune_ft import run
 from raytune_ft.train.faults import FAULT_MARKER
-from raytune_ft.train.runner import run
 
 # A head with no CPUs (driver and Train controller only) and three 1-CPU machines: the 2 workers
 # land on two of them, and after one is lost the third takes the restarted worker.

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, write_recipe, write_splits
+from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, unit_recipe, write_recipe, write_splits
+from raytune_ft import run
 from raytune_ft.errors import RecipeError, UserError
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.runner import plan_run, run
+from raytune_ft.train.planning import plan_run
 
 
 def review_rows(count: int, seed: int) -> list[dict]:
@@ -151,7 +152,7 @@ def test_objective_fixed_and_uncertainty_weighted(tiny_bert, review_data, tmp_pa
     batch = {"input_ids": torch.randint(0, 1000, (6, 12)), "attention_mask": torch.ones(6, 12, dtype=torch.int64),
              "labels": torch.stack([torch.randint(0, 2, (6,)), torch.randint(0, 3, (6,))], 1)}
     for weighting in ("fixed", "uncertainty"):
-        task = build_task(validate_recipe(multitask_recipe(tiny_bert, review_data, tmp_path, weighting=weighting)).to_dict(), labels)
+        task = build_task(validate_recipe(multitask_recipe(tiny_bert, review_data, tmp_path, weighting=weighting)), labels)
         model = task.build_model().eval()
         if weighting == "uncertainty":
             with torch.no_grad():
@@ -167,9 +168,10 @@ def test_objective_fixed_and_uncertainty_weighted(tiny_bert, review_data, tmp_pa
             objective.backward()
             assert model.log_variances.grad is not None and bool((model.log_variances.grad != 0).all())
             # The log-variances train at task.log_variance_lr (default 1e-2), not at train.lr (3e-3 here).
-            from raytune_ft.train.optim import param_groups
+            from raytune_ft.backends.optim import param_groups
+            from raytune_ft.schema import TrainSection
 
-            group = next(g for g in param_groups(model, {"lr": 3e-3, "weight_decay": 0.01}) if any(p is model.log_variances for p in g["params"]))
+            group = next(g for g in param_groups(model, TrainSection(lr=3e-3, weight_decay=0.01)) if any(p is model.log_variances for p in g["params"]))
             assert group["lr"] == pytest.approx(1e-2) and len(group["params"]) == 1
         assert set(logits) == {"sentiment", "topic"} and logits["topic"].shape == (6, 3)
         assert task.head_names(model) == (["heads", "log_variances"] if weighting == "uncertainty" else ["heads"])
@@ -249,7 +251,8 @@ def test_sections_assuming_one_set_of_logits_are_refused(tiny_bert, review_data,
 
 def test_default_label_sets_are_sorted_train_values(tiny_bert, review_data, tmp_path):
     recipe = validate_recipe(recipe_with(tiny_bert, review_data, tmp_path, labels=None, other_label={}))
-    _, labels, task, _ = plan_run(recipe)
+    planned = plan_run(recipe)
+    labels, task = planned.labels, planned.task
     assert labels == {"sentiment": ["negative", "positive"], "topic": ["code", "food", "sport"]}
     assert recipe.data.labels == labels and task.classes() == {"sentiment": 2, "topic": 3}
     rows = task.preprocess({"text": np.array(["great soup"]), "sentiment": np.array([1]), "topic": np.array([2])})
@@ -321,7 +324,7 @@ def test_image_heads_train_on_two_workers_and_the_export_is_the_image_tasks_layo
     tensors = load_file(export / "model.safetensors")
     encoder = EfficientNetLite(config)  # no num_labels: the encoder alone
     encoder.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("heads.", "log_variances"))}, strict=True)
-    task = build_task(recipe.to_dict(), summary["labels"])
+    task = build_task(recipe, summary["labels"])
     import pyarrow.parquet as pq
 
     rows = pq.read_table(shapes_data["test"]).to_pydict()
@@ -334,10 +337,10 @@ def test_image_heads_train_on_two_workers_and_the_export_is_the_image_tasks_layo
         assert_scores_match(logits, batch["labels"][:, index], test, head)
 
     # A model.path again: the image task takes the encoder (new classifier), multitask too (new heads).
-    again = {"task": {"type": "image_classification", "image_size": 32}, "model": {"path": str(export)}, "train": {}, "data": {}}
+    again = unit_recipe({"type": "image_classification", "image_size": 32}, export)
     body = build_task(again, ["a", "b"]).build_model().state_dict()
     assert all(torch.equal(body[key], value) for key, value in encoder.state_dict().items())
-    again = validate_recipe(image_multitask_recipe(export, shapes_data, tmp_path / "again")).to_dict()
+    again = validate_recipe(image_multitask_recipe(export, shapes_data, tmp_path / "again"))
     rebuilt = build_task(again, summary["labels"]).build_model().state_dict()
     assert all(torch.equal(rebuilt[f"encoder.{key}"], value) for key, value in encoder.state_dict().items())
 

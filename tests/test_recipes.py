@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT, cli
 from raytune_ft.errors import RecipeError
-from raytune_ft.recipe import apply_overrides, load_recipe, parse_value, validate_recipe
+from raytune_ft.recipe import load_recipe, validate_recipe
+from raytune_ft.schema import apply_overrides, parse_value
 
 SHIPPED = sorted((ROOT / "jobs").glob("*.yaml"))
 

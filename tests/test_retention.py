@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_recipe
+from conftest import strategy_of, write_recipe
+from raytune_ft import run
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.runner import run
 
 
 def body_distance(tuned: dict, base: dict) -> float:
@@ -125,17 +125,15 @@ def test_l2sp_with_huge_strength_stays_near_base_and_ewc_replay_run(retention_re
 
 def test_gradual_and_lp_ft_schedules_on_a_real_model(tiny_recipe):
     """What trains in each epoch, on the real tiny BERT (no Ray needed for the schedule)."""
-    from raytune_ft.strategies import build_strategy
     from raytune_ft.tasks import build_task
 
-    recipe = validate_recipe(tiny_recipe).to_dict()
+    recipe = validate_recipe(tiny_recipe)
     task = build_task(recipe, ["negative", "positive"])
 
     def trainable(model):  # classifier, bert.pooler, bert.encoder.layer.N, bert.embeddings
         return {".".join(name.split(".")[:4 if ".layer." in name else 2]) for name, p in model.named_parameters() if p.requires_grad}
 
-    recipe["strategy"] = {"method": "gradual"}
-    strategy = build_strategy(recipe)
+    strategy = strategy_of({"method": "gradual"})
     model = strategy.prepare(task.build_model(), task)
     seen = []
     for epoch in (1, 2, 3, 4, 5):
@@ -147,8 +145,7 @@ def test_gradual_and_lp_ft_schedules_on_a_real_model(tiny_recipe):
     assert seen[3] == seen[2] | {"bert.embeddings"} == seen[4]
     assert all(p.requires_grad for p in model.parameters())
 
-    recipe["strategy"] = {"method": "lp_ft", "head_epochs": 2}
-    strategy = build_strategy(recipe)
+    strategy = strategy_of({"method": "lp_ft", "head_epochs": 2})
     model = strategy.prepare(task.build_model(), task)
     assert strategy.on_epoch_start(model, 1) is True
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.encoder"))

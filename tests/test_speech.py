@@ -35,8 +35,7 @@ def tiny_whisper(tmp_path_factory) -> Path:
 
 
 def speech_task(model: Path, **data) -> SpeechRecognition:
-    return SpeechRecognition({"model": {"path": str(model)}, "task": {"type": "speech_recognition", "max_new_tokens": 40},
-                              "train": {}, "data": data}, [])
+    return SpeechRecognition(unit_recipe({"type": "speech_recognition", "max_new_tokens": 40}, model, data=data), [])
 
 
 def test_converted_whisper_transcribes_real_speech():
@@ -81,8 +80,7 @@ def test_corrupt_audio_is_a_one_line_error_naming_it(tiny_whisper, tmp_path):
     with pytest.raises(UserError) as error:
         task.preprocess({"audio": [str(broken)], "text": ["four"]})
     assert str(broken) in str(error.value)
-    skipping = SpeechRecognition({"model": {"path": str(tiny_whisper)}, "task": {"type": "speech_recognition"}, "train": {},
-                                  "data": {"on_bad_rows": "skip"}}, [])
+    skipping = SpeechRecognition(unit_recipe({"type": "speech_recognition"}, tiny_whisper, data={"on_bad_rows": "skip"}), [])
     kept = skipping.preprocess({"audio": [LIBRIVOX_0880.read_bytes(), b"garbage"], "text": ["fine", "four"]})
     assert kept["features"].shape == (1, 80, 200) and kept["tokens"].shape[0] == 1
 
@@ -105,7 +103,7 @@ def tiny_recipe(model: Path, run_dir: Path) -> dict:
 
 def test_tiny_whisper_trains_on_spoken_digits_with_two_workers(tiny_whisper, tmp_path, local_ray):
     from raytune_ft.recipe import validate_recipe
-    from raytune_ft.train.runner import run
+    from raytune_ft import run
 
     run_dir = tmp_path / "run"
     summary = run(validate_recipe(tiny_recipe(tiny_whisper, run_dir)))
@@ -127,7 +125,7 @@ def test_lora_whisper_evaluates_through_the_peft_wrapper(tiny_whisper, tmp_path)
 
     recipe = tiny_recipe(tiny_whisper, tmp_path / "run")
     recipe["strategy"] = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    recipe = validate_recipe(recipe).to_dict()
+    recipe = validate_recipe(recipe)
     task = SpeechRecognition(recipe, [])
     base = task.build_model().eval()
     adapted = build_strategy(recipe).prepare(task.build_model(), task).eval()

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, Payload, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
+from raytune_ft import run
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.faults import FAULT_ENV, FAULT_MARKER
-from raytune_ft.train.runner import run
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_embedded_ray_workers_collect_garbage_less_often(local_ray):
 def test_real_minilm_smoke(local_ray, tmp_path):
     """The real MiniLM-L6 weights, the real drug reviews and the fortunes reference, a few steps
     through the real path."""
-    from raytune_ft.recipe import load_recipe
+    from raytune_ft import load_recipe
 
     recipe = load_recipe("jobs/text_classification.yaml", [
         "train.max_steps=2", "train.epochs=null", "data.max_rows=64", "baseline.enabled=false",

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import strategy_of, unit_recipe
+from raytune_ft import run
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
-from raytune_ft.train.runner import run
 
 ANSWERS = ["black", "blue", "brown", "circle", "gray", "green", "no", "rectangle", "red", "teal", "triangle", "yellow", "yes"]
 
@@ -82,7 +83,7 @@ def test_tiny_vqa_learns_on_two_workers_and_its_export_reloads(tiny_bert, tiny_e
 
     # It is a model.path of its own: every tensor comes back, the answer classifier included.
     again = vqa_recipe(export, Path("/unused"), vqa_data, tmp_path / "again")
-    rebuilt = build_task(validate_recipe(again).to_dict(), ANSWERS).build_model()
+    rebuilt = build_task(validate_recipe(again), ANSWERS).build_model()
     for key, value in model.state_dict().items():
         assert torch.equal(value, rebuilt.state_dict()[key]), key
 
@@ -109,14 +110,12 @@ def test_real_encoders_fuse(tmp_path):
     import pyarrow.dataset as pads
 
     from raytune_ft.data import assets
-    from raytune_ft.strategies import build_strategy
     from raytune_ft.tasks import build_task
 
-    recipe = {"task": {"type": "visual_question_answering", "fusion": "concat"}, "model": {"path": str(assets.minilm_l6())},
-              "train": {}, "data": {}}
+    recipe = unit_recipe({"type": "visual_question_answering", "fusion": "concat"}, assets.minilm_l6())
     task = build_task(recipe, ANSWERS)
     task.check()
-    model = build_strategy({"strategy": {"method": "head_only"}}).prepare(task.build_model(), task)
+    model = strategy_of({"method": "head_only"}).prepare(task.build_model(), task)
     assert model.text.config.hidden_size == 384 and model.config["image"]["head_channels"] == 1280
     rows = pads.dataset(assets.easy_vqa("test")).head(8).to_pydict()
     rows["label"] = [ANSWERS.index(answer) for answer in rows["answer"]]
@@ -150,11 +149,11 @@ def test_bad_image_names_its_question(tiny_bert, tiny_efficientnet, vqa_data, tm
 
     recipe = vqa_recipe(tiny_bert, tiny_efficientnet, vqa_data, tmp_path / "run")
     recipe["data"]["on_bad_rows"] = "fail"
-    task = build_task(validate_recipe(recipe).to_dict(), ANSWERS)
+    task = build_task(validate_recipe(recipe), ANSWERS)
     batch = {"image": [b"not an image"], "question": ["what color is the shape?"], "label": [1]}
     with pytest.raises(UserError, match=r"question 'what color is the shape\?': cannot decode image"):
         task.preprocess(batch)
 
     recipe["task"]["attention_heads"] = 5  # does not divide the tiny BERT's width 32
     with pytest.raises(UserError, match="task.attention_heads: 5 does not divide the text encoder's width 32"):
-        build_task(validate_recipe(recipe).to_dict(), ANSWERS).check()
+        build_task(validate_recipe(recipe), ANSWERS).check()

@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from raytune_ft.data import assets, images
 from raytune_ft.errors import UserError
+from raytune_ft.schema import DataSection
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -96,45 +96,45 @@ def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefi
     return {role: table.column(column).to_pylist() for role, column in label_columns.items()} if label_columns else None
 
 
-def plan_splits(data: dict[str, Any], prefix: str = "data", label_roles: tuple[str, ...] | None = None
+def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str, ...] | None = None
                 ) -> tuple[list[Split], list[str] | dict[str, list[str]] | None]:
     """Resolve and check every split; return them with the label set: a list for the one ``label``
     role, ``{role: labels}`` for a task with several label roles (``label_roles``), None for
     label-free tasks. ``prefix`` is the recipe path of this data section, for error messages."""
-    columns = data["columns"]
+    columns = data.columns
     if label_roles is None:
         label_roles = ("label",) if "label" in columns else ()
     splits, label_values = [], {}
     for name in ("train", "validation", "test"):
-        if not data.get(name):
+        if not getattr(data, name):
             continue
-        path = assets.resolve(data[name], f"{prefix}.{name}")
-        fmt = detect_format(path, data["format"]) if not _is_remote(path) else (data["format"] if data["format"] != "auto" else "parquet")
+        path = assets.resolve(getattr(data, name), f"{prefix}.{name}")
+        fmt = detect_format(path, data.format) if not _is_remote(path) else (data.format if data.format != "auto" else "parquet")
         label_values[name] = read_checked(path, fmt, columns, f"{prefix}.{name}", prefix, label_roles)
         splits.append(Split(name, path, fmt))
-    if not data.get("validation"):
+    if not data.validation:
         train = splits[0]
         splits[0] = Split("train", train.path, train.fmt, holdout="train")
         splits.insert(1, Split("validation", train.path, train.fmt, holdout="validation"))
     if not label_roles:
         return splits, None
     several = label_roles != ("label",)
-    given = data.get("labels") if several else {"label": data.get("labels")}
-    label_sets = {role: plan_labels(role, label_values, (given or {}).get(role), (data.get("other_label") or {}).get(role),
+    given = data.labels if several else {"label": data.labels}
+    label_sets = {role: plan_labels(role, label_values, (given or {}).get(role), data.other_label.get(role),
                                     f"{prefix}.labels.{role}" if several else f"{prefix}.labels", data, prefix)
                   for role in label_roles}
     return splits, label_sets if several else label_sets["label"]
 
 
 def plan_labels(role: str, label_values: dict[str, dict[str, list]], given: list[str] | None, other: str | None,
-                field: str, data: dict[str, Any], prefix: str) -> list[str]:
+                field: str, data: DataSection, prefix: str) -> list[str]:
     """One role's label set (given, else the sorted values of train; the ``other`` bucket appended
     when it is not in it), with every row of every split checked against it."""
     labels = list(given or sorted({str(v) for v in label_values["train"][role] if v is not None}))
     if other is not None and other not in labels:
         labels.append(other)
     if len(labels) < 2:
-        raise UserError(f"{prefix}.columns.{role}", f"column {data['columns'][role]!r} of {data['train']} has fewer than 2 distinct labels")
+        raise UserError(f"{prefix}.columns.{role}", f"column {data.columns[role]!r} of {data.train} has fewer than 2 distinct labels")
     if other is not None:
         return labels
     allowed = set(labels)
@@ -207,12 +207,12 @@ def read_ray(split: Split):
     return ray.data.read_csv(split.path)
 
 
-def rows_dataset(split: Split, data: dict[str, Any], labels: list[str] | dict[str, list[str]] | None):
+def rows_dataset(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None):
     """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded."""
     # A column mapped to two roles is read once.
-    dataset = read_ray(split).select_columns(list(dict.fromkeys(data["columns"].values())) + (["path"] if split.fmt == "images" else []))
-    select = SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"], data.get("other_label"))
+    dataset = read_ray(split).select_columns(list(dict.fromkeys(data.columns.values())) + (["path"] if split.fmt == "images" else []))
+    select = SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label)
     dataset = dataset.map_batches(select, batch_format="numpy")
-    if data.get("max_rows"):
-        dataset = dataset.limit(data["max_rows"])
+    if data.max_rows:
+        dataset = dataset.limit(data.max_rows)
     return dataset

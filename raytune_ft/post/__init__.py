@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 from typing import Any
+
+from raytune_ft import run_folder
 
 STEPS = {
     "quantize": "raytune_ft.post.compression:quantize",
@@ -26,19 +27,12 @@ def configured_steps(recipe) -> list[str]:
 
 def run_steps(run, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Run the named steps (default: those the recipe configures) and write ``post/<name>.json``."""
-    from raytune_ft.train.checkpoint import write_text_atomic
-
     results = {}
     for name in names or configured_steps(run.recipe):
         options = run.recipe.post.options(name)
         module, _, function = STEPS[name].partition(":")
         print(f"[raytune-ft] post: {name}", flush=True)
         results[name] = getattr(importlib.import_module(module), function)(run, options)
-        (run.run_dir / "post").mkdir(exist_ok=True)
-        write_text_atomic(run.run_dir / "post" / f"{name}.json", json.dumps(results[name], indent=2) + "\n")
+        (run.run_dir / run_folder.POST).mkdir(exist_ok=True)
+        run_folder.write_text_atomic(run.run_dir / run_folder.POST / f"{name}.json", json.dumps(results[name], indent=2) + "\n")
     return results
-
-
-def read_results(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every step's result a run directory holds, by step name."""
-    return {path.stem: json.loads(path.read_text()) for path in sorted(Path(run_dir, "post").glob("*.json"))}

@@ -8,7 +8,6 @@ validation hold-out and ``data.max_rows``) without Ray, so a step is a plain CPU
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,14 +15,17 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from raytune_ft import run_folder
+from raytune_ft.data import images, tabular
 from raytune_ft.errors import UserError
+from raytune_ft.recipe import load_recipe
+from raytune_ft.schema import DataSection, ModelSection, Recipe
+from raytune_ft.tasks import build_task, classification_loss
 
 
-def read_split_rows(split, data: dict[str, Any], labels: list[str] | None, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def read_split_rows(split, data: DataSection, labels: list[str] | None, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """One split's rows, columns named by task role and labels encoded, in read order."""
-    from raytune_ft.data import images, tabular
-
-    select = tabular.SelectRows(data["columns"], labels, split.holdout, data["validation_fraction"], data.get("other_label"))
+    select = tabular.SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label)
     if split.fmt == "images":
         files = images.image_files(split.path)
         raw = ({"image": np.array([f.read_bytes() for f in files[i:i + batch_size]], dtype=object),
@@ -31,10 +33,10 @@ def read_split_rows(split, data: dict[str, Any], labels: list[str] | None, batch
                 "label": np.array([f.parent.name for f in files[i:i + batch_size]], dtype=object)}
                for i in range(0, len(files), batch_size))
     else:
-        columns = list(data["columns"].values())
+        columns = list(data.columns.values())
         raw = ({name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
                for batch in tabular.arrow_dataset(split.path, split.fmt).to_batches(columns=columns, batch_size=batch_size))
-    remaining = data.get("max_rows") or None
+    remaining = data.max_rows
     for batch in raw:
         rows = select(batch)
         if remaining is not None:
@@ -49,26 +51,19 @@ def read_split_rows(split, data: dict[str, Any], labels: list[str] | None, batch
 @dataclass
 class FinishedRun:
     run_dir: Path
-    recipe: Any  # raytune_ft.recipe.Recipe, as the run recorded it
+    recipe: Recipe  # as the run recorded it
     summary: dict[str, Any]
 
     @classmethod
     def open(cls, run_dir: str | Path, overrides: list[str] = ()) -> "FinishedRun":
         """A run directory with ``recipe.yaml``, ``summary.json`` and ``model/``; a clear error otherwise.
         ``overrides`` (``post.prune.sparsity=0.7``) change the recorded recipe for this use only."""
-        from raytune_ft.recipe import load_recipe
-
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise UserError(str(run_dir), "not a directory; give the run directory (output.dir) of a finished run")
-        for needed in ("recipe.yaml", "summary.json", "model"):
+        summary = run_folder.read_summary(run_dir)
+        for needed in (run_folder.RECIPE, run_folder.MODEL):
             if not (run_dir / needed).exists():
                 raise UserError(str(run_dir / needed), "missing; is this the directory of a finished run?")
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except ValueError:
-            raise UserError(str(run_dir / "summary.json"), "not valid JSON") from None
-        return cls(run_dir.resolve(), load_recipe(run_dir / "recipe.yaml", overrides), summary)
+        return cls(run_dir.resolve(), load_recipe(run_dir / run_folder.RECIPE, overrides), summary)
 
     @property
     def labels(self) -> list[str]:
@@ -76,20 +71,15 @@ class FinishedRun:
 
     def task(self, model_dir: str | Path | None = None):
         """The run's task, building from ``model_dir`` (default: the run's exported model)."""
-        from raytune_ft.tasks import build_task
-
-        recipe = self.recipe.to_dict()
-        recipe["model"]["path"] = str(model_dir or self.run_dir / "model")
-        return build_task(recipe, self.labels)
+        model = ModelSection(path=str(model_dir or self.run_dir / run_folder.MODEL))
+        return build_task(self.recipe.model_copy(update={"model": model}), self.recipe.data.labels or [])
 
     def load_model(self, model_dir: str | Path | None = None) -> torch.nn.Module:
         """The exported model (or another directory the same task exported), in eval mode."""
         return self.task(model_dir).build_model().eval()
 
     def split(self, name: str = "test"):
-        from raytune_ft.data import tabular
-
-        splits, _ = tabular.plan_splits(self.recipe.data.model_dump())
+        splits, _ = tabular.plan_splits(self.recipe.data)
         for split in splits:
             if split.name == name:
                 return split
@@ -98,9 +88,9 @@ class FinishedRun:
     def batches(self, split: str = "test", batch_size: int = 64, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Model-ready batches of a split: the task's preprocess and collate, no augmentation."""
         task = self.task()
-        data = self.recipe.data.model_dump()
+        data = self.recipe.data
         if limit is not None:
-            data["max_rows"] = min(limit, data.get("max_rows") or limit)
+            data = data.model_copy(update={"max_rows": min(limit, data.max_rows or limit)})
         for rows in read_split_rows(self.split(split), data, self.labels, batch_size):
             yield task.collate(task.preprocess(rows))
 
@@ -110,7 +100,7 @@ class FinishedRun:
         wanted = {index: position for position, index in enumerate(indices)}
         picked: dict[int, dict[str, Any]] = {}
         seen = 0
-        for rows in read_split_rows(self.split(split), self.recipe.data.model_dump(), self.labels, 256):
+        for rows in read_split_rows(self.split(split), self.recipe.data, self.labels, 256):
             count = len(next(iter(rows.values())))
             for index in range(seen, seen + count):
                 if index in wanted:
@@ -137,8 +127,6 @@ class FinishedRun:
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """The task's metrics (accuracy, macro-F1, loss, confusion) of given logits."""
-        from raytune_ft.tasks import classification_loss
-
         metrics = self.task().new_metrics()
         _, outputs = classification_loss(logits, labels)
         metrics.update(outputs, {"labels": labels})

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from raytune_ft import run_folder
 from raytune_ft.errors import UserError
 from raytune_ft.post.finished import FinishedRun
 from raytune_ft.tasks import export_pretrained
@@ -43,9 +44,7 @@ class Member:
 def tune_trials(experiment_dir: Path, top: int) -> list[Path]:
     """The run directories of a tune experiment's ``top`` finished trials, best first by its
     (first) metric and mode."""
-    from raytune_ft.tune.experiment import TRIALS
-
-    summary_path = Path(experiment_dir) / "summary.json"
+    summary_path = Path(experiment_dir) / run_folder.SUMMARY
     if not summary_path.is_file():
         raise UserError("--tune", f"{experiment_dir} holds no finished tune experiment (no summary.json); "
                                   "give the output.dir of raytune-ft tune")
@@ -58,7 +57,7 @@ def tune_trials(experiment_dir: Path, top: int) -> list[Path]:
     if len(finished) < top:
         raise UserError("--top", f"{top} trials asked for, but {experiment_dir} has {len(finished)} finished trials with {metric}")
     ranked = sorted(finished, key=lambda row: row[metric], reverse=mode == "max")
-    return [Path(experiment_dir) / TRIALS / row["trial"] / "run" for row in ranked[:top]]
+    return [Path(experiment_dir) / run_folder.TRIALS / row["trial"] / "run" for row in ranked[:top]]
 
 
 def open_runs(run_dirs: list[Path]) -> list[FinishedRun]:
@@ -197,8 +196,6 @@ def check_output(output: Path, force: bool) -> None:
 def fuse(run_dirs: list[Path], output: Path, *, force: bool = False, with_soups: bool = True) -> dict[str, Any]:
     """Ensembles (and soups) of finished runs; writes ``output``/fusion.json, fusion.md and the soups.
     Built in a hidden sibling directory and renamed at the end: ``output`` appears whole or not at all."""
-    from raytune_ft.train.runner import move_aside
-
     output = Path(output).resolve()
     check_output(output, force)
     runs = open_runs(run_dirs)
@@ -224,7 +221,7 @@ def fuse(run_dirs: list[Path], output: Path, *, force: bool = False, with_soups:
     (partial / "fusion.json").write_text(json.dumps(result, indent=2) + "\n")
     (partial / "fusion.md").write_text(fusion_markdown(result))
     if output.is_dir() and any(output.iterdir()):
-        move_aside(output)
+        run_folder.move_aside(output)
     os.replace(partial, output)  # onto nothing, or an empty directory
     return result
 

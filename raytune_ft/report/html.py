@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.errors import UserError
+from raytune_ft import run_folder
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1150px; margin: 24px auto; padding: 0 16px; }
@@ -38,12 +38,9 @@ TARGET_METRICS = ("accuracy", "macro_f1", "loss")
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``<run_dir>/report.html`` (atomically) from what a finished run left; returns its path."""
-    from raytune_ft.post import read_results
-    from raytune_ft.train.checkpoint import write_text_atomic
-
     run_dir = Path(run_dir)
-    summary = read_summary(run_dir)
-    recipe = run_dir / "recipe.yaml"
+    summary = run_folder.read_summary(run_dir)
+    recipe = run_dir / run_folder.RECIPE
     title = f"{summary.get('name', run_dir.name)}: {summary.get('task', '')}"
     body = [
         f"<h1>{esc(title)}</h1>",
@@ -53,26 +50,14 @@ def write_report(run_dir: str | Path) -> Path:
         retention_section(summary.get("retention")),
         plots_section(run_dir),
         wise_ft_section(summary.get("wise_ft")),
-        *(post_section(name, result, run_dir) for name, result in read_results(run_dir).items()),
+        *(post_section(name, result, run_dir) for name, result in run_folder.post_results(run_dir).items()),
         timings_section(summary),
         f"<h2>Recipe</h2><details><summary>recipe.yaml</summary><pre>{esc(recipe.read_text())}</pre></details>" if recipe.is_file() else "",
     ]
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(part for part in body if part) + "\n</body></html>\n")
-    write_text_atomic(run_dir / "report.html", page)
-    return run_dir / "report.html"
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise UserError(str(run_dir), "not a directory; give the run directory (output.dir) of a finished run")
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        raise UserError(str(path), "missing; is this the directory of a finished run?")
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UserError(str(path), "not valid JSON") from None
+    run_folder.write_text_atomic(run_dir / run_folder.REPORT, page)
+    return run_dir / run_folder.REPORT
 
 
 def esc(value: Any) -> str:

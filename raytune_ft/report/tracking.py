@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 from ray.train import UserCallback
 
 from raytune_ft.errors import UserError
-from raytune_ft.train.checkpoint import write_text_atomic
+from raytune_ft.run_folder import write_text_atomic
 
 STATE = "tracking.json"
 # Whatever of these a run or an experiment wrote is logged as an MLflow artifact at the end.

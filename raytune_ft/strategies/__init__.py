@@ -1,11 +1,12 @@
 """Strategies: which parameters are trained, and when. Each registers itself by short name.
 
-A strategy has:
+A strategy owns its recipe options (``Options``, a subclass of the schema's ``StrategyOptions``:
+``strategy.method`` picks the strategy, the rest of the section are its fields) and has:
 
 - ``check(skeleton)``: driver-side structural checks on the model built on the meta device.
-- ``prepare(model, task) -> model``: freeze, wrap with adapters; called once before the backend
-  wraps the model. Every parameter the strategy will ever train leaves here trainable, so the
-  optimizer holds them all.
+- ``prepare(model, task) -> model``: freeze, wrap with adapters, scale each layer's learning rate
+  (``layer_lr_decay``, every strategy); called once before the backend wraps the model. Every
+  parameter the strategy will ever train leaves here trainable, so the optimizer holds them all.
 - ``on_epoch_start(model, epoch) -> bool``: set what trains this epoch (gradual unfreezing,
   LP-FT); True when that changed, so the backend re-wraps the model.
 - ``export(model) -> model``: e.g. merge adapters before ``save_pretrained``.
@@ -13,19 +14,23 @@ A strategy has:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import ClassVar, Optional, Protocol
 
 import torch
+from pydantic import ConfigDict, Field, model_validator
 
 from raytune_ft.errors import UserError
+from raytune_ft.models import scale_lr
+from raytune_ft.schema import Recipe, StrategyOptions
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
 class Strategy(Protocol):
-    name: str
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]]
 
-    def __init__(self, options: dict[str, Any]): ...
+    def __init__(self, options: StrategyOptions): ...
     def check(self, skeleton: torch.nn.Module) -> None: ...
     def prepare(self, model: torch.nn.Module, task) -> torch.nn.Module: ...
     def on_epoch_start(self, model: torch.nn.Module, epoch: int) -> bool: ...
@@ -33,13 +38,19 @@ class Strategy(Protocol):
 
 
 def register(cls):
+    """Class decorator: make a strategy available to recipes as ``strategy.method: <cls.name>``."""
     STRATEGIES[cls.name] = cls
     return cls
 
 
-def build_strategy(recipe: dict[str, Any]) -> "Strategy":
-    options = dict(recipe["strategy"])
-    return STRATEGIES[options.pop("method")](options)
+def build_strategy(recipe: Recipe) -> "Strategy":
+    return STRATEGIES[recipe.strategy.method](recipe.strategy)
+
+
+class OwnOptions(StrategyOptions):
+    """A strategy's options: the shared ones and its own; nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def layer_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -74,6 +85,14 @@ def depth_groups(model: torch.nn.Module, heads: list[str]) -> list[list[str]]:
     return [top, *reversed(layers), bottom]
 
 
+def apply_layer_lr_decay(model: torch.nn.Module, head_names: list[str], decay: float) -> None:
+    """lr x decay^depth, depth counted from the top: the head 0, the top layer 1, ..., embeddings L+1."""
+    parameters = dict(model.named_parameters())
+    for depth, group in enumerate(depth_groups(model, head_names)):
+        for name in group:
+            scale_lr(parameters[name], decay**depth)
+
+
 def set_trainable(model: torch.nn.Module, names: set[str]) -> bool:
     """Train exactly ``names``; True when anything changed."""
     changed = False
@@ -89,15 +108,23 @@ class Full:
     """Every parameter is trained."""
 
     name = "full"
+    Options = OwnOptions
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, options: StrategyOptions):
         self.options = options
 
     def check(self, skeleton):
-        if self.options.get("layer_lr_decay"):
+        if self.options.layer_lr_decay:
             layer_stack(skeleton)
 
     def prepare(self, model, task):
+        model = self.select(model, task)
+        if self.options.layer_lr_decay:
+            apply_layer_lr_decay(model, task.head_names(model), self.options.layer_lr_decay)
+        return model
+
+    def select(self, model, task):
+        """Set what trains (from the start); returns the model to train (wrapped, for adapters)."""
         return model
 
     def on_epoch_start(self, model, epoch):
@@ -113,7 +140,7 @@ class HeadOnly(Full):
 
     name = "head_only"
 
-    def prepare(self, model, task):
+    def select(self, model, task):
         heads = task.head_names(model)
         set_trainable(model, {name for name, _ in model.named_parameters() if in_module(name, heads)})
         return model
@@ -125,24 +152,35 @@ class Freeze(Full):
 
     name = "freeze"
 
+    class Options(OwnOptions):
+        layers: Optional[int] = Field(None, ge=0, description="the embeddings and the bottom N layers stay frozen")
+        modules: list[str] = Field(default_factory=list, description="module-name prefixes to freeze")
+
+        @model_validator(mode="after")
+        def _something_frozen(self):
+            if self.layers is None and not self.modules:
+                raise ValueError("strategy.layers: freeze needs layers (bottom N) or modules (name prefixes)")
+            return self
+
     def check(self, skeleton):
-        layers = self.options.get("layers")
+        super().check(skeleton)
+        layers = self.options.layers
         if layers:
             stack_name, stack = layer_stack(skeleton)
             if layers > len(stack):
                 raise UserError("strategy.layers", f"{layers} layers to freeze, but the model has {len(stack)} ({stack_name})")
         names = [name for name, _ in skeleton.named_modules()]
-        for prefix in self.options.get("modules") or []:
+        for prefix in self.options.modules:
             if not any(in_module(name, [prefix]) for name in names):
                 raise UserError("strategy.modules", f"no module named {prefix!r} in {type(skeleton).__name__}")
 
-    def prepare(self, model, task):
+    def select(self, model, task):
         frozen: set[str] = set()
-        if self.options.get("layers") is not None:
+        if self.options.layers is not None:
             groups = depth_groups(model, task.head_names(model))
-            for group in groups[len(groups) - 1 - self.options["layers"]:]:  # bottom N layers + embeddings
+            for group in groups[len(groups) - 1 - self.options.layers:]:  # bottom N layers + embeddings
                 frozen.update(group)
-        prefixes = self.options.get("modules") or []
+        prefixes = self.options.modules
         frozen.update(name for name, _ in model.named_parameters() if in_module(name, prefixes))
         set_trainable(model, {name for name, _ in model.named_parameters() if name not in frozen})
         return model
@@ -155,7 +193,7 @@ class Gradual(Full):
 
     name = "gradual"
 
-    def prepare(self, model, task):
+    def select(self, model, task):
         self.groups = depth_groups(model, task.head_names(model))
         return model
 
@@ -170,14 +208,17 @@ class LinearProbeThenFineTune(Full):
 
     name = "lp_ft"
 
-    def prepare(self, model, task):
+    class Options(OwnOptions):
+        head_epochs: int = Field(1, ge=1, description="epochs of linear probing (head only) before fine-tuning everything")
+
+    def select(self, model, task):
         heads = task.head_names(model)
         self.head = {name for name, _ in model.named_parameters() if in_module(name, heads)}
         self.everything = {name for name, _ in model.named_parameters()}
         return model
 
     def on_epoch_start(self, model, epoch):
-        return set_trainable(model, self.head if epoch <= self.options.get("head_epochs", 1) else self.everything)
+        return set_trainable(model, self.head if epoch <= self.options.head_epochs else self.everything)
 
 
 @register
@@ -188,19 +229,26 @@ class LoRA(Full):
 
     name = "lora"
 
+    class Options(OwnOptions):
+        rank: int = Field(8, ge=1, description="adapter rank")
+        alpha: float = Field(16.0, gt=0, description="scaling numerator (scale = alpha / rank)")
+        lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+        target_modules: Optional[list[str]] = Field(None, min_length=1, description="module names to adapt; default: attention query and value")
+
+    def targets(self) -> list[str]:
+        return self.options.target_modules or ["query", "value"]
+
     def config(self, heads: list[str] | None):
         from peft import LoraConfig
 
-        return LoraConfig(
-            r=self.options.get("rank", 8), lora_alpha=self.options.get("alpha", 16.0),
-            lora_dropout=self.options.get("lora_dropout", 0.0),
-            target_modules=self.options.get("target_modules") or ["query", "value"], modules_to_save=heads,
-        )
+        return LoraConfig(r=self.options.rank, lora_alpha=self.options.alpha, lora_dropout=self.options.lora_dropout,
+                          target_modules=self.targets(), modules_to_save=heads)
 
     def check(self, skeleton):
         """Every target names Linear or pointwise (1x1, ungrouped) Conv2d modules only: peft's
         adapter for a wider convolution would not pad as a TensorFlow-style "same" convolution does."""
-        targets = self.options.get("target_modules") or ["query", "value"]
+        super().check(skeleton)
+        targets = self.targets()
         fits, misfits = set(), set()
         for name, module in skeleton.named_modules():
             pointwise = isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
@@ -210,7 +258,7 @@ class LoRA(Full):
             raise UserError("strategy.target_modules", f"no Linear or 1x1 Conv2d module named {', '.join(missing)} in {type(skeleton).__name__} "
                             f"(or not every module of that name is one); candidates: {', '.join(sorted(fits - misfits))}")
 
-    def prepare(self, model, task):
+    def select(self, model, task):
         from peft import get_peft_model
 
         return get_peft_model(model, self.config(task.head_names(model)))

@@ -3,7 +3,7 @@
 A task is the only task-specific code the training loop sees. It declares the data columns it
 needs (``columns``: role names the recipe maps to real columns), the metrics it reports
 (``metrics``: ``eval/<name>``, so a recipe naming another metric fails validation), its typed
-``Options``, and:
+``Options`` (a subclass of the schema's ``TaskOptions``: the ``task:`` section of a recipe), and:
 
 - optional classmethods ``roles(options)``, ``label_roles(options)`` and ``metric_names(options)``
   when roles and metrics depend on the options (multitask: one label role and metrics per head);
@@ -34,8 +34,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from raytune_ft.checkpoint import safetensors_shapes
 from raytune_ft.errors import UserError
-from raytune_ft.train.checkpoint import safetensors_shapes
+from raytune_ft.schema import Recipe, TaskOptions
 
 TASKS: dict[str, type["Task"]] = {}
 
@@ -56,9 +57,9 @@ class Task(Protocol):
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
     metrics: ClassVar[tuple[str, ...]]
-    Options: ClassVar[type]
+    Options: ClassVar[type[TaskOptions]]
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str] | dict[str, list[str]]): ...
+    def __init__(self, recipe: Recipe, labels: list[str] | dict[str, list[str]]): ...
     def check(self) -> None: ...
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]: ...
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
@@ -164,8 +165,9 @@ def task_metrics(task_cls, options) -> tuple[str, ...]:
     return tuple(task_cls.metric_names(options)) if hasattr(task_cls, "metric_names") else tuple(task_cls.metrics)
 
 
-def build_task(recipe: dict[str, Any], labels: list[str] | dict[str, list[str]]) -> "Task":
-    return TASKS[recipe["task"]["type"]](recipe, labels)
+def build_task(recipe: Recipe, labels: list[str] | dict[str, list[str]]) -> "Task":
+    """The recipe's task (``recipe.task`` holds its typed options) for this label set."""
+    return TASKS[recipe.task.type](recipe, labels)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

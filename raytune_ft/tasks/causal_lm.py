@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
+from raytune_ft.schema import Recipe, TaskOptions
 from raytune_ft.tasks import register
 from raytune_ft.tasks.text_classification import check_text_model, encoder_config, load_tokenizer, pad_sequences, tokenize
 
@@ -83,7 +84,7 @@ class CausalLM:
     probe_columns = ("text", "label")
     metrics = CausalLMMetrics.names
 
-    class Options(BaseModel):
+    class Options(TaskOptions):
         model_config = ConfigDict(extra="forbid")
         max_length: int = Field(256, ge=8, le=32768, description="tokens kept per row, prompt included (longer rows are cut at the end)")
         format: Literal["text", "prompt_response"] = Field(
@@ -94,27 +95,23 @@ class CausalLM:
     def roles(cls, options: "CausalLM.Options") -> tuple[str, ...]:
         return ("prompt", "response") if options.format == "prompt_response" else cls.columns
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str]):
-        self.model_path = recipe["model"]["path"]
-        self.num_layers = recipe["model"].get("num_layers")
-        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
+    def __init__(self, recipe: Recipe, labels: list[str]):
+        self.recipe, self.model_path, self.options = recipe, recipe.model.path, recipe.task
         self.labels = labels  # a probe reference's classes; the task itself has none
-        self.dropout = recipe["train"].get("dropout")
-        self.method = recipe["strategy"]["method"]
-        self.baseline = recipe["baseline"]["enabled"]
-        post = recipe.get("post") or {}
-        self.unsupported = [field for field, value in (("distill", recipe.get("distill")), ("post.quantize", post.get("quantize")),
-                                                       ("post.prune", post.get("prune")), ("post.explain", post.get("explain"))) if value]
+        self.num_layers, self.dropout = recipe.model.num_layers, recipe.train.dropout
 
     def check(self) -> None:
-        if self.baseline:
+        recipe = self.recipe
+        unsupported = [field for field, value in (("distill", recipe.distill), ("post.quantize", recipe.post.quantize),
+                                                  ("post.prune", recipe.post.prune), ("post.explain", recipe.post.explain)) if value]
+        if recipe.baseline.enabled:
             raise UserError("baseline.enabled", f"task {self.name} has no new head to train for a head-only baseline; set it to "
                                                 "false and score the base model with a kind: task retention reference on the test text")
-        if self.method in HEAD_STRATEGIES:
-            raise UserError("strategy.method", f"{self.method} trains a new head first, and task {self.name} has none "
+        if recipe.strategy.method in HEAD_STRATEGIES:
+            raise UserError("strategy.method", f"{recipe.strategy.method} trains a new head first, and task {self.name} has none "
                                                "(its output projection is the pretrained token embedding); use lora, full, freeze or gradual")
-        if self.unsupported:
-            raise UserError(self.unsupported[0], f"not supported by task {self.name} (it assumes class logits); remove it")
+        if unsupported:
+            raise UserError(unsupported[0], f"not supported by task {self.name} (it assumes class logits); remove it")
         check_text_model(self)
 
     def tokenizer(self):

@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
+from raytune_ft.schema import Recipe, TaskOptions
 from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,20 +93,16 @@ class ImageClassification:
     columns = ("image", "label")
     metrics = ClassificationMetrics.names
 
-    class Options(BaseModel):
+    class Options(TaskOptions):
         model_config = ConfigDict(extra="forbid")
         image_size: int = Field(64, ge=16, le=1024, description="pixels per side the model sees (images are resized)")
         crop_scale: float = Field(0.8, gt=0, le=1, description="train: random resized crop keeps this to 100% of the area; 1 turns it off")
         flip: bool = Field(True, description="train: mirror left-right with probability 1/2")
         rotation: float = Field(10.0, ge=0, le=180, description="train: rotate by up to +-this many degrees; 0 turns it off")
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str]):
-        self.model_path = recipe["model"]["path"]
-        self.num_layers = recipe["model"].get("num_layers")
-        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
-        self.labels = labels
-        self.dropout = recipe["train"].get("dropout")
-        self.skip_bad_rows = recipe["data"].get("on_bad_rows") == "skip"
+    def __init__(self, recipe: Recipe, labels: list[str]):
+        self.model_path, self.options, self.labels = recipe.model.path, recipe.task, labels
+        self.num_layers, self.dropout, self.skip_bad_rows = recipe.model.num_layers, recipe.train.dropout, recipe.data.on_bad_rows == "skip"
 
     def pretrained(self) -> tuple[dict[str, Any], Path | None]:
         """The base model's config and weights file (None: a checkpoint file carries no config)."""

@@ -36,13 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from raytune_ft.errors import UserError
-from raytune_ft.models import mean_pool
+from raytune_ft.models import mean_pool, scale_lr
+from raytune_ft.schema import Recipe, TaskOptions
 from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
 from raytune_ft.tasks.image_classification import ImageClassification, decode_images, normalise, save_model
 from raytune_ft.tasks.text_classification import (
     check_text_model, encoder_config, load_tokenizer, pad_sequences, tokenize,
 )
-from raytune_ft.train.optim import LR_SCALE
 
 HEAD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 INPUTS = ("text", "image")
@@ -79,7 +79,7 @@ class MultitaskModel(torch.nn.Module):
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, count) for name, count in classes.items()})
         self.log_variances = torch.nn.Parameter(torch.zeros(len(classes))) if uncertainty else None
         if uncertainty:
-            setattr(self.log_variances, LR_SCALE, log_variance_lr_scale)
+            scale_lr(self.log_variances, log_variance_lr_scale)
 
     def features(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, width]."""
@@ -147,7 +147,7 @@ class Multitask:
     columns = ("text",)  # or ("image",) per task.input, and one label role per head: roles(options)
     metrics = MultitaskMetrics.names
 
-    class Options(BaseModel):
+    class Options(TaskOptions):
         model_config = ConfigDict(extra="forbid")
         input: Literal["text", "image"] = Field("text", description="what the shared encoder reads: text (a transformers "
                                                                     "encoder) or image (EfficientNet-Lite)")
@@ -193,25 +193,21 @@ class Multitask:
         per_head = ("loss", "accuracy", "macro_f1") + (("log_variance",) if options.weighting == "uncertainty" else ())
         return (*cls.metrics, *(f"{name}_{metric}" for name in options.heads for metric in per_head))
 
-    def __init__(self, recipe: dict[str, Any], labels: dict[str, list[str]]):
-        self.model_path = recipe["model"]["path"]
-        self.num_layers = recipe["model"].get("num_layers")
-        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
-        self.labels = labels
-        self.dropout = recipe["train"].get("dropout")
+    def __init__(self, recipe: Recipe, labels: dict[str, list[str]]):
+        self.recipe, self.model_path, self.options, self.labels = recipe, recipe.model.path, recipe.task, labels
+        self.num_layers, self.dropout, self.skip_bad_rows = recipe.model.num_layers, recipe.train.dropout, recipe.data.on_bad_rows == "skip"
         self.image = self.options.input == "image"
-        self.skip_bad_rows = recipe["data"].get("on_bad_rows") == "skip"
         self.uncertainty = self.options.weighting == "uncertainty"
-        lr = recipe["train"]["lr"]
+        lr = recipe.train.lr
         self.log_variance_lr_scale = self.options.log_variance_lr / lr if lr else 1.0  # lr 0 trains nothing, these included
         self.weights = [head.weight for head in self.options.heads.values()]
         self.unsupported = [".".join(path) for path in UNSUPPORTED if self._configured(recipe, path)]
 
     @staticmethod
-    def _configured(recipe: dict[str, Any], path: tuple[str, ...]) -> bool:
+    def _configured(recipe: Recipe, path: tuple[str, ...]) -> bool:
         node: Any = recipe
         for key in path:
-            node = (node or {}).get(key)
+            node = getattr(node, key, None)
         return bool(node)
 
     def classes(self) -> dict[str, int]:
@@ -229,11 +225,9 @@ class Multitask:
     def image_task(self) -> ImageClassification:
         """The image encoder's loading, decoding and augmentation: the image task's own (built
         once, not per augmented batch)."""
-        task = {"image_size": self.options.image_size, "crop_scale": self.options.crop_scale,
-                "flip": self.options.flip, "rotation": self.options.rotation}
-        recipe = {"model": {"path": self.model_path, "num_layers": self.num_layers}, "task": task,
-                  "train": {"dropout": self.dropout}, "data": {"on_bad_rows": "skip" if self.skip_bad_rows else "fail"}}
-        return ImageClassification(recipe, ["unused", "labels"])
+        options = ImageClassification.Options(type=ImageClassification.name, image_size=self.options.image_size, crop_scale=self.options.crop_scale,
+                                              flip=self.options.flip, rotation=self.options.rotation)
+        return ImageClassification(self.recipe.model_copy(update={"task": options}), ["unused", "labels"])
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Tokenise, or decode and resize; labels [B, H], one column per head in the order of task.heads."""

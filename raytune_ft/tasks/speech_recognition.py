@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
+from raytune_ft.schema import Recipe, TaskOptions
 from raytune_ft.tasks import check_pretrained_weights, register
 
 SAMPLING_RATE = 16000
@@ -108,16 +109,14 @@ class SpeechRecognition:
     columns = ("audio", "text")
     metrics = SpeechMetrics.names
 
-    class Options(BaseModel):
+    class Options(TaskOptions):
         model_config = ConfigDict(extra="forbid")
         max_label_tokens: int = Field(96, ge=4, le=448, description="transcript tokens kept (with the 3 special tokens); longer ones are cut")
         max_new_tokens: int = Field(64, ge=1, le=444, description="evaluation: greedy decoding stops after this many tokens")
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str]):
-        self.model_path = recipe["model"]["path"]
-        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
-        self.dropout = recipe["train"].get("dropout")
-        self.skip_bad_rows = recipe["data"].get("on_bad_rows") == "skip"
+    def __init__(self, recipe: Recipe, labels: list[str]):
+        self.model_path, self.options = recipe.model.path, recipe.task
+        self.dropout, self.skip_bad_rows = recipe.train.dropout, recipe.data.on_bad_rows == "skip"
         self._tokenizer = self._config = self._features = None
 
     def config(self):

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
+from raytune_ft.schema import Recipe, TaskOptions
 from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
 
 
@@ -103,16 +104,13 @@ class TextClassification:
     columns = ("text", "label")
     metrics = ClassificationMetrics.names
 
-    class Options(BaseModel):
+    class Options(TaskOptions):
         model_config = ConfigDict(extra="forbid")
         max_length: int = Field(256, ge=8, le=8192, description="tokens kept per text (truncated)")
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str]):
-        self.model_path = recipe["model"]["path"]
-        self.num_layers = recipe["model"].get("num_layers")
-        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
-        self.labels = labels
-        self.dropout = recipe["train"].get("dropout")
+    def __init__(self, recipe: Recipe, labels: list[str]):
+        self.model_path, self.options, self.labels = recipe.model.path, recipe.task, labels
+        self.num_layers, self.dropout = recipe.model.num_layers, recipe.train.dropout
 
     def check(self) -> None:
         check_text_model(self)

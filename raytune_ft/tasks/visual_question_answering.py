@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.models.vqa_fusion import ARCHITECTURE, VQAFusion, text_config
+from raytune_ft.schema import ModelSection, Recipe, TaskOptions
 from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
 from raytune_ft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, ImageClassification, decode_images, normalise
 from raytune_ft.tasks.text_classification import load_tokenizer, pad_sequences, tokenize
@@ -72,7 +73,7 @@ class VisualQuestionAnswering:
     columns = ("image", "question", "label")
     metrics = AnswerMetrics.names
 
-    class Options(BaseModel):
+    class Options(TaskOptions):
         model_config = ConfigDict(extra="forbid")
         image_encoder: str = Field("asset:efficientnet-lite0", description="EfficientNet-Lite weights file, an image-task export, or asset:NAME")
         image_size: int = Field(64, ge=32, le=1024, description="pixels per side the image encoder sees (images are resized)")
@@ -81,13 +82,10 @@ class VisualQuestionAnswering:
         attention_heads: int = Field(4, ge=1, description="cross_attention: heads (must divide the text encoder's width)")
         max_length: int = Field(32, ge=4, le=512, description="question tokens kept (truncated)")
 
-    def __init__(self, recipe: dict[str, Any], labels: list[str]):
-        self.model_path = recipe["model"]["path"]
-        self.options = self.Options(**{k: v for k, v in recipe["task"].items() if k != "type"})
-        self.labels = labels
-        self.dropout = recipe["train"].get("dropout")
-        self.skip_bad_rows = recipe["data"].get("on_bad_rows") == "skip"
-        if recipe["model"].get("num_layers") is not None:
+    def __init__(self, recipe: Recipe, labels: list[str]):
+        self.recipe, self.model_path, self.options, self.labels = recipe, recipe.model.path, recipe.task, labels
+        self.dropout, self.skip_bad_rows = recipe.train.dropout, recipe.data.on_bad_rows == "skip"
+        if recipe.model.num_layers is not None:
             raise UserError("model.num_layers", f"{self.name} cannot truncate its encoders; remove model.num_layers")
 
     def exported(self) -> dict[str, Any] | None:
@@ -103,7 +101,10 @@ class VisualQuestionAnswering:
         path = assets.resolve(self.options.image_encoder, "task.image_encoder")
         if not Path(path).exists():
             raise UserError("task.image_encoder", f"not found: {path}")
-        recipe = {"model": {"path": path}, "task": {"image_size": self.options.image_size}, "train": {}, "data": {}}
+        # The encoder as the image task loads it, with its own dropout (this task's applies to the fused model).
+        recipe = self.recipe.model_copy(update={
+            "model": ModelSection(path=path), "train": self.recipe.train.model_copy(update={"dropout": None}),
+            "task": ImageClassification.Options(type=ImageClassification.name, image_size=self.options.image_size)})
         return ImageClassification(recipe, ["unused", "labels"])
 
     def config(self) -> dict[str, Any]:

@@ -31,11 +31,11 @@ def fault_config(run_dir: Path) -> dict[str, Any]:
     return {"kind": kind, "at": int(at), "marker": str(run_dir / FAULT_MARKER)}
 
 
-def maybe_fail(config: dict[str, Any], step: int, epoch: int, rank: int, after_checkpoint: bool = False) -> None:
-    fault = config.get("fault")
+def maybe_fail(fault: dict[str, Any], world: int, step: int, epoch: int, rank: int, after_checkpoint: bool = False) -> None:
+    """Fire the injected fault (``fault_config``) if this is its point, once per run directory."""
     if not fault or Path(fault["marker"]).exists():
         return
-    victim = 1 if config["world_size"] > 1 else 0
+    victim = 1 if world > 1 else 0
     if fault["kind"] == "raise_after_epoch" and after_checkpoint and epoch == fault["at"] and rank == 0:
         wait_until_reports_taken()
         Path(fault["marker"]).touch()
@@ -56,12 +56,11 @@ def maybe_fail(config: dict[str, Any], step: int, epoch: int, rank: int, after_c
 
 def wait_until_reports_taken(timeout_s: float = 60.0) -> None:
     """Block until this worker's reports have all been handed to the controller (it polls every ~2 s)."""
-    from ray.train.v2._internal.execution.context import get_train_context
+    from raytune_ft.ray_compat import reports_taken
 
-    context = get_train_context()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if context.current_report_index == context.report_call_index and context.get_result_queue().empty():
+        if reports_taken():
             time.sleep(1.0)  # the controller registers the checkpoint right after taking the report
             return
         time.sleep(0.1)

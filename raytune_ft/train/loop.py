@@ -1,14 +1,14 @@
-"""THE training loop: one function every task, strategy and backend runs through.
+"""THE training loop: one function every task, strategy, backend and add-on runs through.
 
-Runs on every Ray Train worker. Everything it needs arrives in ``config`` (the validated recipe as
-a dict, the label set and the step plan); nothing is captured from the driver.
+Runs on every Ray Train worker. Everything it needs arrives in ``config["plan"]`` (a ``RunPlan``:
+the typed recipe, the label set, the step plan); nothing is captured from the driver.
 
 Per epoch: stream the worker's train shard, accumulate gradients over ``grad_accum`` micro-batches,
 step; then evaluate the validation shard on every rank, reduce the metric statistics across ranks,
 decide early stopping (the same decision everywhere, since every rank sees the reduced numbers),
 and report a checkpoint. Checkpoints hold everything needed to continue: weights, optimizer and
-schedule state, and ``trainer_state.json`` (counters, history, early-stopping state). A resumed
-run restarts the interrupted epoch with the data order it would have had.
+schedule state, the add-ons' files and ``trainer_state.json`` (counters, history, early-stopping
+state). A resumed run restarts the interrupted epoch with the data order it would have had.
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from ray.data.collate_fn import NumpyBatchCollateFn
 
-from raytune_ft.train import WORKER_NICENESS
+from raytune_ft.addons import LoopContext, Step, build_addons
+from raytune_ft.backends import BACKENDS
+from raytune_ft.checkpoint import TRAINER_STATE
+from raytune_ft.evaluation import Collate, all_reduce_sum, average_running_statistics, evaluate, scalars
+from raytune_ft.strategies import build_strategy
+from raytune_ft.tasks import build_task, export_pretrained
+from raytune_ft.train.faults import maybe_fail
+from raytune_ft.train.planning import RunPlan
+from raytune_ft.train.ray_start import WORKER_NICENESS
 
-SCALAR_TYPES = (int, float)
+BEST_WEIGHTS = "best_weights.safetensors"  # in checkpoints while early stopping waits for an improvement
 
 
 def quiet_worker_logs() -> None:
@@ -37,15 +43,10 @@ def quiet_worker_logs() -> None:
 
     import transformers
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # The driver turns Ray Data's progress bars off (init_ray); its hint to turn them on is noise.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    try:  # Train V2 logs every report at INFO through a logger named by its file path
-        from ray.train.v2._internal.execution import context
+    from raytune_ft.ray_compat import quiet_train_logs
 
-        context.logger.setLevel(logging.WARNING)
-    except (ImportError, AttributeError):
-        pass
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_train_logs()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
@@ -69,166 +70,97 @@ def run_at_niceness(niceness: str | None) -> None:
         pass
 
 
-class Collate(NumpyBatchCollateFn):
-    """Ray Data collate callable wrapping the task's ``collate`` (numpy batch -> tensors)."""
-
-    def __init__(self, task):
-        self.task = task
-
-    def __call__(self, batch):
-        return self.task.collate(batch)
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def average_running_statistics(module: torch.nn.Module) -> None:
-    """Batch-norm running statistics are each rank's own (DDP sends rank 0's only at the next
-    training forward, DeepSpeed never): average them, so that every rank evaluates, and rank 0
-    exports, the same model."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    stats = [buffer for norm in norms for buffer in (norm.running_mean, norm.running_var)]
-    if stats:
-        flat = all_reduce_sum(torch.cat([buffer.detach().double().flatten() for buffer in stats])) / dist.get_world_size()
-        for buffer, values in zip(stats, flat.split([buffer.numel() for buffer in stats])):
-            buffer.copy_(values.view_as(buffer))
-
-
-def in_lockstep(batches, collective_forward: bool):
-    """Yield ``(batch, counts)``. Evaluation shards differ in length by design (one may even be
-    empty); when every forward is a collective (ZeRO-3 gathers parameters), a rank whose shard has
-    ended keeps running a stand-in batch, uncounted, until every rank is done, so no rank waits on
-    a forward that never comes. A rank with no batch at all gets its stand-in from another rank.
-    """
-    if not collective_forward:
-        yield from ((batch, True) for batch in batches)
-        return
-    rank, world = dist.get_rank(), dist.get_world_size()
-    batches, stand_in = iter(batches), None
-    while True:
-        batch = next(batches, None)
-        holding = torch.zeros(world, dtype=torch.int64)
-        holding[rank] = batch is not None
-        holding = all_reduce_sum(holding)
-        if not holding.any():
-            return
-        if stand_in is None and not holding.all():  # only on the first round: later, every rank has one
-            shared = [batch]
-            dist.broadcast_object_list(shared, src=int(holding.argmax()))
-            stand_in = shared[0]
-        stand_in = batch if batch is not None else stand_in
-        yield stand_in, batch is not None
-
-
-def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
-    """Sharded evaluation: every rank scores its shard; the metric statistics are summed."""
-    if shard is None:
-        return {}
-    metrics = task.new_metrics()
-    was_training = module.training
-    module.eval()
-    batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task))
-    with torch.no_grad(), backend.autocast():
-        for batch, counts in in_lockstep(batches, backend.collective_forward):
-            batch = {key: value.to(backend.device) for key, value in batch.items()}
-            _, outputs = task.forward(module, batch)
-            if counts:
-                metrics.update(outputs, batch)
-    module.train(was_training)
-    return metrics.compute(all_reduce_sum(metrics.state()))
-
-
-def scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    return {f"{prefix}/{key}": value for key, value in metrics.items() if isinstance(value, SCALAR_TYPES)}
-
-
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-BEST_WEIGHTS = "best_weights.safetensors"
-
-
-WISE_ANCHOR = "wise_ft_anchor.safetensors"
-
-
-def report(metrics: dict[str, Any], state: dict[str, Any], backend, task, strategy, rank: int, export: bool,
-           best_weights=None, wise_anchor=None) -> None:
-    """Save a checkpoint on the ranks that hold state, then report (a barrier over all ranks).
-
-    While early stopping waits for an improvement, the best weights so far travel with the
-    checkpoint, so a resumed run can still restore them."""
-    import ray.train
+def save_checkpoint(directory: str, state: dict[str, Any], loop: LoopContext, strategy, addons, rank: int, final: bool,
+                    best_weights=None) -> None:
+    """Every rank that holds state writes its part of a checkpoint into ``directory``. While early
+    stopping waits for an improvement, the best weights so far travel with it, so a resumed run
+    can still restore them; the final checkpoint carries the exported model."""
     from safetensors.torch import save_file
 
-    from raytune_ft.tasks import export_pretrained
-
-    directory = tempfile.mkdtemp(prefix="raytune_ft_ckpt_")
+    backend = loop.backend
     backend.save(directory, rank)
     if best_weights is not None and state["best_epoch"] != state["epoch"] and rank == 0:
         save_file(best_weights, os.path.join(directory, BEST_WEIGHTS))
-    if wise_anchor is not None and not export and rank == 0:
-        save_file(wise_anchor, os.path.join(directory, WISE_ANCHOR))
-    if export:
+    for addon in addons:
+        addon.save(directory, rank, final)
+    if final:
         with backend.full_weights():
             if rank == 0:
-                export_pretrained(task, strategy.export(backend.module), os.path.join(directory, "model"))
+                export_pretrained(loop.task, strategy.export(backend.module), os.path.join(directory, "model"))
     if rank == 0:
-        with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+        with open(os.path.join(directory, TRAINER_STATE), "w") as f:
             json.dump(state, f)
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any], final: bool, save) -> None:
+    """Save a checkpoint (``save(directory)``) on the ranks that hold state, then report (a barrier
+    over all ranks)."""
+    import ray.train
+
+    directory = tempfile.mkdtemp(prefix="raytune_ft_ckpt_")
+    save(directory)
     checkpoint = ray.train.Checkpoint.from_directory(directory) if os.listdir(directory) else None
-    name = "final" if export else f"epoch_{state['epoch']:04d}"
+    name = "final" if final else f"epoch_{state['epoch']:04d}"
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{name}")
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def resume(checkpoint, backend, addons, rank: int) -> tuple[dict[str, Any], Any]:
+    """The trainer state and best weights of ``checkpoint``, with the backend's and the add-ons'
+    state loaded from it."""
+    from safetensors.torch import load_file
+
+    best_weights = None
+    with checkpoint.as_directory() as directory:
+        backend.load(directory)
+        for addon in addons:
+            addon.load(directory)
+        with open(os.path.join(directory, TRAINER_STATE)) as f:
+            state = json.load(f)
+        if os.path.exists(os.path.join(directory, BEST_WEIGHTS)):
+            best_weights = load_file(os.path.join(directory, BEST_WEIGHTS))
+    if state["best_epoch"] is not None and state["best_epoch"] == state["epoch"]:
+        best_weights = backend.snapshot()
+    state.setdefault("resumed_at", []).append({"epoch": state["epoch"], "step": state["step"]})
+    if rank == 0:
+        print(f"[raytune-ft] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
+    return state, best_weights
+
+
+def progress(epoch: int, state: dict[str, Any], total_steps: int, loss_sum: torch.Tensor, lr: float, rows: int, wait: float, started: float) -> str:
+    elapsed = time.perf_counter() - started
+    return (f"[raytune-ft] epoch {epoch} step {state['step']}/{total_steps} loss {loss_sum[0] / max(loss_sum[1], 1):.4f} "
+            f"lr {lr:.2e} {rows / elapsed:.1f} samples/s data-wait {wait / elapsed:.0%}")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from raytune_ft.retention.training import (
-        Replay, body_trains, build_references, build_regularizer, wise_ft_anchor, wise_ft_sweep,
-    )
-    from raytune_ft.strategies import build_strategy
-    from raytune_ft.tasks import build_task
-    from raytune_ft.train.optim import apply_layer_lr_decay
-    from raytune_ft.train.backends import BACKENDS
-    from raytune_ft.train.distill import Teacher, numbers
-    from raytune_ft.train.faults import maybe_fail
-
+    plan: RunPlan = config["plan"]
+    recipe, train, steps = plan.recipe, plan.recipe.train, plan.steps
     run_at_niceness(os.environ.get(WORKER_NICENESS))
     quiet_worker_logs()
-    recipe, plan = config["recipe"], config["plan"]
-    train = recipe["train"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config["threads"])
-    seed_everything(train["seed"])
+    torch.set_num_threads(plan.threads)
+    seed_everything(train.seed)
 
-    task = build_task(recipe, config["labels"])
+    # The model: the task builds it, the strategy chooses what trains, the backend distributes it.
+    task = build_task(recipe, plan.labels)
     strategy = build_strategy(recipe)
     model = strategy.prepare(task.build_model(), task)
-    heads = task.head_names(model)
-    if recipe["strategy"].get("layer_lr_decay"):
-        apply_layer_lr_decay(model, heads, recipe["strategy"]["layer_lr_decay"])
-    backend = BACKENDS[train["backend"]](recipe)
-    backend.setup(model, plan["total_steps"])
-    references = build_references(config, recipe, task)
-    if references:
-        references.score_base(backend.module, backend.device)
-        if rank == 0:
-            print("[raytune-ft] reference before training: " + ", ".join(f"{k} {v:.4f}" for k, v in references.before().items()), flush=True)
-    penalty = build_regularizer(config, recipe, backend, references, heads)
-    replay = Replay(recipe, references, backend.device) if recipe.get("replay") else None
-    teacher = Teacher(recipe, config["labels"], backend.device) if recipe.get("distill") else None
-    wise_anchor = None
+    backend = BACKENDS[train.backend](recipe)
+    backend.setup(model, steps.total_steps)
+    shards = {name: ray.train.get_dataset_shard(name) for name in plan.datasets}
+    eval_batch = train.eval_batch_size or 2 * train.batch_size
+    loop = LoopContext(recipe, plan, task, backend, task.head_names(model), rank, world, eval_batch, shards)
+    addons = build_addons(loop)  # the reference evaluations score the base model here
 
     state: dict[str, Any] = {
         "epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None, "bad_evals": 0,
@@ -236,67 +168,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "resumed_at": [],
     }
     best_weights = None
-    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    checkpoint = ray.train.get_checkpoint() or plan.resume_from
     if checkpoint:
-        from safetensors.torch import load_file
-
-        with checkpoint.as_directory() as directory:
-            backend.load(directory)
-            with open(os.path.join(directory, "trainer_state.json")) as f:
-                state = json.load(f)
-            if os.path.exists(os.path.join(directory, BEST_WEIGHTS)):
-                best_weights = load_file(os.path.join(directory, BEST_WEIGHTS))
-            if os.path.exists(os.path.join(directory, WISE_ANCHOR)):
-                wise_anchor = load_file(os.path.join(directory, WISE_ANCHOR))
-        if state["best_epoch"] is not None and state["best_epoch"] == state["epoch"]:
-            best_weights = backend.snapshot()
-        state.setdefault("resumed_at", []).append({"epoch": state["epoch"], "step": state["step"]})
-        if rank == 0:
-            print(f"[raytune-ft] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
-
-    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "validation", "test") if name in config["splits"]}
-    eval_batch = train["eval_batch_size"] or 2 * train["batch_size"]
-    stopping = train.get("early_stopping")
-    micro_per_epoch, accum = plan["micro_batches_per_epoch"], train["grad_accum"]
-    done = state["step"] >= plan["total_steps"] or state["stopped_early"]
+        state, best_weights = resume(checkpoint, backend, addons, rank)
+    stopping = train.early_stopping
+    done = state["step"] >= steps.total_steps or state["stopped_early"]
 
     while not done:
         epoch = state["epoch"] + 1
         # Reseed per (seed, epoch, rank): dropout masks then do not depend on how many epochs this
         # process has run, so a resumed run continues exactly as an uninterrupted one would.
-        epoch_seed = train["seed"] * 1000 + epoch * 16 + rank
+        epoch_seed = train.seed * 1000 + epoch * 16 + rank
         seed_everything(epoch_seed)
         if strategy.on_epoch_start(backend.module, epoch):
             backend.refresh()
-        if recipe.get("wise_ft") and wise_anchor is None and body_trains(backend.module, heads):
-            wise_anchor = wise_ft_anchor(backend.snapshot(), heads, head_trained_before=epoch > 1)
-        if replay:
-            replay.start_epoch(epoch_seed)
+        for addon in addons:
+            addon.start_epoch(epoch, epoch_seed)
         backend.model.train()
         loss_sum, wait, samples = torch.zeros(2, dtype=torch.float64), 0.0, 0
         started = time.perf_counter()
         batches = iter(shards["train"].iter_torch_batches(
-            batch_size=train["batch_size"], collate_fn=Collate(task),
-            local_shuffle_buffer_size=recipe["data"]["shuffle_buffer"] or None,
-            local_shuffle_seed=train["seed"] * 1000 + epoch,
+            batch_size=train.batch_size, collate_fn=Collate(task),
+            local_shuffle_buffer_size=recipe.data.shuffle_buffer or None, local_shuffle_seed=train.seed * 1000 + epoch,
         ))
-        for index in range(micro_per_epoch):
+        for index in range(steps.micro_batches_per_epoch):
             fetch = time.perf_counter()
             batch = next(batches, None)
             wait += time.perf_counter() - fetch
             if batch is None:
-                raise RuntimeError(f"train shard ended after {index} of {micro_per_epoch} planned batches")
+                raise RuntimeError(f"train shard ended after {index} of {steps.micro_batches_per_epoch} planned batches")
             batch = {key: value.to(backend.device, non_blocking=True) for key, value in batch.items()}
-            boundary = (index + 1) % accum == 0 or index + 1 == micro_per_epoch
+            boundary = (index + 1) % train.grad_accum == 0 or index + 1 == steps.micro_batches_per_epoch
             with backend.accumulating(boundary), backend.autocast():
                 loss, outputs = task.forward(backend.model, batch)
                 objective = loss
-                if teacher:  # (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher || student)
-                    objective = (1 - teacher.alpha) * objective + teacher.loss(task, outputs, batch)
-                if replay:
-                    objective = objective + replay.loss(task, backend.model, index)
-                if penalty and boundary:  # once per optimizer step; backends divide by grad_accum
-                    objective = objective + penalty.penalty(backend.module) * accum
+                for addon in addons:  # distillation, replay, L2-SP/EWC: each adds its term
+                    objective = addon.objective(objective, Step(batch, outputs, index, boundary))
             backend.backward(objective)
             backend.step(boundary)
             size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
@@ -304,16 +211,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples += size
             if boundary:
                 state["step"] += 1
-                maybe_fail(config, state["step"], epoch, rank)
-                if rank == 0 and (state["step"] % train["log_every"] == 0 or index + 1 == micro_per_epoch):
-                    now = time.perf_counter()
-                    print(
-                        f"[raytune-ft] epoch {epoch} step {state['step']}/{plan['total_steps']} "
-                        f"loss {loss_sum[0] / max(loss_sum[1], 1):.4f} lr {backend.lr():.2e} "
-                        f"{samples * world / (now - started):.1f} samples/s data-wait {wait / (now - started):.0%}",
-                        flush=True,
-                    )
-                if state["step"] >= plan["total_steps"]:
+                maybe_fail(plan.fault, world, state["step"], epoch, rank)
+                if rank == 0 and (state["step"] % train.log_every == 0 or index + 1 == steps.micro_batches_per_epoch):
+                    print(progress(epoch, state, steps.total_steps, loss_sum, backend.lr(), samples * world, wait, started), flush=True)
+                if state["step"] >= steps.total_steps:
                     break
         elapsed = time.perf_counter() - started
         state["epoch"] = epoch
@@ -321,50 +222,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["data_wait_s"] += wait
         state["train_samples"] += samples * world
 
+        # Evaluation: every rank scores its shards; the add-ons add theirs (references, distillation KL).
         eval_started = time.perf_counter()
         train_loss = all_reduce_sum(loss_sum)
         average_running_statistics(backend.module)
         validation = evaluate(task, backend.module, shards.get("validation"), eval_batch, backend)
-        reference = references.evaluate(backend.module, backend.device) if references else {}
-        state["eval_time_s"] += time.perf_counter() - eval_started
         record = {
             "epoch": epoch, "step": state["step"],
             "train/loss": float(train_loss[0] / train_loss[1].clamp(min=1)), "train/lr": backend.lr(),
             "train/samples_per_s": samples * world / elapsed, "train/data_wait_fraction": wait / elapsed,
-            **(teacher.epoch_metrics() if teacher else {}), **scalars("eval", validation), **reference,
+            **scalars("eval", validation),
         }
-        if "retention/min" in reference:
-            state["worst_retention"] = min(state.get("worst_retention", 1.0), reference["retention/min"])
-            state["ref_time_s"] = state.get("ref_time_s", 0.0) + reference["ref/time_s"]
+        for addon in addons:
+            addon.end_epoch(record, state)
+        state["eval_time_s"] += time.perf_counter() - eval_started
         if stopping:
-            value = record[stopping["metric"]]
-            if improved(value, state["best"], stopping["mode"], stopping["min_delta"]):
+            value = record[stopping.metric]
+            if improved(value, state["best"], stopping.mode, stopping.min_delta):
                 state.update(best=value, best_epoch=epoch, bad_evals=0)
                 best_weights = backend.snapshot()
             else:
                 state["bad_evals"] += 1
-                state["stopped_early"] = state["bad_evals"] >= stopping["patience"]
+                state["stopped_early"] = state["bad_evals"] >= stopping.patience
         state["history"].append(record)
-        done = state["step"] >= plan["total_steps"] or state["stopped_early"]
+        done = state["step"] >= steps.total_steps or state["stopped_early"]
         if rank == 0:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min", "train/distill_kl")))
             print(f"[raytune-ft] epoch {epoch} done: train/loss {record['train/loss']:.4f}, {shown}", flush=True)
-        report(record, state, backend, task, strategy, rank, export=False, best_weights=best_weights, wise_anchor=wise_anchor)
-        maybe_fail(config, state["step"], epoch, rank, after_checkpoint=True)
+        report(record, state, False, lambda d: save_checkpoint(d, state, loop, strategy, addons, rank, False, best_weights))
+        maybe_fail(plan.fault, world, state["step"], epoch, rank, after_checkpoint=True)
 
     if best_weights is not None and state["best_epoch"] != state["epoch"]:
         backend.restore(best_weights)  # early stopping keeps the best evaluated weights
-    if wise_anchor is not None:
-        state["wise_ft"] = wise_ft_sweep(recipe["wise_ft"], wise_anchor, task, backend, shards.get("validation"), eval_batch, references)
-        if rank == 0:
-            print(f"[raytune-ft] WiSE-FT: alpha {state['wise_ft']['alpha']} chosen", flush=True)
-    if references:
-        state["ref_before"] = references.before()
-        state["ref_final"] = references.evaluate(backend.module, backend.device)
-    test = evaluate(task, backend.module, shards.get("test"), eval_batch, backend)
-    state["test"] = test
-    if teacher:  # the teacher on the same test shards: the student's score is exactly comparable
-        state["teacher_test"] = numbers(evaluate(task, teacher.model, shards.get("test"), eval_batch, backend))
+    for addon in addons:
+        addon.finish(state)  # the last change to the weights (WiSE-FT's interpolation)
+    for addon in addons:
+        addon.final(state)  # the last scores (the references, the teacher on the test split)
+    state["test"] = evaluate(task, backend.module, shards.get("test"), eval_batch, backend)
     state["final"] = True
-    final = {"epoch": state["epoch"], "step": state["step"], **scalars("test", test)}
-    report(final, state, backend, task, strategy, rank, export=True)
+    final = {"epoch": state["epoch"], "step": state["step"], **scalars("test", state["test"])}
+    report(final, state, True, lambda d: save_checkpoint(d, state, loop, strategy, addons, rank, True))

@@ -20,12 +20,13 @@ from typing import Any
 
 import yaml
 
+from raytune_ft import run_folder
 from raytune_ft.errors import UserError
-from raytune_ft.recipe import Recipe
+from raytune_ft.recipe import given_fields
 from raytune_ft.report.tracking import tracked
-from raytune_ft.tune.space import given_fields
+from raytune_ft.schema import Recipe
 
-TRIALS = "trials"
+TRIALS = run_folder.TRIALS
 # A trial's Tune actor only waits on its TorchTrainer; the worker group reserves the real resources.
 TRIAL_ACTOR_RESOURCES = {"CPU": 0.01}
 
@@ -119,8 +120,10 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Run the search of ``recipe.tune`` end to end; write and return the experiment summary."""
     from ray import tune
 
+    from raytune_ft.train.datasets import prepare_datasets
     from raytune_ft.train.faults import FAULT_ENV
-    from raytune_ft.train.runner import check_ray_address, init_ray, plan_run, prepare_datasets, prepare_run_dir, reference_specs
+    from raytune_ft.train.planning import plan_run
+    from raytune_ft.train.ray_start import check_ray_address, init_ray
     from raytune_ft.tune.trial import run_trial
 
     if recipe.tune is None:
@@ -129,21 +132,19 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     experiment_dir = recipe.run_dir()
     # Assigned as a whole section, so that it counts as given (trials see only given fields).
     recipe.scaling = recipe.scaling.model_copy(update={"workers": tune_section.workers_per_trial})
-    splits, labels, task, references = plan_run(recipe)
+    planned = plan_run(recipe)
     check_ray_address(address)
-    prepare_run_dir(experiment_dir, resume, force)
+    run_folder.prepare_run_dir(experiment_dir, resume, force)
     if resume and not (experiment_dir / TRIALS).is_dir():
         raise UserError("--resume", f"{experiment_dir} holds no tune experiment")
-    (experiment_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    run_folder.write_text_atomic(experiment_dir / run_folder.RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     init_ray(address, recipe, workers=tune_section.max_concurrent_trials * tune_section.workers_per_trial)
 
     started = time.perf_counter()
-    datasets, train_rows, _ = prepare_datasets(recipe, splits, labels, task, references)
+    data = prepare_datasets(recipe, planned)
     with tracked(recipe, experiment_dir) as tracker:  # each trial logs as a child of the experiment
-        shared = {"recipe": given_fields(recipe), "datasets": datasets, "train_rows": train_rows, "labels": labels,
-                  "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
-                  "references": reference_specs(references), "trials_dir": str(experiment_dir / TRIALS),
-                  "fault": os.environ.get(FAULT_ENV)}
+        shared = {"recipe": given_fields(recipe), "data": data, "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
+                  "trials_dir": str(experiment_dir / TRIALS), "fault": os.environ.get(FAULT_ENV)}
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
         results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
         return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)
@@ -160,7 +161,7 @@ def trial_rows(recipe: Recipe, results) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         history = result.metrics_dataframe
         # A trial the scheduler stopped never reached the end of its run, where the summary is written.
-        finished = (Path(result.path) / "run" / "summary.json").is_file()
+        finished = (Path(result.path) / "run" / run_folder.SUMMARY).is_file()
         row = {
             "trial": trial, "status": "error" if result.error else "ok" if finished else "stopped",
             "epochs": int(metrics.get("epoch", 0)),  # the loop's count: a retried trial resumes mid-way
@@ -230,7 +231,7 @@ def write_experiment_outputs(experiment_dir: Path, recipe: Recipe, results, wall
                            "model": str(experiment_dir / TRIALS / best["trial"] / "run" / "model")}
     if len(metrics) == 2:
         summary["pareto"] = write_pareto(experiment_dir, recipe, rows)
-    (experiment_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (experiment_dir / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
     (experiment_dir / "summary.md").write_text(summary_markdown(summary, recipe))
     return summary
 
@@ -238,8 +239,7 @@ def write_experiment_outputs(experiment_dir: Path, recipe: Recipe, results, wall
 def wise_ft_points(experiment_dir: Path, row: dict[str, Any], metrics: list[str]) -> list[dict[str, Any]]:
     """A finished trial's WiSE-FT sweep (recipe ``wise_ft``): one extra candidate per alpha < 1,
     scored on the trial's checkpoint without retraining (alpha 1 is the trial itself)."""
-    summary_path = experiment_dir / TRIALS / row["trial"] / "run" / "summary.json"
-    sweep = (json.loads(summary_path.read_text()).get("wise_ft") or {}).get("rows", [])
+    sweep = ((run_folder.finished_summary(experiment_dir / TRIALS / row["trial"] / "run") or {}).get("wise_ft") or {}).get("rows", [])
     return [{**row, **{m: point[m] for m in metrics}, "trial": f"{row['trial']}-alpha{point['alpha']:g}", "alpha": point["alpha"]}
             for point in sweep if point["alpha"] < 1 and all(_number(point.get(m)) for m in metrics)]
 

@@ -19,7 +19,14 @@ from typing import Any
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raytune_ft import run_folder
+from raytune_ft.errors import TrainingFailed, UserError
+from raytune_ft.recipe import recipe_with, validate_recipe
 from raytune_ft.report.tracking import tracked
+from raytune_ft.train.faults import FAULT_ENV
+from raytune_ft.train.outputs import write_outputs
+from raytune_ft.train.planning import check_strategy
+from raytune_ft.train.runner import fit
 
 STARTUP_METRIC = "trial/first_report_s"
 
@@ -59,9 +66,6 @@ def forward_to_tune(queue) -> None:
 
 def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_dir: Path | None):
     """The validated recipe of one trial: ``base`` with the sampled dotted-path values set."""
-    from raytune_ft.recipe import validate_recipe
-    from raytune_ft.tune.space import recipe_with
-
     data = recipe_with(base, sampled)
     data.update(name=f"{base['name']}-{name}", tune=None)
     data["output"]["dir"] = str(run_dir) if run_dir else None
@@ -69,15 +73,9 @@ def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_d
 
 
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
-    """The Tune function trainable. ``shared``: the base recipe, datasets, labels, references and
-    the experiment's trials directory."""
+    """The Tune function trainable. ``shared``: the base recipe (its given fields), the prepared
+    data (``PreparedData``, shared by every trial) and the experiment's trials directory."""
     from ray import tune
-
-    from raytune_ft.errors import TrainingFailed, UserError
-    from raytune_ft.tasks import TASKS
-    from raytune_ft.train.checkpoint import write_text_atomic
-    from raytune_ft.train.faults import FAULT_ENV
-    from raytune_ft.train.runner import check_strategy, fit, write_outputs
 
     started = time.time()
     if shared["fault"]:  # a test's injected fault, set on the driver (this actor's process ends with the trial)
@@ -94,11 +92,11 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     try:
         recipe = trial_recipe(shared["recipe"], config, context.get_trial_name(), run_dir)
         # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
-        check_strategy(recipe, TASKS[recipe.task.type](recipe.to_dict(), shared["labels"] or []))
+        check_strategy(recipe, shared["data"].planned.task)
         run_dir.mkdir(parents=True, exist_ok=True)
         # The run directory of a finished trial is a finished run: post steps and fuse open it.
-        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        args = (recipe, run_dir, shared["datasets"], shared["train_rows"], shared["labels"], shared["references"])
+        run_folder.write_text_atomic(run_dir / run_folder.RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        args = (recipe, run_dir, shared["data"])
         with tracked(recipe, run_dir, parent=shared["tracker"], name=context.get_trial_name()) as tracker:
             tracking = [tracker] if tracker else []
             if shared["pbt"]:
@@ -114,8 +112,6 @@ def fit_reporting_checkpoints(args: tuple, started: float, restored, callbacks: 
     """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them);
     ``callbacks``: more Ray Train callbacks (tracking)."""
     from ray.util.queue import Queue
-
-    from raytune_ft.train.runner import fit
 
     queue = Queue(actor_options={"num_cpus": 0})
     forwarder = threading.Thread(target=forward_to_tune, args=(queue,), daemon=True)

@@ -1,45 +1,15 @@
-"""Backends: how the model is distributed, stepped and saved. Each registers by short name.
-
-The loop only calls this small interface, so DDP and DeepSpeed mean the same thing by the same
-recipe fields (accumulation, clipping, precision):
-
-- ``setup(model, train, total_steps)``: wrap the model, build optimizer and schedule.
-- ``model`` (what forward runs) and ``module`` (the bare model, for export and evaluation).
-- ``accumulating(boundary)``: context for a micro-batch; gradients sync only at a boundary.
-- ``backward(loss)``, ``step(boundary) -> grad_norm or None``, ``lr()``.
-- ``save(directory, rank)`` / ``load(directory)``: weights, optimizer and schedule state (DDP:
-  safetensors + JSON from rank 0; DeepSpeed: every rank's shard); ``full_weights()``: a context in
-  which ``module`` holds every weight, for export.
-- ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
-- ``refresh()``: the set of trainable parameters changed (gradual unfreezing): re-wrap.
-- ``collective_forward``: True when every forward is a collective (ZeRO-3 gathers parameters), so
-  all ranks must run the same number of forwards, in evaluation too.
-- ``check(recipe) -> [(dotted field, message)]``: recipe problems only this backend has, found
-  at validation time, before anything reaches Ray.
-"""
+"""The DDP backend: PyTorch DistributedDataParallel on the process group Ray Train sets up."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 
-from raytune_ft.train.checkpoint import load_state, save_state
-from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
-
-BACKENDS: dict[str, type] = {}
-
-
-def ray_world_size() -> int:
-    import ray.train
-
-    return ray.train.get_context().get_world_size()
-
-
-def register(cls):
-    BACKENDS[cls.name] = cls
-    return cls
+from raytune_ft.backends import ray_world_size, register
+from raytune_ft.backends.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
+from raytune_ft.checkpoint import load_state, save_state
+from raytune_ft.schema import Recipe
 
 
 @register
@@ -50,14 +20,14 @@ class DDPBackend:
     collective_forward = False
 
     @staticmethod
-    def check(recipe: dict[str, Any]) -> list[tuple[str, str]]:
-        if recipe["train"]["precision"] == "fp16":
+    def check(recipe: Recipe) -> list[tuple[str, str]]:
+        if recipe.train.precision == "fp16":
             return [("train.precision", "fp16 needs loss scaling, which the ddp backend does not do; use bf16, or train.backend deepspeed on GPU")]
         return []
 
-    def __init__(self, recipe: dict[str, Any]):
-        self.train = recipe["train"]
-        self.autocast_dtype = torch.bfloat16 if self.train["precision"] == "bf16" else None
+    def __init__(self, recipe: Recipe):
+        self.train = recipe.train
+        self.autocast_dtype = torch.bfloat16 if self.train.precision == "bf16" else None
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         import ray.train.torch
@@ -91,15 +61,15 @@ class DDPBackend:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.train["grad_accum"]).backward()
+        (loss / self.train.grad_accum).backward()
 
     def step(self, boundary: bool) -> float | None:
         if not boundary:
             return None
         norm = None
-        if self.train["clip_grad_norm"]:
+        if self.train.clip_grad_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.requires_grad], self.train["clip_grad_norm"]
+                [p for p in self.module.parameters() if p.requires_grad], self.train.clip_grad_norm
             ))
         self.optimizer.step()
         self.scheduler.step()

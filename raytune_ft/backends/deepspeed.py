@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from raytune_ft.train.backends import register
-from raytune_ft.train.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
+from raytune_ft.backends import register
+from raytune_ft.backends.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
+from raytune_ft.schema import Recipe
 
 CHECKPOINT_TAG = "deepspeed"
 # DeepSpeed's default communication buckets (5e8 elements, 2 GB each in fp32) are sized for
@@ -51,39 +52,39 @@ def load_weights_only(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def retention_problems(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+def retention_problems(recipe: Recipe) -> list[tuple[str, str]]:
     """Retention features not (yet) supported under DeepSpeed: the trainable set cannot change
     after deepspeed.initialize; the Fisher, replay and penalties are untested on ZeRO's gradient
     hooks; under ZeRO-3 every forward is a collective, which reference probes do not keep in step."""
     problems = []
-    if recipe["strategy"]["method"] in ("gradual", "lp_ft"):
-        problems.append(("strategy.method", f"{recipe['strategy']['method']} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only"))
+    if recipe.strategy.method in ("gradual", "lp_ft"):
+        problems.append(("strategy.method", f"{recipe.strategy.method} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only"))
     for section in ("regularizer", "replay"):
-        if recipe.get(section):
+        if getattr(recipe, section):
             problems.append((section, "not supported with train.backend deepspeed yet; use ddp"))
-    if recipe["deepspeed"]["zero_stage"] == 3:
+    if recipe.deepspeed.zero_stage == 3:
         for section in ("retention", "wise_ft"):
-            if recipe.get(section):
+            if getattr(recipe, section):
                 problems.append((section, "not supported with deepspeed.zero_stage 3 yet (reference probes would leave ranks out of step); use stage 0-2 or ddp"))
     return problems
 
 
-def recipe_settings(recipe: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+def recipe_settings(recipe: Recipe) -> dict[str, tuple[Any, str]]:
     """Every DeepSpeed config key the recipe decides: dotted key -> (value, the recipe field)."""
-    train, options = recipe["train"], recipe["deepspeed"]
+    train, options = recipe.train, recipe.deepspeed
     return {
-        "train_micro_batch_size_per_gpu": (train["batch_size"], "train.batch_size"),
-        "gradient_accumulation_steps": (train["grad_accum"], "train.grad_accum"),
+        "train_micro_batch_size_per_gpu": (train.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (train.grad_accum, "train.grad_accum"),
         "train_batch_size": (
-            train["batch_size"] * train["grad_accum"] * recipe["scaling"]["workers"],
+            train.batch_size * train.grad_accum * recipe.scaling.workers,
             "train.batch_size x train.grad_accum x scaling.workers",
         ),
-        "gradient_clipping": (train["clip_grad_norm"] or 0.0, "train.clip_grad_norm"),
-        "bf16.enabled": (train["precision"] == "bf16", "train.precision"),
-        "fp16.enabled": (train["precision"] == "fp16", "train.precision"),
-        "zero_optimization.stage": (options["zero_stage"], "deepspeed.zero_stage"),
-        "zero_optimization.offload_optimizer.device": (options["offload_optimizer"], "deepspeed.offload_optimizer"),
-        "zero_optimization.offload_param.device": (options["offload_params"], "deepspeed.offload_params"),
+        "gradient_clipping": (train.clip_grad_norm or 0.0, "train.clip_grad_norm"),
+        "bf16.enabled": (train.precision == "bf16", "train.precision"),
+        "fp16.enabled": (train.precision == "fp16", "train.precision"),
+        "zero_optimization.stage": (options.zero_stage, "deepspeed.zero_stage"),
+        "zero_optimization.offload_optimizer.device": (options.offload_optimizer, "deepspeed.offload_optimizer"),
+        "zero_optimization.offload_param.device": (options.offload_params, "deepspeed.offload_params"),
     }
 
 
@@ -106,7 +107,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def deepspeed_config(recipe: dict[str, Any]) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     """The DeepSpeed config: the recipe's settings, with ``deepspeed.config`` merged over them."""
     generated: dict[str, Any] = {
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW on CPU partitions; see the module docstring
@@ -126,7 +127,7 @@ def deepspeed_config(recipe: dict[str, Any]) -> dict[str, Any]:
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
-    return merge(generated, recipe["deepspeed"]["config"])
+    return merge(generated, recipe.deepspeed.config)
 
 
 def use_cpu_accelerator() -> None:
@@ -152,24 +153,24 @@ class DeepSpeedBackend:
     name = "deepspeed"
 
     @staticmethod
-    def check(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    def check(recipe: Recipe) -> list[tuple[str, str]]:
         """Raw-config keys that contradict the recipe, and precision the hardware cannot run."""
-        raw = recipe["deepspeed"]["config"]
+        raw = recipe.deepspeed.config
         problems = [(f"deepspeed.config.{key}", f"set by {field}; the backend builds it like ddp does, remove it here")
                     for key, field in OWN_OPTIMIZER_KEYS.items() if key in raw]
         leaves = flatten(raw)
         for key, (value, field) in recipe_settings(recipe).items():
             if key in leaves and leaves[key] != value:
                 problems.append((f"deepspeed.config.{key}", f"{leaves[key]!r} conflicts with {field} ({value!r}); set it there"))
-        if recipe["train"]["precision"] == "fp16" and not recipe["scaling"]["use_gpu"]:
+        if recipe.train.precision == "fp16" and not recipe.scaling.use_gpu:
             problems.append(("train.precision", "fp16 with deepspeed needs scaling.use_gpu: true; use bf16 or fp32 on CPU"))
-        if (recipe.get("tune") or {}).get("scheduler") == "pbt":
+        if recipe.tune and recipe.tune.scheduler == "pbt":
             problems.append(("tune.scheduler", "pbt restarts trials with changed hyperparameters, which the deepspeed "
                                                "backend's restored optimizer does not take yet; use ddp, or asha"))
         return problems + retention_problems(recipe)
 
-    def __init__(self, recipe: dict[str, Any]):
-        self.train = recipe["train"]
+    def __init__(self, recipe: Recipe):
+        self.train = recipe.train
         self.config = deepspeed_config(recipe)
         self.collective_forward = self.config["zero_optimization"]["stage"] == 3
 

@@ -1,4 +1,5 @@
-"""Penalties that keep the weights near the pretrained ones: (lambda/2) * sum w * (theta - theta_0)^2.
+"""The ``regularizer`` add-on: a penalty that keeps the weights near the pretrained ones,
+(lambda/2) * sum w * (theta - theta_0)^2.
 
 ``l2sp`` (Li et al. 2018): w = 1. ``ewc`` (Kirkpatrick et al. 2017): w = the diagonal Fisher of the
 reference task at the base model, normalised to mean 1 so lambda means the same on every model
@@ -13,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
-from raytune_ft.retention.references import Reference, distributed
+from raytune_ft.addons import AddOn, register
+from raytune_ft.evaluation import distributed
+from raytune_ft.schema import Recipe
+from raytune_ft.strategies import in_module
 
 
 class Regularizer:
@@ -38,12 +40,10 @@ class Regularizer:
 
 def pretrained_anchor(module: torch.nn.Module, head_names: list[str]) -> dict[str, torch.Tensor]:
     """A float32 copy of every pretrained (non-head) parameter."""
-    from raytune_ft.strategies import in_module
-
     return {name: p.detach().float().clone() for name, p in module.named_parameters() if not in_module(name, head_names)}
 
 
-def fisher_diagonal(module: torch.nn.Module, reference: Reference, rows: list[dict[str, torch.Tensor]], anchor: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+def fisher_diagonal(module: torch.nn.Module, reference, rows: list[dict[str, torch.Tensor]], anchor: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher E[(d log p(y|x) / d theta)^2] through the reference's original
     probe, one row at a time on the bare module (per rank, before any all-reduce), then summed
     over ranks and normalised to mean 1."""
@@ -81,13 +81,13 @@ def fisher_diagonal(module: torch.nn.Module, reference: Reference, rows: list[di
     return result
 
 
-def fisher_cache_path(recipe: dict[str, Any], reference_name: str) -> str:
+def fisher_cache_path(recipe: Recipe, reference_name: str) -> str:
     """One cached Fisher per (base model, reference set, sample count, preprocessing)."""
     from raytune_ft.data.assets import cache_dir
 
-    reference = next(r for r in recipe["retention"]["references"] if r["name"] == reference_name)
-    key = json.dumps([recipe["model"]["path"], reference["data"], recipe["task"], recipe["regularizer"]["fisher_samples"],
-                      recipe["strategy"]["method"]], sort_keys=True)
+    reference = next(r for r in recipe.retention.references if r.name == reference_name)
+    key = json.dumps([recipe.model.path, reference.data.model_dump(mode="json"), recipe.task.model_dump(mode="json"),
+                      recipe.regularizer.fisher_samples, recipe.strategy.method], sort_keys=True)
     return str(cache_dir() / "fisher" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
 
 
@@ -111,3 +111,36 @@ def save_fisher(path: str, fisher: dict[str, torch.Tensor]) -> None:
     staging = f"{path}.{os.getpid()}.tmp"
     save_file({k: v.contiguous() for k, v in fisher.items()}, staging)
     os.replace(staging, path)
+
+
+@register
+class Penalty(AddOn):
+    """L2-SP or EWC anchored at the weights as built (the pretrained body), before any resume;
+    EWC's Fisher comes from a retention reference's original readout, cached per base model."""
+
+    section = "regularizer"
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        spec, backend = loop.recipe.regularizer, loop.backend
+        self.accum = loop.recipe.train.grad_accum
+        anchor = pretrained_anchor(backend.module, loop.heads)
+        if spec.method == "l2sp":
+            self.regularizer = Regularizer(spec.strength, anchor)
+            return
+        reference = loop.addons["retention"].references.named(spec.reference)
+        path = fisher_cache_path(loop.recipe, reference.name)
+        fisher = cached_fisher(path, anchor)
+        if fisher is None:
+            rows = reference.local_rows()
+            count = min(len(rows.get("labels", [])), max(1, spec.fisher_samples // loop.world))
+            singles = [reference.task.collate({key: values[i:i + 1] for key, values in rows.items()}) for i in range(count)]
+            fisher = fisher_diagonal(backend.module, reference, singles, anchor, backend.device)
+            if loop.rank == 0:
+                save_fisher(path, fisher)
+        self.regularizer = Regularizer(spec.strength, anchor, {k: v.to(backend.device) for k, v in fisher.items()})
+
+    def objective(self, objective, step):
+        if not step.boundary:  # once per optimizer step; backends divide by grad_accum
+            return objective
+        return objective + self.regularizer.penalty(self.loop.backend.module) * self.accum

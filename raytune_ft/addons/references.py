@@ -1,4 +1,5 @@
-"""Reference evaluations of the original capability, run on every worker and reduced.
+"""The ``retention`` add-on: reference evaluations of the original capability, scored on the
+base model before training and again at every evaluation, on every worker and reduced.
 
 ``probe``: embed a labelled reference set with the model's encoder (the task's ``embed``: pooled
 features, no head), fit a multinomial logistic-regression probe on the reference train split and
@@ -13,6 +14,9 @@ head. Replay and EWC use it as they use the original probe.
 ``task``: the task's own metrics on a reference set of the task's kind (WER on real speech for
 ASR), with the model as it is; nothing is fitted. Retention compares the metrics the task's
 Metrics declare ``retained`` (higher is better: accuracy; for speech word_accuracy = max(0, 1 - WER)).
+
+Driver side, ``plan`` checks every reference's data and label set and ``datasets`` prepares its
+splits (materialised: small, and read at every evaluation).
 """
 
 from __future__ import annotations
@@ -21,35 +25,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from raytune_ft.tasks import ClassificationMetrics
+from raytune_ft.addons import AddOn, register
+from raytune_ft.data import tabular
+from raytune_ft.errors import UserError
+from raytune_ft.evaluation import Collate, all_reduce_sum, distributed, gather_rows
+from raytune_ft.schema import Recipe
+from raytune_ft.tasks import ClassificationMetrics, build_task
 
 PROBE_ITERATIONS = 100
 PROBE_L2 = 1e-3
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def gather_rows(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (counts differ, and a rank may hold none), on every rank, in
-    rank order."""
-    if not distributed():
-        return values
-    shape = torch.tensor(values.shape, dtype=torch.int64)
-    shapes = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
-    dist.all_gather(shapes, shape)
-    longest = int(max(s[0] for s in shapes))
-    trailing = [int(max(s[i] for s in shapes)) for i in range(1, len(shape))]
-    padded = torch.zeros((longest, *trailing), dtype=values.dtype)
-    if values.shape[0]:
-        padded[: values.shape[0]] = values
-    parts = [torch.zeros_like(padded) for _ in shapes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)])
 
 
 @dataclass
@@ -114,8 +102,6 @@ class Reference:
 
     def features(self, module, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features and labels of this rank's shard of ``split``, gathered from every rank."""
-        from raytune_ft.train.loop import Collate
-
         rows, labels = [], []
         was_training = module.training
         module.eval()
@@ -151,6 +137,11 @@ class Reference:
     def retained(self) -> tuple[str, ...]:
         return ("accuracy", "macro_f1")
 
+    def local_rows(self) -> dict[str, np.ndarray]:
+        """This rank's preprocessed rows of the train split, read once by the caller and kept (small)."""
+        parts = list(self.shards["train"].iter_batches(batch_size=256, batch_format="numpy"))
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
+
 
 class TaskReference:
     """The task's own metrics on a reference set (its ``test`` shard), reduced over ranks."""
@@ -162,8 +153,6 @@ class TaskReference:
         self.before: dict[str, float] = {}
 
     def score(self, module, device) -> tuple[dict[str, float], None]:
-        from raytune_ft.train.loop import Collate, all_reduce_sum
-
         metrics = self.task.new_metrics()
         was_training = module.training
         module.eval()
@@ -219,3 +208,118 @@ class References:
 
     def before(self) -> dict[str, float]:
         return {f"ref/{r.name}/{metric}": value for r in self.references for metric, value in r.before.items()}
+
+
+def reference_split(name: str, split: str) -> str:
+    """The Ray Train dataset name of a reference split."""
+    return f"ref_{name}_{split}"
+
+
+@dataclass
+class PlannedReference:
+    """A reference as the driver checked it: what the workers need (name, kind, labels, split
+    names) and, on the driver only, its data section, task and splits."""
+
+    name: str
+    kind: str
+    labels: list[str] | None
+    split_names: list[str]
+    data: Any = None
+    task: Any = None
+    splits: dict[str, tabular.Split] | None = None
+
+    def for_workers(self) -> "PlannedReference":
+        return PlannedReference(self.name, self.kind, self.labels, self.split_names)
+
+
+def original_head_labels(recipe: Recipe, given: list[str] | None, prefix: str) -> list[str]:
+    """The labels of the base model's own classifier head, which a ``head`` reference reads."""
+    task = build_task(recipe, recipe.data.labels or [])
+    if not hasattr(task, "original_head"):
+        raise UserError(f"{prefix}.kind", f"head: the {recipe.task.type} task keeps no original classifier head to read; use kind probe")
+    labels = task.original_head()[0]
+    if given is not None and list(given) != labels:
+        raise UserError(f"{prefix}.data.labels", f"a head reference reads the base model's labels {labels}; remove data.labels or list exactly those")
+    return labels
+
+
+@register
+class RetentionReferences(AddOn):
+    """Scores every reference before training, at every evaluation and at the end; the run's
+    retention (after / before) and its worst point come from here."""
+
+    section = "retention"
+
+    @classmethod
+    def plan(cls, recipe: Recipe, task, splits) -> list[PlannedReference]:
+        """Check every reference's data (driver side): its splits and label set."""
+        planned = []
+        for i, reference in enumerate(recipe.retention.references):
+            data = reference.data
+            if reference.kind == "head":  # rows are labelled in the base model's own labels, in its order
+                data = data.model_copy(update={"labels": original_head_labels(recipe, data.labels, f"retention.references.{i}")})
+            splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
+            by_name = {split.name: split for split in splits}
+            if reference.kind == "task":  # the task's own metrics on the whole set, nothing fitted
+                train = by_name["train"]
+                test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, holdout="all")
+                labels = recipe.data.labels  # the run's label set: its model scores these rows
+                planned.append(PlannedReference(reference.name, "task", labels, ["test"], data, build_task(recipe, labels or []), {"test": test}))
+                continue
+            if labels is None:
+                raise UserError(f"retention.references.{i}.data.columns", "a probe reference needs a label column")
+            # The held-out part of train is the probe's test split when no test file is given.
+            test = by_name.get("test") or by_name["validation"]
+            planned.append(PlannedReference(reference.name, reference.kind, labels, ["test", "train"], data,
+                                            build_task(recipe, labels), {"train": by_name["train"], "test": test}))
+        return planned
+
+    @classmethod
+    def datasets(cls, planned: list[PlannedReference], workers: int) -> dict[str, Any]:
+        datasets = {}
+        for reference in planned:
+            for split_name, split in reference.splits.items():
+                dataset = tabular.rows_dataset(split, reference.data, reference.labels).map_batches(reference.task.preprocess, batch_format="numpy")
+                datasets[reference_split(reference.name, split_name)] = dataset.repartition(2 * workers).materialize()
+        return datasets
+
+    @classmethod
+    def summary(cls, recipe: Recipe, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Reference scores before and after, the ratios, the worst seen during the run, the cost."""
+        if "ref_final" not in state:
+            return None
+        final = state["ref_final"]
+        return {
+            "before": state["ref_before"],
+            "after": {k: v for k, v in final.items() if k.startswith("ref/") and k != "ref/time_s"},
+            "retention": {k: v for k, v in final.items() if k.startswith("retention/")},
+            "worst_during_run": state.get("worst_retention"),
+            "reference_eval_time_s": state.get("ref_time_s", 0.0),
+        }
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        references = []
+        for spec in loop.plan.addons["retention"]:
+            shards = {split: loop.shards[reference_split(spec.name, split)] for split in spec.split_names}
+            if spec.kind == "task":
+                references.append(TaskReference(spec.name, loop.task, shards["test"], loop.eval_batch))
+            else:
+                reference_task = build_task(loop.recipe, spec.labels)
+                head = Probe.from_head(*reference_task.original_head()[1:]) if spec.kind == "head" else None
+                references.append(Reference(spec.name, reference_task, len(spec.labels), shards, loop.eval_batch, head))
+        self.references = References(references)
+        self.references.score_base(loop.backend.module, loop.backend.device)
+        if loop.rank == 0:
+            print("[raytune-ft] reference before training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.references.before().items()), flush=True)
+
+    def end_epoch(self, record, state):
+        reference = self.references.evaluate(self.loop.backend.module, self.loop.backend.device)
+        record.update(reference)
+        if "retention/min" in reference:
+            state["worst_retention"] = min(state.get("worst_retention", 1.0), reference["retention/min"])
+            state["ref_time_s"] = state.get("ref_time_s", 0.0) + reference["ref/time_s"]
+
+    def final(self, state):
+        state["ref_before"] = self.references.before()
+        state["ref_final"] = self.references.evaluate(self.loop.backend.module, self.loop.backend.device)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TENSOR_REF = "__tensor__"
+TRAINER_STATE = "trainer_state.json"  # in every checkpoint: the loop's counters, history and early-stopping state
 
 
 def _split(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
@@ -86,8 +87,8 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
     """Raise ValueError naming the first file of a checkpoint that is missing, truncated or not
     what its suffix says; reads headers and structure only, never the tensors."""
     directory = Path(directory)
-    if not (directory / "trainer_state.json").is_file():
-        raise ValueError(f"{directory / 'trainer_state.json'}: missing")
+    if not (directory / TRAINER_STATE).is_file():
+        raise ValueError(f"{directory / TRAINER_STATE}: missing")
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         try:
             if path.suffix == ".safetensors":
@@ -98,11 +99,3 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
                 zipfile.ZipFile(path).close()
         except (ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{path}: {error}") from None
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file whole or not at all: a reader (or a resumed run) never sees half of it."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)

@@ -1,0 +1,96 @@
+"""The run's Ray Datasets: every split preprocessed by the task, bad rows counted, plus what
+the add-ons read (the retention references' splits)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytune_ft.addons import ADDONS
+from raytune_ft.data import tabular
+from raytune_ft.errors import UserError, find_user_error
+from raytune_ft.schema import Recipe
+from raytune_ft.train.planning import PlannedData
+
+
+@dataclass
+class PreparedData:
+    """A run's data, ready for Ray Train: the plan it came from, the splits' datasets by name, the
+    train row count, the bad rows skipped per split and each add-on's datasets by name."""
+
+    planned: PlannedData
+    datasets: dict[str, Any]
+    train_rows: int
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    addon_datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_run(self, sections: list[str]) -> dict[str, Any]:
+        """The datasets a run with these add-ons reads (the baseline's: the splits alone)."""
+        return {**self.datasets, **{name: dataset for section in sections for name, dataset in self.addon_datasets.get(section, {}).items()}}
+
+
+@contextlib.contextmanager
+def data_errors(split: tabular.Split):
+    """A UserError raised inside Ray Data (a row the task cannot preprocess) as the one-line
+    error it is; one that names no file gets the split's path. Ray Data's own log of the failure
+    (a traceback, as for an internal error) is held back: the exception carries it."""
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception as error:
+        found = find_user_error(error)
+        if found is None:
+            raise
+        if found.where:
+            raise UserError(found.where, found.message) from None
+        raise UserError(f"data.{split.name}", f"{split.path}: {found.message}") from None
+    finally:
+        data_logger.setLevel(level)
+
+
+def count_bad_rows(split: tabular.Split, read: int, kept: int, max_fraction: float) -> int:
+    """Rows ``on_bad_rows: skip`` dropped from a split; refuse more than ``max_fraction`` of them."""
+    bad = read - kept
+    if read and bad / read > max_fraction:
+        raise UserError("data.max_bad_fraction", f"{bad} of {read} rows of data.{split.name} ({split.path}) are bad ({bad / read:.1%}), "
+                                                 f"more than {max_fraction:.1%}; set data.on_bad_rows: fail to see the first")
+    if bad:
+        print(f"[raytune-ft] data.{split.name}: skipped {bad} bad rows of {read}", flush=True)
+    return bad
+
+
+def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any], int, dict[str, int]]:
+    """Every split as a preprocessed Ray Dataset (cached when small; train augmented anew each
+    epoch when the task augments), the train row count, and the bad rows skipped per split."""
+    data, task = recipe.data, planned.task
+    datasets, bad_rows = {}, {}
+    for split in planned.splits:
+        rows = tabular.rows_dataset(split, data, planned.labels)
+        dataset = rows.map_batches(task.preprocess, batch_format="numpy")
+        with data_errors(split):
+            if tabular.should_cache(split, data.cache):
+                # Evaluation shards are split by blocks: enough blocks that every worker gets a share.
+                dataset = (dataset if split.name == "train" else dataset.repartition(2 * recipe.scaling.workers)).materialize()
+            if split.name == "train":
+                train_rows = dataset.count()
+            if data.on_bad_rows == "skip":
+                kept = train_rows if split.name == "train" else dataset.count()
+                bad_rows[split.name] = count_bad_rows(split, rows.count(), kept, data.max_bad_fraction)
+        if split.name == "train" and hasattr(task, "augment"):
+            dataset = dataset.map_batches(task.augment, batch_format="numpy")
+        datasets[split.name] = dataset
+    return datasets, train_rows, bad_rows
+
+
+def prepare_datasets(recipe: Recipe, planned: PlannedData) -> PreparedData:
+    """The target splits and every add-on's datasets, ready for Ray Train."""
+    started = time.perf_counter()
+    datasets, train_rows, bad_rows = split_datasets(recipe, planned)
+    addon_datasets = {section: ADDONS[section].datasets(addon_plan, recipe.scaling.workers) for section, addon_plan in planned.addons.items()}
+    print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
+    return PreparedData(planned, datasets, train_rows, bad_rows, addon_datasets)

@@ -1,0 +1,52 @@
+"""A run's written outputs: ``metrics.jsonl``, ``plots/`` and, last, ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from raytune_ft import run_folder
+from raytune_ft.addons import ADDONS
+from raytune_ft.evaluation import numbers
+from raytune_ft.report import plots
+from raytune_ft.schema import Recipe
+
+
+def shared_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
+    """The run's directory on shared storage, or None when Ray stores it in the run directory."""
+    return f"{recipe.output.storage_root(run_dir)}/{run_dir.name}" if recipe.output.storage_path else None
+
+
+def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,
+                  bad_rows: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write the run's metrics, plots and summary (last: its presence means finished); return the summary."""
+    history = state["history"]
+    test = numbers(state.get("test", {}))
+    rows = history + ([{"epoch": state["epoch"], "step": state["step"], **{f"test/{k}": v for k, v in test.items()}}] if test else [])
+    run_folder.write_text_atomic(run_dir / run_folder.METRICS, "".join(json.dumps(row) + "\n" for row in rows))
+    final_eval = {k.removeprefix("eval/"): v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
+    target = test or final_eval
+    base_target = (baseline or {}).get("test") or (baseline or {}).get("eval") or {}
+    summary = {
+        "name": recipe.name, "task": recipe.task.type, "model": recipe.model.path, "strategy": recipe.strategy.method,
+        "backend": recipe.train.backend, "workers": recipe.scaling.workers,
+        "epochs": state["epoch"], "steps": state["step"], "stopped_early": state["stopped_early"], "best_epoch": state["best_epoch"],
+        "resumed_at": state.get("resumed_at", []),  # where restarts (worker faults, --resume) picked up
+        "labels": recipe.data.labels,  # the label set (per label role for multitask heads)
+        "eval": final_eval, "test": test, "baseline": base_target or None,
+        "gain": {k: target[k] - base_target[k] for k in ("accuracy", "macro_f1") if k in target and k in base_target},
+        "wall_time_s": wall_s, "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"],
+        "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
+        "data_wait_fraction": state["data_wait_s"] / max(state["train_time_s"], 1e-9),
+        "plan": asdict(state["plan"]),
+        "bad_rows_skipped": bad_rows,
+        **{section: cls.summary(recipe, state) if getattr(recipe, section, None) else None for section, cls in ADDONS.items()},
+        "outputs": {"run_dir": str(run_dir), "model": str(run_dir / run_folder.MODEL), "metrics": str(run_dir / run_folder.METRICS),
+                    "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
+    }
+    plot_files = plots.write_run_plots(run_dir / run_folder.PLOTS, history, state.get("test", {}), recipe)
+    summary["outputs"]["plots"] = [str(p) for p in plot_files]
+    run_folder.write_text_atomic(run_dir / run_folder.SUMMARY, json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,128 @@
+"""Ray for a run: connect to a cluster, or start an embedded local Ray sized for the run.
+
+The embedded Ray is tuned for one machine (settings below, each with its reason and measurement);
+a user's own settings and a real cluster's win. Ray Data's context is set for every run the same
+way: no progress bars (our progress lines are the live view), rows in order, user errors raised
+as themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from typing import Any
+
+from raytune_ft.errors import UserError
+from raytune_ft.schema import Recipe
+from raytune_ft.train.faults import FAULT_ENV
+
+# The niceness that Train workers take at their start, set by an embedded Ray for its processes.
+WORKER_NICENESS = "RAYTUNE_FT_WORKER_NICENESS"
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+DATASOURCE_V2 = "RAY_DATA_USE_DATASOURCE_V2"
+EMBEDDED_RAY_DEFAULTS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_idle_worker_killing_time_threshold_ms": "300000",
+}
+WORKER_SETUP_HOOK = "raytune_ft.worker_setup.collect_garbage_less_often"
+QUIET_RAY = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+}
+
+
+def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray sized for
+    ``workers`` training workers at once (default ``scaling.workers``)."""
+    import ray
+    from ray.data import DataContext
+
+    # Quiet by default: our own progress lines are the live view; Ray's INFO chatter is in its logs.
+    for key, value in QUIET_RAY.items():
+        os.environ.setdefault(key, value)
+    # Ray Data read RAY_DATA_LOG_LEVEL when it was imported, which may have been before this.
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+        if address or os.environ.get("RAY_ADDRESS"):
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as error:
+                raise UserError("--address", f"cannot reach Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(error).splitlines()[0]}") from None
+        else:
+            # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
+            # may exceed cores because tokenisation is light next to a training step.
+            per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
+            start_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2), **kwargs)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
+    context.raise_original_map_exception = True  # a UserError in preprocess arrives as itself, not as UserCodeException
+    # Ray Data's V2 parquet reader spends ~3 s listing and planning even a one-file read (measured
+    # warm, 2 cores); the V1 reader takes 0.1 s. A run reads up to 3 splits plus 2 per reference.
+    # RAY_DATA_USE_DATASOURCE_V2, when the user sets it, decides.
+    if DATASOURCE_V2 not in os.environ:
+        context.use_datasource_v2 = False
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """Start a new embedded Ray (never one that `ray start` left running here) whose own processes
+    know its dashboard. Ray Train's placement-group cleaner finds the cluster through the state
+    API; with another Ray on this host it finds two, gives up, and the placement group of every
+    Train run whose controller dies with its Tune trial (an ASHA stop, a PBT exploit) leaks its
+    CPUs until the next trial waits for ever. RAY_API_SERVER_ADDRESS, set while Ray starts, reaches
+    every Ray process and names the one dashboard; this process's environment is left as it was."""
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # This host is the whole cluster: no node of it can be preempted, so no Train run needs a
+    # preemption-watcher actor (a process per run, seconds of a core to start). Train's controller
+    # polls its workers every 2 s by default, which a run pays at its start and its end; polling
+    # two local actors 4 times a second costs nothing. Ray ends an idle worker process after 1 s
+    # once there are more than num_cpus; kept for 5 minutes, processes that already imported torch
+    # and transformers can serve a later run in the same driver (4 tiny runs in one process: ~13 s
+    # a warm run instead of ~22 s on 2 cores; one `raytune-ft run`, with a handful of workers under
+    # num_cpus, gains nothing measurable). A value the user set wins.
+    # Ray runs the Python threads of every worker process at nice 15 (its services and C++
+    # threads at 0), so the training workers share the cores as equals with Train's and Data's
+    # helper actors. The training workers take the driver's niceness instead (where the OS lets
+    # them, see train.loop.run_at_niceness); the helpers stay at 15. Measured against plain
+    # torchrun: 0.66-0.70 -> 0.80-0.83 on cores short of CPU, no change on idle ones (README).
+    # Every worker process runs WORKER_SETUP_HOOK before its first task or actor: fewer garbage
+    # collections while a Train worker imports torch and transformers (a warm tiny 2-worker run:
+    # 21.1 -> 19.5 CPU-s, alternated twice; README).
+    ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
+        key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
+        WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}
+    # Every Ray process inherits this environment; an injected fault (tests) travels in a run's
+    # config instead, or it would fire in every later run and Tune trial on this Ray.
+    previous = {key: os.environ.get(key) for key in [*ray_processes_env, FAULT_ENV]}
+    os.environ.update(ray_processes_env)
+    os.environ.pop(FAULT_ENV, None)
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK}, **kwargs)
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_ray_address(address: str | None) -> None:
+    """An explicit ``host:port`` must answer before anything is written: ray.init would otherwise
+    retry for minutes, printing its own warnings."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    host, _, port = (address or "").rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return  # none (embedded Ray), "auto" or a ray:// client address: ray.init decides
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError("--address", f"cannot reach Ray at {address} ({error.strerror or error})") from None
