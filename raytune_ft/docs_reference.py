@@ -131,7 +131,7 @@ def _section(path: str, model: type[BaseModel], title: str, level: int, scope: s
         for step, child in _nested(field.annotation):
             nested.append((dotted + step, child))
             kind = kind.replace("section", f"[section](#{_anchor(scope + dotted + step)})", 1)
-        default = "required" if field.is_required() else _value(field.get_default(call_default_factory=True, validated_data={}))
+        default = "required" if field.is_required() else _value(field.get_default(call_default_factory=True))
         lines.append(f"| `{dotted}` | {kind} | {default} | {_allowed(field)} | {_text(field.description or '')} |")
     lines.append("")
     for dotted, child in nested:  # the top level's sections are headings of its level

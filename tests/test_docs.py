@@ -109,7 +109,9 @@ def test_the_recipe_reference_renders_its_tables_in_headless_chromium(site, tmp_
     assert len(rows) > 150
 
 
-def test_the_readme_is_read_in_five_minutes():
+def test_the_readme_is_read_in_five_minutes_and_its_links_hold():
     readme = (ROOT / "README.md").read_bytes()
     assert len(readme) <= 16_384, f"README.md is {len(readme)} bytes; move reference material to docs/"
     assert b"make demo" in readme and b"make test" in readme
+    links = re.findall(r"\]\(([^)#\s]+)", readme.decode())
+    assert "docs/index.md" in links and not [link for link in links if not (ROOT / link).exists()]
