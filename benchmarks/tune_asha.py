@@ -1,7 +1,7 @@
 """Grid vs ASHA vs Optuna+ASHA over one search space on a real recipe: the image recipe
 (EfficientNet-Lite0 on Fashion-MNIST, the default) or the text recipe (MiniLM-L6, drug reviews).
 
-    make bench-tune                                   # the full comparison (see README for timings)
+    make bench-tune                                   # the full comparison (see docs/tuning.md for timings)
     .venv/bin/python benchmarks/tune_asha.py --recipe text --max-rows 300 --epochs 4
     .venv/bin/python benchmarks/tune_asha.py --max-rows 64 --epochs 2 --searches grid,asha
 

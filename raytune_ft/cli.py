@@ -10,8 +10,7 @@ import typer
 
 from raytune_ft.errors import TrainingFailed, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune pretrained models on Ray, measuring what they gain and what they keep.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 SET_HELP = "Override a recipe field, e.g. --set train.lr=3e-5 (repeatable; validated like the file)."
 
@@ -27,9 +26,29 @@ def _load(recipe: Path, overrides: list[str], workers: Optional[int] = None, out
     return load_recipe(recipe, overrides)
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from raytune_ft import __version__
+
+        typer.echo(f"raytune-ft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """Fine-tune pretrained models on Ray, measuring what they gain and what they keep.
+
+    Example: raytune-ft run jobs/text_classification.yaml
+    """
+
+
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
-    """Check a recipe (schema, registered names, columns) without running it."""
+    """Check a recipe (schema, registered names, columns) without running it.
+
+    Example: raytune-ft validate jobs/text_classification.yaml --set train.lr=3e-5
+    """
     from raytune_ft.report.tables import plural
 
     loaded = _load(recipe, set_)
@@ -47,7 +66,10 @@ def run(
     force: bool = typer.Option(False, help="Move an existing run in the output directory aside and start anew."),
     address: Optional[str] = typer.Option(None, help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
 ):
-    """Fine-tune: run a recipe on Ray Train and write metrics, summary, plots and the model."""
+    """Fine-tune: run a recipe on Ray Train and write metrics, summary, plots and the model.
+
+    Example: raytune-ft run jobs/text_classification.yaml --workers 2 --set train.epochs=1
+    """
     from raytune_ft.report.tables import summary_table
     from raytune_ft.train.runner import run as run_recipe
 
@@ -68,7 +90,10 @@ def submit(
     pip: list[str] = typer.Option([], help="A package the cluster lacks, installed for this job (repeatable)."),
     wait: bool = typer.Option(False, help="Stream the job's logs and exit with its status (0: SUCCEEDED)."),
 ):
-    """Validate a recipe here, then run it on a Ray cluster as a job; prints the job id."""
+    """Validate a recipe here, then run it on a Ray cluster as a job; prints the job id.
+
+    Example: raytune-ft submit jobs/text_classification.yaml --address http://127.0.0.1:8265 --wait
+    """
     from raytune_ft import jobs
 
     address, job_id = jobs.submit(recipe, set_, address, working_dir, pip)
@@ -80,7 +105,10 @@ def submit(
 
 @app.command()
 def status(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
-    """Show a job's status."""
+    """Show a job's status.
+
+    Example: raytune-ft status raysubmit_XXXX --address http://127.0.0.1:8265
+    """
     from raytune_ft import jobs
 
     typer.echo(jobs.describe(address, job_id))
@@ -89,7 +117,10 @@ def status(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS
 @app.command()
 def logs(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")):
-    """Print a job's logs."""
+    """Print a job's logs.
+
+    Example: raytune-ft logs raysubmit_XXXX --follow --address http://127.0.0.1:8265
+    """
     from raytune_ft import jobs
 
     if follow:
@@ -100,7 +131,10 @@ def logs(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_H
 
 @app.command()
 def stop(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
-    """Stop a running job."""
+    """Stop a running job.
+
+    Example: raytune-ft stop raysubmit_XXXX --address http://127.0.0.1:8265
+    """
     from raytune_ft import jobs
 
     typer.echo(f"stopping {job_id}" if jobs.stop(address, job_id) else f"{job_id} had already ended")
@@ -108,7 +142,10 @@ def stop(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_H
 
 @app.command("list")
 def list_jobs(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
-    """List the cluster's jobs, newest first."""
+    """List the cluster's jobs, newest first.
+
+    Example: raytune-ft list --address http://127.0.0.1:8265
+    """
     from raytune_ft import jobs
 
     for row in jobs.table(address):
@@ -124,7 +161,10 @@ def tune(
     force: bool = typer.Option(False, help="Move an existing experiment in the output directory aside and start anew."),
     address: Optional[str] = typer.Option(None, help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
 ):
-    """Search hyperparameters: trials of the recipe over its tune: space, each a Ray Train run."""
+    """Search hyperparameters: trials of the recipe over its tune: space, each a Ray Train run.
+
+    Example: raytune-ft tune jobs/text_classification.yaml --set tune.num_samples=12 --output runs/search
+    """
     from raytune_ft.tune.experiment import run_experiment
 
     loaded = _load(recipe, set_, output=output)
@@ -141,7 +181,10 @@ def post(
     step: list[str] = typer.Option([], "--step", help="A step to run (repeatable): quantize, prune, explain; default: the recipe's post: steps."),
     set_: list[str] = typer.Option([], "--set", help="Override a step option, e.g. --set post.prune.sparsity=0.7."),
 ):
-    """Post-training steps on a finished run: compression and saliency, results under RUN_DIR/post/."""
+    """Post-training steps on a finished run: compression and saliency, results under RUN_DIR/post/.
+
+    Example: raytune-ft post runs/text_classification --step quantize --step prune
+    """
     from raytune_ft.post import STEPS, configured_steps, run_steps
     from raytune_ft.post.finished import FinishedRun
 
@@ -158,7 +201,10 @@ def post(
 
 @app.command()
 def report(run_dir: Path):
-    """Write RUN_DIR/report.html: one self-contained page with the run's metrics, plots and post-step results."""
+    """Write RUN_DIR/report.html: one self-contained page with the run's metrics, plots and post-step results.
+
+    Example: raytune-ft report runs/text_classification
+    """
     from raytune_ft.report.html import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")
@@ -173,7 +219,10 @@ def fuse(
     force: bool = typer.Option(False, help="Move an existing output directory aside."),
     soups: bool = typer.Option(True, "--soups/--no-soups", help="Also average weights (members of one architecture)."),
 ):
-    """Ensembles (probability average, majority vote) and model soups (uniform, greedy) of finished runs."""
+    """Ensembles (probability average, majority vote) and model soups (uniform, greedy) of finished runs.
+
+    Example: raytune-ft fuse runs/a runs/b runs/c --output runs/fused
+    """
     from raytune_ft.post.fusion import fuse as fuse_runs, tune_trials
 
     if top is not None and tune is None:
@@ -185,9 +234,15 @@ def fuse(
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2; nothing else is shown."""
+    """Entry point: usage errors print the usage line and one error line, user errors one line;
+    both exit 2, with no traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except typer.TyperException as error:
+        # Typer vendors Click (typer._click), so its usage errors derive from TyperException, not
+        # click.ClickException; standalone_mode=False leaves showing them to us.
+        error.show()
+        sys.exit(error.exit_code)
     except UserError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
@@ -198,15 +253,12 @@ def main() -> None:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
     except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    # Without standalone mode, an exit (--help, --version, Ctrl-C as 130) is returned, not raised.
+    if code == 130:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as error:
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
-        raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Real models and data that install offline from package registries (see ASSETS.md).
+"""Real models and data that install offline from package registries (see docs/assets.md).
 
 Recipes name them as ``asset:NAME``; everything else is a path or URI the user gives. Data assets
 are converted once into Parquet shards under the cache directory (``RAYTUNE_FT_CACHE``, default

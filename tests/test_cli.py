@@ -1,0 +1,49 @@
+"""The command line's conventions, through the real entry point: --version, usage errors (exit 2,
+the usage line, no traceback), an example in every command's help, Ctrl-C (exit 130)."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from conftest import cli
+from raytune_ft import __version__
+from raytune_ft.cli import app
+
+COMMANDS = sorted(typer.main.get_command(app).commands)
+
+
+def test_version_prints_the_version_and_exits_0():
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"raytune-ft {__version__}\n"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--bogus"], "No such option: --bogus"),
+    (["run"], "Missing argument"),
+    (["validate", "--nope", "x"], "No such option: --nope"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_a_usage_error_shows_the_usage_line_and_exits_2_without_a_traceback(args, error):
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and f"Error: {error}" in lines[-1], result.stderr
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)], ids=["raytune-ft", *COMMANDS])
+def test_every_help_shows_an_example(command):
+    result = cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    example = [line for line in result.stdout.splitlines() if "Example: raytune-ft " in line]
+    assert example and " ".join(["raytune-ft", *command]) in example[0], result.stdout
+
+
+def test_ctrl_c_exits_130_with_one_line(cli_in_process, monkeypatch):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("raytune_ft.cli._load", interrupted)
+    assert cli_in_process("validate", "jobs/text_classification.yaml") == (130, "interrupted\n")
