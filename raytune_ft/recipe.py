@@ -10,13 +10,18 @@ Every problem is collected and shown at once, each with its dotted path.
 
 from __future__ import annotations
 
+import copy
+import typing
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from raytune_ft.backends import BACKENDS
 from raytune_ft.errors import RecipeError
-from raytune_ft.schema import Recipe, apply_overrides, field_annotation, problems_of, read_recipe_file, set_field
+from raytune_ft.schema import Recipe, apply_overrides, field_annotation, leaf_types, problems_of, read_recipe_file, set_field
+from raytune_ft.strategies import STRATEGIES
+from raytune_ft.tasks import TASKS, task_label_roles, task_metrics, task_probe_roles, task_roles
 
 # Only these sections can be searched: data, model and task are prepared once on the driver and
 # shared by every trial, and scaling is set by tune.workers_per_trial.
@@ -38,8 +43,6 @@ def eval_metric_fields(recipe: Recipe) -> list[tuple[str, str]]:
 def _check_roles(recipe: Recipe, task_cls) -> list[tuple[str, str]]:
     """The data sections map exactly the task's roles; label sets and buckets name label roles;
     metric fields name metrics the task reports."""
-    from raytune_ft.tasks import task_label_roles, task_metrics, task_probe_roles, task_roles
-
     options = recipe.task
     problems: list[tuple[str, str]] = []
     roles, label_roles = task_roles(task_cls, options), task_label_roles(task_cls, options)
@@ -92,10 +95,6 @@ def _owned_options(section: str, raw: BaseModel, options_cls: type[BaseModel], o
 def _check_registered(recipe: Recipe) -> list[tuple[str, str]]:
     """Cross-checks against the registries: task, its options and columns, strategy and its
     options, backend and the backend's own checks of the recipe. Puts the typed options in place."""
-    from raytune_ft.backends import BACKENDS
-    from raytune_ft.strategies import STRATEGIES
-    from raytune_ft.tasks import TASKS
-
     problems: list[tuple[str, str]] = []
     if recipe.task.type not in TASKS:
         problems.append(("task.type", f"unknown task {recipe.task.type!r}; allowed: {', '.join(sorted(TASKS))}"))
@@ -129,8 +128,6 @@ def given_fields(recipe: Recipe) -> dict[str, Any]:
 
 def recipe_with(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of the raw recipe ``base`` with the dotted-path ``values`` set."""
-    import copy
-
     data = copy.deepcopy(base)
     for path, value in values.items():
         set_field(data, path, value, source="tune.space")
@@ -138,9 +135,7 @@ def recipe_with(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _type_problem(kind: str, annotation: Any) -> str | None:
-    from raytune_ft.schema import _leaf_types
-
-    accepted = _leaf_types(annotation)
+    accepted = leaf_types(annotation)
     if kind in ("loguniform", "uniform") and float not in accepted:
         return f"{kind} samples floats; this field takes {_describe(accepted)}"
     if kind == "randint" and not accepted & {int, float}:
@@ -149,8 +144,6 @@ def _type_problem(kind: str, annotation: Any) -> str | None:
 
 
 def _describe(accepted: set[Any]) -> str:
-    import typing
-
     names = []
     for kind in accepted:
         if typing.get_origin(kind) is typing.Literal:

@@ -583,12 +583,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 
 
-def _leaf_types(annotation: Any) -> set[Any]:
+def leaf_types(annotation: Any) -> set[Any]:
     """The types a field accepts, Optional and unions unwrapped (None dropped)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return set().union(*(_leaf_types(arg) for arg in typing.get_args(annotation) if arg is not type(None)))
+        return set().union(*(leaf_types(arg) for arg in typing.get_args(annotation) if arg is not type(None)))
     if typing.get_origin(annotation) is typing.Annotated:  # SerializeAsAny[...] and the like
-        return _leaf_types(typing.get_args(annotation)[0])
+        return leaf_types(typing.get_args(annotation)[0])
     return {annotation}
 
 
@@ -599,8 +599,8 @@ def field_annotation(recipe: "Recipe", path: str) -> Any:
     annotation: Any = type(recipe)
     for i, key in enumerate(path.split(".")):
         models = [node.__class__] if isinstance(node, BaseModel) else \
-            [t for t in _leaf_types(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
-        containers = [t for t in _leaf_types(annotation) if typing.get_origin(t) in (list, dict)]
+            [t for t in leaf_types(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        containers = [t for t in leaf_types(annotation) if typing.get_origin(t) in (list, dict)]
         if models and key in models[0].model_fields:
             annotation = models[0].model_fields[key].annotation
             node = getattr(node, key, None) if isinstance(node, BaseModel) else None

@@ -59,10 +59,11 @@ class FinishedRun:
         """A run directory with ``recipe.yaml``, ``summary.json`` and ``model/``; a clear error otherwise.
         ``overrides`` (``post.prune.sparsity=0.7``) change the recorded recipe for this use only."""
         run_dir = Path(run_dir)
+        if run_dir.is_dir():
+            for needed in (run_folder.RECIPE, run_folder.SUMMARY, run_folder.MODEL):
+                if not (run_dir / needed).exists():
+                    raise UserError(str(run_dir / needed), "missing; is this the directory of a finished run?")
         summary = run_folder.read_summary(run_dir)
-        for needed in (run_folder.RECIPE, run_folder.MODEL):
-            if not (run_dir / needed).exists():
-                raise UserError(str(run_dir / needed), "missing; is this the directory of a finished run?")
         return cls(run_dir.resolve(), load_recipe(run_dir / run_folder.RECIPE, overrides), summary)
 
     @property

@@ -92,10 +92,10 @@ def start_local_ray(**kwargs: Any) -> None:
     # threads at 0), so the training workers share the cores as equals with Train's and Data's
     # helper actors. The training workers take the driver's niceness instead (where the OS lets
     # them, see train.loop.run_at_niceness); the helpers stay at 15. Measured against plain
-    # torchrun: 0.66-0.70 -> 0.80-0.83 on cores short of CPU, no change on idle ones (README).
+    # torchrun: 0.66-0.70 -> 0.80-0.83 on cores short of CPU, no change on idle ones (benchmarks/MEASUREMENTS.md).
     # Every worker process runs WORKER_SETUP_HOOK before its first task or actor: fewer garbage
     # collections while a Train worker imports torch and transformers (a warm tiny 2-worker run:
-    # 21.1 -> 19.5 CPU-s, alternated twice; README).
+    # 21.1 -> 19.5 CPU-s, alternated twice; benchmarks/MEASUREMENTS.md).
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
         WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}

@@ -19,6 +19,7 @@ import yaml
 from raytune_ft import run_folder
 from raytune_ft.addons import configured
 from raytune_ft.checkpoint import TRAINER_STATE
+from raytune_ft.data.sharding import ExactEvalDataConfig
 from raytune_ft.errors import TrainingFailed
 from raytune_ft.post import configured_steps, run_steps
 from raytune_ft.recipe import derived_recipe
@@ -26,6 +27,8 @@ from raytune_ft.report.tables import plural
 from raytune_ft.report.tracking import tracked
 from raytune_ft.schema import Recipe
 from raytune_ft.train.datasets import PreparedData, prepare_datasets
+from raytune_ft.train.faults import fault_config
+from raytune_ft.train.loop import train_loop_per_worker
 from raytune_ft.train.outputs import shared_run_dir, write_outputs
 from raytune_ft.train.planning import RunPlan, plan_run, step_plan
 from raytune_ft.train.ray_start import check_ray_address, init_ray
@@ -37,10 +40,6 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
     ``resume_from``: a checkpoint to start from when the run has none of its own (PBT)."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from raytune_ft.data.sharding import ExactEvalDataConfig
-    from raytune_ft.train.faults import fault_config
-    from raytune_ft.train.loop import train_loop_per_worker
 
     steps = step_plan(data.train_rows, recipe)
     workers, per_worker = recipe.scaling.workers, dict(recipe.scaling.resources_per_worker)

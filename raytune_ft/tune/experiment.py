@@ -23,8 +23,16 @@ import yaml
 from raytune_ft import run_folder
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import given_fields
+from raytune_ft.report import plots
 from raytune_ft.report.tracking import tracked
 from raytune_ft.schema import Recipe
+from raytune_ft.train.datasets import prepare_datasets
+from raytune_ft.train.faults import FAULT_ENV
+from raytune_ft.train.planning import plan_run
+from raytune_ft.train.ray_start import check_ray_address, init_ray
+from raytune_ft.tune import pareto
+from raytune_ft.tune.space import mutations, param_space
+from raytune_ft.tune.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
 
 TRIALS = run_folder.TRIALS
 # A trial's Tune actor only waits on its TorchTrainer; the worker group reserves the real resources.
@@ -65,8 +73,6 @@ def scheduler(recipe: Recipe):
     if tune_section.scheduler == "fifo":
         return FIFOScheduler()
     if tune_section.scheduler == "pbt":
-        from raytune_ft.tune.space import mutations
-
         return PopulationBasedTraining(
             time_attr="epoch", metric=tune_section.metrics[0], mode=tune_section.modes[0],
             perturbation_interval=tune_section.pbt.interval, hyperparam_mutations=mutations(tune_section),
@@ -91,9 +97,6 @@ def build_tuner(recipe: Recipe, experiment_dir: Path, trainable, resume: bool):
         # Finished trials keep their results; interrupted and errored ones continue from their
         # last checkpoint (their run directories are reused).
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    from raytune_ft.tune.space import param_space
-    from raytune_ft.tune.trial import trial_dirname
-
     # Tune's newer console output ignores the reporter's columns; the classic table shows ours.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     reporter = tune.CLIReporter(
@@ -120,14 +123,8 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Run the search of ``recipe.tune`` end to end; write and return the experiment summary."""
     from ray import tune
 
-    from raytune_ft.train.datasets import prepare_datasets
-    from raytune_ft.train.faults import FAULT_ENV
-    from raytune_ft.train.planning import plan_run
-    from raytune_ft.train.ray_start import check_ray_address, init_ray
-    from raytune_ft.tune.trial import run_trial
-
     if recipe.tune is None:
-        raise UserError("tune", "the recipe has no tune: section (the search space); see README 'Hyperparameter search'")
+        raise UserError("tune", "the recipe has no tune: section (the search space); see docs/tuning.md")
     tune_section = recipe.tune
     experiment_dir = recipe.run_dir()
     # Assigned as a whole section, so that it counts as given (trials see only given fields).
@@ -153,8 +150,6 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
 def trial_rows(recipe: Recipe, results) -> list[dict[str, Any]]:
     """One row per trial: id, status (ok, stopped by the scheduler, error), epochs, sampled values,
     last reported metrics, start-up time."""
-    from raytune_ft.tune.trial import STARTUP_METRIC
-
     rows = []
     for result in results:
         trial = Path(result.path).name
@@ -188,8 +183,6 @@ def _number(value: Any) -> bool:
 
 def write_recipe(path: Path, recipe: Recipe, row: dict[str, Any]) -> Path:
     """A recipe a user can re-run with ``raytune-ft run``: the base with this trial's values."""
-    from raytune_ft.tune.trial import trial_recipe
-
     values = {p: row[p] for p in recipe.tune.space}
     if "alpha" in row:  # a WiSE-FT point: the same run, interpolated at this alpha
         values["wise_ft.alphas"] = [row["alpha"]]
@@ -204,8 +197,6 @@ def write_recipe(path: Path, recipe: Recipe, row: dict[str, Any]) -> Path:
 
 
 def write_experiment_outputs(experiment_dir: Path, recipe: Recipe, results, wall_s: float) -> dict[str, Any]:
-    from raytune_ft.report import plots
-
     tune_section = recipe.tune
     metrics, modes = tune_section.metrics, tune_section.modes
     rows = trial_rows(recipe, results)
@@ -246,9 +237,6 @@ def wise_ft_points(experiment_dir: Path, row: dict[str, Any], metrics: list[str]
 
 def write_pareto(experiment_dir: Path, recipe: Recipe, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The front over every finished trial and every WiSE-FT point of theirs; a recipe per member."""
-    from raytune_ft.report import plots
-    from raytune_ft.tune import pareto
-
     metrics, modes = recipe.tune.metrics, recipe.tune.modes
     trials = [row for row in rows if row["status"] == "ok" and all(_number(row.get(m)) for m in metrics)]
     candidates = trials + [point for row in trials for point in wise_ft_points(experiment_dir, row, metrics)]
