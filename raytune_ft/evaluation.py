@@ -68,13 +68,13 @@ def average_running_statistics(module: torch.nn.Module) -> None:
             buffer.copy_(values.view_as(buffer))
 
 
-def in_lockstep(batches, collective_forward: bool):
+def in_lockstep(batches, partitioned: bool):
     """Yield ``(batch, counts)``. Evaluation shards differ in length by design (one may even be
     empty); when every forward is a collective (ZeRO-3 gathers parameters), a rank whose shard has
     ended keeps running a stand-in batch, uncounted, until every rank is done, so no rank waits on
     a forward that never comes. A rank with no batch at all gets its stand-in from another rank.
     """
-    if not collective_forward:
+    if not partitioned:
         yield from ((batch, True) for batch in batches)
         return
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -103,7 +103,7 @@ def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
     module.eval()
     batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task))
     with torch.no_grad(), backend.autocast():
-        for batch, counts in in_lockstep(batches, backend.collective_forward):
+        for batch, counts in in_lockstep(batches, backend.partitioned):
             batch = {key: value.to(backend.device) for key, value in batch.items()}
             _, outputs = task.forward(module, batch)
             if counts:

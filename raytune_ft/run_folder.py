@@ -22,6 +22,7 @@ RECIPE = "recipe.yaml"  # the validated recipe, every default spelled out
 SUMMARY = "summary.json"  # written last: its presence means the run finished
 METRICS = "metrics.jsonl"  # one line per report
 MODEL = "model"  # the exported save_pretrained directory
+ADAPTER = "adapter"  # LoRA: the PEFT adapter alone, for PeftModel.from_pretrained on the base model
 PLOTS = "plots"
 POST = "post"  # one <step>.json per post-training step
 REPORT = "report.html"

@@ -41,6 +41,9 @@ class ModelSection(Section):
     num_layers: Optional[int] = Field(
         None, ge=1, description="keep only the first N transformer layers of the pretrained encoder, with their "
                                 "pretrained weights (a smaller student for distill:); text tasks")
+    dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
+        None, description="the weights' dtype as loaded and trained; default: the checkpoint's own (config.json's dtype). "
+                          "Transformers models load straight into it; under ZeRO-3 each worker loads only its partition")
 
 
 class DataSection(Section):
@@ -179,8 +182,12 @@ class TrainSection(Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip_grad_norm: Optional[float] = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="bf16: autocast (ddp) or bf16 weights (deepspeed); fp16: deepspeed on GPU, with loss scaling"
+        "fp32", description="bf16: autocast (ddp) or bf16 weights (deepspeed); fp16: autocast with loss scaling (ddp), "
+                            "or fp16 weights with loss scaling (deepspeed, on GPU)"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass instead of keeping them: far less "
+                           "activation memory for ~30% more compute (models built on transformers)")
     seed: int = 42
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="overrides the model's dropout")
     early_stopping: Optional[EarlyStoppingSection] = None

@@ -149,7 +149,7 @@ def tiny_recipe(tiny_bert, sentiment_data, tmp_path) -> dict:
     return tiny_recipe_dict(tiny_bert, sentiment_data, tmp_path / "run")
 
 
-def unit_recipe(task: dict, model: str | Path, **sections):
+def unit_recipe(task: dict, model: str | Path | dict, **sections):
     """A typed recipe for building a task or strategy directly (no data is read): the task's and
     the strategy's options validated by their owners, ``sections`` as in a recipe file."""
     from raytune_ft.schema import Recipe
@@ -157,7 +157,8 @@ def unit_recipe(task: dict, model: str | Path, **sections):
     from raytune_ft.tasks import TASKS
 
     strategy = sections.pop("strategy", {"method": "full"})
-    return Recipe(name="unit", task=TASKS[task["type"]].Options(**task), model={"path": str(model)}, data={"train": "unused", **sections.pop("data", {})},
+    model = model if isinstance(model, dict) else {"path": str(model)}
+    return Recipe(name="unit", task=TASKS[task["type"]].Options(**task), model=model, data={"train": "unused", **sections.pop("data", {})},
                   strategy=STRATEGIES[strategy["method"]].Options(**strategy), **sections)
 
 

@@ -257,24 +257,45 @@ def own_accuracy(model_dir: Path, data: Path) -> float:
     return float((predicted == torch.tensor([config["labels"].index(row["label"]) for row in rows])).float().mean())
 
 
-def test_head_reference_scores_the_original_head_and_sees_it_forget(three_class_cnn, local_ray, tmp_path):
-    """Fine-tune the three-class CNN on two other classes; the ``head`` reference is the base
-    model's own head on its own classes: before training exactly the exported model's accuracy,
-    and it falls once a huge learning rate has moved the body."""
+@pytest.fixture(scope="module")
+def head_reference_runs(three_class_cnn, local_ray, tmp_path_factory) -> dict[str, dict]:
+    """The three-class CNN fine-tuned on two other classes with a huge learning rate and a
+    ``head`` reference, under DDP and under ZeRO-3: backend -> summary."""
     model_dir, reference = three_class_cnn
-    target = {split: class_subset(tmp_path / f"{split}.parquet", split, ["Coat", "Dress"], 160) for split in ("train", "test")}
-    recipe = image_recipe(model_dir, tmp_path / "run", train=str(target["train"]), test=str(target["test"]), max_rows=None, validation_fraction=0.2)
-    recipe["train"].update(lr=0.3, epochs=2, clip_grad_norm=None)
-    recipe["retention"] = {"references": [{"name": "original", "kind": "head", "data": {
-        "train": str(reference["train"]), "test": str(reference["test"]), "columns": {"image": "image", "label": "label"}}}]}
-    summary = run(validate_recipe(recipe))
+    summaries = {}
+    for backend in ("ddp", "zero3"):
+        directory = tmp_path_factory.mktemp(f"head_reference_{backend}")
+        target = {split: class_subset(directory / f"{split}.parquet", split, ["Coat", "Dress"], 160) for split in ("train", "test")}
+        recipe = image_recipe(model_dir, directory / "run", train=str(target["train"]), test=str(target["test"]), max_rows=None, validation_fraction=0.2)
+        recipe["train"].update(lr=0.3, epochs=2, clip_grad_norm=None)
+        if backend == "zero3":
+            recipe["train"]["backend"], recipe["deepspeed"] = "deepspeed", {"zero_stage": 3}
+        recipe["retention"] = {"references": [{"name": "original", "kind": "head", "data": {
+            "train": str(reference["train"]), "test": str(reference["test"]), "columns": {"image": "image", "label": "label"}}}]}
+        summaries[backend] = run(validate_recipe(recipe))
+    return summaries
 
-    retention = summary["retention"]
+
+def test_head_reference_scores_the_original_head_and_sees_it_forget(three_class_cnn, head_reference_runs):
+    """The ``head`` reference is the base model's own head on its own classes: before training
+    exactly the exported model's accuracy, and it falls once a huge learning rate has moved the body."""
+    model_dir, reference = three_class_cnn
+    retention = head_reference_runs["ddp"]["retention"]
     base = own_accuracy(model_dir, reference["test"])
     assert base > 0.6  # three classes: chance is 1/3
     assert retention["before"]["ref/original/accuracy"] == pytest.approx(base, abs=1e-6)
     assert retention["after"]["ref/original/accuracy"] < base - 0.1
     assert retention["retention"]["retention/original/accuracy"] < 0.9
+
+
+def test_head_reference_under_zero3_scores_like_ddp(head_reference_runs):
+    """Under ZeRO-3 the head reference runs in lockstep on partitioned parameters; same seed,
+    same scores: before training exactly, after within one of the 96 reference images (the
+    trajectories differ in the order of floating-point sums, at a huge learning rate)."""
+    zero3, ddp = head_reference_runs["zero3"]["retention"], head_reference_runs["ddp"]["retention"]
+    assert head_reference_runs["zero3"]["backend"] == "deepspeed"
+    assert zero3["before"] == pytest.approx(ddp["before"], abs=1e-9)
+    assert zero3["after"] == pytest.approx(ddp["after"], abs=1 / 96 + 1e-9)
 
 
 def test_head_reference_needs_a_model_with_its_own_labelled_head(tiny_efficientnet, three_class_cnn, tmp_path):

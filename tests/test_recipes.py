@@ -57,7 +57,7 @@ BROKEN = [
     (broken("train.optimizer", "adam"), "train.optimizer", "'adamw' or 'sgd'"),
     (broken("train.schedule", "step"), "train.schedule", "'constant', 'linear' or 'cosine'"),
     (broken("train.precision", "fp8"), "train.precision", "'fp32', 'bf16' or 'fp16'"),
-    (broken("train.precision", "fp16"), "train.precision", "fp16 needs loss scaling, which the ddp backend does not do"),
+    (broken("model.dtype", "fp16"), "model.dtype", "fp16 weights need fp32 master weights to step"),
     (broken("train.batch_size", 0), "train.batch_size", "greater than or equal to 1"),
     (broken("train.epochs", None), "train.epochs", "give epochs or max_steps"),
     (broken("train.warmup", 2.5), "train.warmup", "whole number"),

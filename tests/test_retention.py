@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,17 @@ def test_lora_leaves_base_untouched_and_merges_on_export(tiny_recipe, local_ray,
     labels = torch.tensor([model.config.label2id[r["sentiment"]] for r in rows])
     assert float((logits.argmax(-1) == labels).float().mean()) == pytest.approx(summary["test"]["accuracy"])
     assert float(torch.nn.functional.cross_entropy(logits, labels)) == pytest.approx(summary["test"]["loss"], abs=1e-4)
+
+    # Beside it, the adapter alone: PEFT puts it (adapters and the new head) on the base model and
+    # gets the merged model's logits.
+    from peft import PeftModel
+
+    adapter = Path(summary["outputs"]["adapter"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    base_model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base_model, adapter).eval()(**tokenizer([r["sentence"] for r in rows], return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(adapted, logits, rtol=1e-4, atol=1e-5)
 
 
 def test_l2sp_with_huge_strength_stays_near_base_and_ewc_replay_run(retention_recipe, local_ray, tiny_bert):

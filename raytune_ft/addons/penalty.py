@@ -81,13 +81,14 @@ def fisher_diagonal(module: torch.nn.Module, reference, rows: list[dict[str, tor
     return result
 
 
-def fisher_cache_path(recipe: Recipe, reference_name: str) -> str:
-    """One cached Fisher per (base model, reference set, sample count, preprocessing)."""
+def fisher_cache_path(recipe: Recipe, reference_name: str, part: str | None = None) -> str:
+    """One cached Fisher per (base model, reference set, sample count, preprocessing), and per
+    partition (``part``) where each rank holds its own."""
     from raytune_ft.data.assets import cache_dir
 
     reference = next(r for r in recipe.retention.references if r.name == reference_name)
     key = json.dumps([recipe.model.path, reference.data.model_dump(mode="json"), recipe.task.model_dump(mode="json"),
-                      recipe.regularizer.fisher_samples, recipe.strategy.method], sort_keys=True)
+                      recipe.regularizer.fisher_samples, recipe.strategy.method, *([part] if part else [])], sort_keys=True)
     return str(cache_dir() / "fisher" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
 
 
@@ -113,34 +114,93 @@ def save_fisher(path: str, fisher: dict[str, torch.Tensor]) -> None:
     os.replace(staging, path)
 
 
+def partitioned_fisher(loop, reference, singles: list[dict[str, torch.Tensor]], anchor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher of ``fisher_diagonal``, on a backend whose parameters and
+    gradients are partitioned (ZeRO-3), as this rank's partitions. Its gradients arrive averaged
+    over ranks, and a Fisher needs each row's own: so the ranks take turns, every rank running
+    the same forwards (each a collective) and only the rank whose turn it is keeping its row's
+    term, scaled by the world size, which the average then returns whole."""
+    backend, world = loop.backend, loop.world
+    count = torch.tensor([len(singles)], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)  # the same number of forwards on every rank
+    fisher = {name: torch.zeros_like(value) for name, value in anchor.items()}
+    probe, module = reference.original_probe, backend.module
+    was_training = module.training
+    module.eval()
+    for turn in range(world):
+        for row in singles[: int(count)]:
+            row = {key: value.to(backend.device) for key, value in row.items()}
+            with backend.accumulating(True):
+                log_p = torch.log_softmax(probe.logits(reference.task.embed(module, row).double()), -1)
+                # x grad_accum undoes the engine's division of every loss by the accumulation count
+                scale = world * loop.recipe.train.grad_accum if loop.rank == turn else 0.0
+                backend.backward(log_p.gather(1, row["labels"].view(-1, 1)).sum().float() * scale)
+            for name, grad in backend.local_grads().items():
+                if name in fisher:
+                    fisher[name] += grad.pow(2)
+            backend.zero_grad()
+    module.train(was_training)
+    sums = torch.tensor([float(sum(value.sum() for value in fisher.values())), float(count) * world], dtype=torch.float64)
+    dist.all_reduce(sums)
+    numel = sum(p.ds_numel for name, p in module.named_parameters() if name in fisher)  # the whole parameters' sizes
+    mean = sums[0] / sums[1] / numel
+    return {name: value / sums[1].float() / mean.clamp(min=1e-30).float() for name, value in fisher.items()}
+
+
 @register
 class Penalty(AddOn):
     """L2-SP or EWC anchored at the weights as built (the pretrained body), before any resume;
-    EWC's Fisher comes from a retention reference's original readout, cached per base model."""
+    EWC's Fisher comes from a retention reference's original readout, cached per base model.
+
+    Replicated parameters (DDP, ZeRO 0-2): the penalty joins the objective of the micro-batch that
+    ends an accumulation, and autograd takes it from there. Partitioned parameters (ZeRO-3): no
+    rank holds a whole parameter outside a forward, so anchor and Fisher are kept as this rank's
+    partitions and the penalty's gradient, strength x w x (theta - theta_0), is added to the
+    rank's gradient partitions before each step; the same gradient, never gathered."""
 
     section = "regularizer"
 
     def __init__(self, loop):
         super().__init__(loop)
         spec, backend = loop.recipe.regularizer, loop.backend
-        self.accum = loop.recipe.train.grad_accum
-        anchor = pretrained_anchor(backend.module, loop.heads)
-        if spec.method == "l2sp":
-            self.regularizer = Regularizer(spec.strength, anchor)
-            return
+        self.accum, self.strength = loop.recipe.train.grad_accum, spec.strength
+        if backend.partitioned:
+            anchor = {name: value.clone() for name, value in backend.local_weights().items() if not in_module(name, loop.heads)}
+        else:
+            anchor = pretrained_anchor(backend.module, loop.heads)
+        self.anchor, self.fisher = anchor, None
+        if spec.method == "ewc":
+            self.fisher = self.ewc_fisher(spec, anchor)
+        self.regularizer = Regularizer(spec.strength, anchor, self.fisher)
+
+    def ewc_fisher(self, spec, anchor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loop, backend = self.loop, self.loop.backend
         reference = loop.addons["retention"].references.named(spec.reference)
-        path = fisher_cache_path(loop.recipe, reference.name)
+        # Partitions are per rank: each rank caches its own.
+        part = f"rank{loop.rank}-of-{loop.world}" if backend.partitioned else None
+        path = fisher_cache_path(loop.recipe, reference.name, part)
         fisher = cached_fisher(path, anchor)
         if fisher is None:
             rows = reference.local_rows()
             count = min(len(rows.get("labels", [])), max(1, spec.fisher_samples // loop.world))
             singles = [reference.task.collate({key: values[i:i + 1] for key, values in rows.items()}) for i in range(count)]
-            fisher = fisher_diagonal(backend.module, reference, singles, anchor, backend.device)
-            if loop.rank == 0:
+            if backend.partitioned:
+                fisher = partitioned_fisher(loop, reference, singles, anchor)
+            else:
+                fisher = fisher_diagonal(backend.module, reference, singles, anchor, backend.device)
+            if loop.rank == 0 or part:
                 save_fisher(path, fisher)
-        self.regularizer = Regularizer(spec.strength, anchor, {k: v.to(backend.device) for k, v in fisher.items()})
+        return {k: v.to(backend.device) for k, v in fisher.items()}
 
     def objective(self, objective, step):
-        if not step.boundary:  # once per optimizer step; backends divide by grad_accum
+        if not step.boundary or self.loop.backend.partitioned:  # once per optimizer step; backends divide by grad_accum
             return objective
         return objective + self.regularizer.penalty(self.loop.backend.module) * self.accum
+
+    def before_step(self, boundary):
+        backend = self.loop.backend
+        if not boundary or not backend.partitioned:
+            return
+        weights = backend.local_weights()
+        backend.add_to_local_grads({name: self.strength * (self.fisher[name] if self.fisher else 1.0) * (weights[name] - anchor)
+                                    for name, anchor in self.anchor.items()})

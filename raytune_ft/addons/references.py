@@ -32,7 +32,7 @@ import torch.distributed as dist
 from raytune_ft.addons import AddOn, register
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError
-from raytune_ft.evaluation import Collate, all_reduce_sum, distributed, gather_rows
+from raytune_ft.evaluation import Collate, distributed, evaluate, gather_rows, in_lockstep
 from raytune_ft.schema import Recipe
 from raytune_ft.tasks import ClassificationMetrics, build_task
 
@@ -100,35 +100,40 @@ class Reference:
         self.original_probe: Probe | None = None
         self.before: dict[str, float] = {}
 
-    def features(self, module, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features and labels of this rank's shard of ``split``, gathered from every rank."""
-        rows, labels = [], []
+    def features(self, backend, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and labels of this rank's shard of ``split``, gathered from every rank.
+        Shards differ in length: with partitioned parameters every forward is a collective, so the
+        ranks run them in lockstep."""
+        module, rows, labels = backend.module, [], []
         was_training = module.training
         module.eval()
+        batches = self.shards[split].iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task))
         with torch.no_grad():
-            for batch in self.shards[split].iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task)):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                rows.append(self.task.embed(module, batch).float().cpu())
-                labels.append(batch["labels"].cpu())
+            for batch, counts in in_lockstep(batches, backend.partitioned):
+                batch = {key: value.to(backend.device) for key, value in batch.items()}
+                features = self.task.embed(module, batch).float().cpu()
+                if counts:
+                    rows.append(features)
+                    labels.append(batch["labels"].cpu())
         module.train(was_training)
         local = torch.cat(rows) if rows else torch.zeros(0, 1)
         local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
         return gather_rows(local), gather_rows(local_labels)
 
-    def score(self, module, device) -> tuple[dict[str, float], Probe]:
+    def score(self, backend) -> tuple[dict[str, float], Probe]:
         """Accuracy and macro-F1 on the test split: the fixed head's, or a probe's refitted on the
         current features."""
-        test_x, test_y = self.features(module, "test", device)
-        probe = self.head if self.head is not None else self.refit(module, device)
+        test_x, test_y = self.features(backend, "test")
+        probe = self.head if self.head is not None else self.refit(backend)
         metrics = ClassificationMetrics(self.classes)
         logits = probe.logits(test_x)
         metrics.update((torch.tensor(0.0), logits), {"labels": test_y})
         result = metrics.compute(metrics.state())
         return {key: result[key] for key in self.retained()}, probe
 
-    def refit(self, module, device) -> Probe:
+    def refit(self, backend) -> Probe:
         """A probe fitted on the train split's current features; rank 0 fits, every rank gets it."""
-        train_x, train_y = self.features(module, "train", device)
+        train_x, train_y = self.features(backend, "train")
         if not distributed() or dist.get_rank() == 0:
             return Probe.fit(train_x, train_y, self.classes).broadcast()
         dims = train_x.shape[1]  # shapes for the broadcast
@@ -152,17 +157,8 @@ class TaskReference:
         self.name, self.task, self.shard, self.batch_size = name, task, shard, batch_size
         self.before: dict[str, float] = {}
 
-    def score(self, module, device) -> tuple[dict[str, float], None]:
-        metrics = self.task.new_metrics()
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task)):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                _, outputs = self.task.forward(module, batch)
-                metrics.update(outputs, batch)
-        module.train(was_training)
-        result = metrics.compute(all_reduce_sum(metrics.state()))
+    def score(self, backend) -> tuple[dict[str, float], None]:
+        result = evaluate(self.task, backend.module, self.shard, self.batch_size, backend)
         return {key: value for key, value in result.items() if isinstance(value, float)}, None
 
     def retained(self) -> tuple[str, ...]:
@@ -186,17 +182,17 @@ class References:
     def named(self, name: str | None) -> Reference:
         return next((r for r in self.references if r.name == name), self.references[0]) if name else self.references[0]
 
-    def score_base(self, module, device) -> None:
+    def score_base(self, backend) -> None:
         for reference in self.references:
-            reference.before, reference.original_probe = reference.score(module, device)
+            reference.before, reference.original_probe = reference.score(backend)
 
-    def evaluate(self, module, device) -> dict[str, float]:
+    def evaluate(self, backend) -> dict[str, float]:
         """``ref/<name>/<metric>`` now, ``ref_before/...``, ``retention/<name>/<metric>``,
         ``retention/min`` (the worst over every reference and metric) and the time it took."""
         started = time.perf_counter()
         record: dict[str, float] = {}
         for reference in self.references:
-            scores, _ = reference.score(module, device)
+            scores, _ = reference.score(backend)
             for metric, value in scores.items():
                 record[f"ref/{reference.name}/{metric}"] = value
                 if metric in reference.retained():
@@ -309,12 +305,12 @@ class RetentionReferences(AddOn):
                 head = Probe.from_head(*reference_task.original_head()[1:]) if spec.kind == "head" else None
                 references.append(Reference(spec.name, reference_task, len(spec.labels), shards, loop.eval_batch, head))
         self.references = References(references)
-        self.references.score_base(loop.backend.module, loop.backend.device)
+        self.references.score_base(loop.backend)
         if loop.rank == 0:
             print("[raytune-ft] reference before training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.references.before().items()), flush=True)
 
     def end_epoch(self, record, state):
-        reference = self.references.evaluate(self.loop.backend.module, self.loop.backend.device)
+        reference = self.references.evaluate(self.loop.backend)
         record.update(reference)
         if "retention/min" in reference:
             state["worst_retention"] = min(state.get("worst_retention", 1.0), reference["retention/min"])
@@ -322,4 +318,4 @@ class RetentionReferences(AddOn):
 
     def final(self, state):
         state["ref_before"] = self.references.before()
-        state["ref_final"] = self.references.evaluate(self.loop.backend.module, self.loop.backend.device)
+        state["ref_final"] = self.references.evaluate(self.loop.backend)

@@ -83,7 +83,7 @@ class WiseFT(AddOn):
             backend.restore(interpolate(self.anchor, tuned, alpha))
             row = {"alpha": alpha, **scalars("eval", evaluate(loop.task, backend.module, loop.shards.get("validation"), loop.eval_batch, backend))}
             if references:
-                row.update({k: v for k, v in references.references.evaluate(backend.module, backend.device).items() if k != "ref/time_s"})
+                row.update({k: v for k, v in references.references.evaluate(backend).items() if k != "ref/time_s"})
             rows.append(row)
         chosen = choose(rows, spec.metric, spec.min_retention)
         backend.restore(interpolate(self.anchor, tuned, chosen["alpha"]))

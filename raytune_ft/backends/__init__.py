@@ -12,8 +12,11 @@ recipe fields (accumulation, clipping, precision):
   which ``module`` holds every weight, for export.
 - ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
 - ``refresh()``: the set of trainable parameters changed (gradual unfreezing): re-wrap.
-- ``collective_forward``: True when every forward is a collective (ZeRO-3 gathers parameters), so
-  all ranks must run the same number of forwards, in evaluation too.
+- ``partitioned``: True when parameters are partitioned across ranks (ZeRO-3): every forward is a
+  collective that gathers them, so all ranks must run the same number of forwards, in evaluation
+  too; outside a forward a rank holds only its partition of each parameter and gradient, which
+  ``local_weights()`` (fp32 master copies) and ``add_to_local_grads(grads)`` (after ``backward``,
+  before ``step``) read and change; ``zero_grad()`` drops accumulated gradients.
 - ``check(recipe) -> [(dotted field, message)]``: recipe problems only this backend has, found
   at validation time, before anything reaches Ray.
 """
@@ -29,7 +32,7 @@ BACKENDS: dict[str, type["Backend"]] = {}
 
 class Backend(Protocol):
     name: ClassVar[str]
-    collective_forward: bool
+    partitioned: bool
 
     @staticmethod
     def check(recipe: Recipe) -> list[tuple[str, str]]: ...

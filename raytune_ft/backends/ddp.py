@@ -17,17 +17,23 @@ class DDPBackend:
     """PyTorch DistributedDataParallel (gloo on CPU, nccl on GPU) via Ray Train's process group."""
 
     name = "ddp"
-    collective_forward = False
+    partitioned = False
 
     @staticmethod
     def check(recipe: Recipe) -> list[tuple[str, str]]:
-        if recipe.train.precision == "fp16":
-            return [("train.precision", "fp16 needs loss scaling, which the ddp backend does not do; use bf16, or train.backend deepspeed on GPU")]
+        if recipe.model.dtype == "fp16":
+            return [("model.dtype", "fp16 weights need fp32 master weights to step; keep the weights fp32 and train with "
+                                    "train.precision fp16 (autocast with loss scaling), or use bf16")]
         return []
 
     def __init__(self, recipe: Recipe):
         self.train = recipe.train
-        self.autocast_dtype = torch.bfloat16 if self.train.precision == "bf16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.train.precision)
+        self.scaler = None  # fp16's loss scaling, built on the worker's device
+
+    def model_building(self):
+        """Context in which the task builds the model: nothing to arrange, every worker holds it whole."""
+        return contextlib.nullcontext()
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         import ray.train.torch
@@ -37,6 +43,10 @@ class DDPBackend:
         self.refresh()
         self.optimizer = build_optimizer(param_groups(self.module, self.train), self.train)
         self.scheduler = build_scheduler(self.optimizer, self.train, total_steps)
+        if self.train.precision == "fp16":
+            # fp16's narrow range underflows small gradients: scale the loss up, and the gradients
+            # back down before clipping; a step whose gradients overflowed is skipped.
+            self.scaler = torch.amp.GradScaler(self.device.type)
 
     def refresh(self) -> None:
         """(Re-)wrap in DDP, which syncs exactly the parameters trainable at wrapping time.
@@ -61,17 +71,24 @@ class DDPBackend:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.train.grad_accum).backward()
+        loss = loss / self.train.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, boundary: bool) -> float | None:
         if not boundary:
             return None
         norm = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if self.train.clip_grad_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in self.module.parameters() if p.requires_grad], self.train.clip_grad_norm
             ))
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -84,7 +101,8 @@ class DDPBackend:
 
         if rank == 0:  # DDP replicas are identical: one copy is the whole state
             save_model(self.module, f"{directory}/weights.safetensors")
-            save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory, "optimizer")
+            save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None}, directory, "optimizer")
 
     def load(self, directory: str) -> None:
         from safetensors.torch import load_model
@@ -94,6 +112,8 @@ class DDPBackend:
         from_recipe = [(group["initial_lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         # State comes from the checkpoint, hyperparameters from the recipe: a PBT trial continues
         # another trial's run with its own lr and weight decay (a plain resume sets the same values).
         self.scheduler.base_lrs = [lr for lr, _ in from_recipe]

@@ -52,21 +52,12 @@ def load_weights_only(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def retention_problems(recipe: Recipe) -> list[tuple[str, str]]:
-    """Retention features not (yet) supported under DeepSpeed: the trainable set cannot change
-    after deepspeed.initialize; the Fisher, replay and penalties are untested on ZeRO's gradient
-    hooks; under ZeRO-3 every forward is a collective, which reference probes do not keep in step."""
-    problems = []
+def strategy_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """The trainable set cannot change after deepspeed.initialize (the optimizer's partitions are
+    fixed then), so strategies that change it mid-run are refused."""
     if recipe.strategy.method in ("gradual", "lp_ft"):
-        problems.append(("strategy.method", f"{recipe.strategy.method} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only"))
-    for section in ("regularizer", "replay"):
-        if getattr(recipe, section):
-            problems.append((section, "not supported with train.backend deepspeed yet; use ddp"))
-    if recipe.deepspeed.zero_stage == 3:
-        for section in ("retention", "wise_ft"):
-            if getattr(recipe, section):
-                problems.append((section, "not supported with deepspeed.zero_stage 3 yet (reference probes would leave ranks out of step); use stage 0-2 or ddp"))
-    return problems
+        return [("strategy.method", f"{recipe.strategy.method} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only")]
+    return []
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, tuple[Any, str]]:
@@ -162,17 +153,47 @@ class DeepSpeedBackend:
         for key, (value, field) in recipe_settings(recipe).items():
             if key in leaves and leaves[key] != value:
                 problems.append((f"deepspeed.config.{key}", f"{leaves[key]!r} conflicts with {field} ({value!r}); set it there"))
+        if recipe.model.dtype not in (None, recipe.train.precision):
+            problems.append(("model.dtype", f"deepspeed keeps the weights in train.precision's dtype ({recipe.train.precision}); "
+                                            f"set model.dtype to {recipe.train.precision} or leave it out"))
         if recipe.train.precision == "fp16" and not recipe.scaling.use_gpu:
             problems.append(("train.precision", "fp16 with deepspeed needs scaling.use_gpu: true; use bf16 or fp32 on CPU"))
         if recipe.tune and recipe.tune.scheduler == "pbt":
             problems.append(("tune.scheduler", "pbt restarts trials with changed hyperparameters, which the deepspeed "
                                                "backend's restored optimizer does not take yet; use ddp, or asha"))
-        return problems + retention_problems(recipe)
+        return problems + strategy_problems(recipe)
 
     def __init__(self, recipe: Recipe):
         self.train = recipe.train
         self.config = deepspeed_config(recipe)
-        self.collective_forward = self.config["zero_optimization"]["stage"] == 3
+        self.partitioned = self.config["zero_optimization"]["stage"] == 3
+
+    @contextlib.contextmanager
+    def model_building(self):
+        """Context in which the task builds the model. Under ZeRO-3, transformers' ``from_pretrained``
+        creates every parameter partitioned (``deepspeed.zero.Init``) and loads each tensor into its
+        partitions as it reads it, so no worker ever holds the whole model; transformers asks for
+        that through a global DeepSpeed config, set only while the model is built (a teacher
+        built later must load whole)."""
+        if not self.partitioned:
+            yield
+            return
+        import ray.train.torch
+
+        if ray.train.torch.get_device().type != "cuda":
+            use_cpu_accelerator()
+        import deepspeed
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # DeepSpeed's own communication layer, on the process group Ray Train set up: zero.Init
+        # partitions over it (and the config's batch check reads its world size).
+        deepspeed.init_distributed(dist_init_required=False)
+        keep_alive = HfDeepSpeedConfig(self.config)  # transformers holds only a weak reference
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
 
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         import ray.train.torch
@@ -224,9 +245,36 @@ class DeepSpeedBackend:
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
 
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """ZeRO-3: this rank's partition of every trainable parameter, its fp32 master weights
+        (live views: clone what must outlast the next step)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return {name: safe_get_local_fp32_param(p).detach() for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def local_grads(self) -> dict[str, torch.Tensor]:
+        """ZeRO-3, after a boundary ``backward``: this rank's partition of every trainable gradient
+        (averaged over ranks), as fp32 copies."""
+        from deepspeed.utils import safe_get_local_grad
+
+        return {name: safe_get_local_grad(p).detach().float().clone() for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def add_to_local_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        """ZeRO-3, after a boundary ``backward`` and before ``step``: add to this rank's gradient partitions."""
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        parameters = dict(self.module.named_parameters())
+        scale = getattr(self.model.optimizer, "loss_scale", 1.0)  # fp16 keeps gradients scaled until the step
+        for name, grad in grads.items():
+            current = safe_get_local_grad(parameters[name])
+            safe_set_local_grad(parameters[name], current + grad.to(current.dtype) * scale)
+
+    def zero_grad(self) -> None:
+        self.model.optimizer.zero_grad()
+
     def full_weights(self):
         """Under ZeRO-3, gather every parameter on every rank (a collective: all ranks enter)."""
-        if not self.collective_forward:
+        if not self.partitioned:
             return contextlib.nullcontext()  # stages 0-2 keep a full copy of the weights everywhere
         import deepspeed
 
@@ -239,7 +287,7 @@ class DeepSpeedBackend:
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights into the module (for evaluation and export; the optimizer's master copy is
         left as it is, so training does not continue from here)."""
-        if not self.collective_forward:
+        if not self.partitioned:
             self.module.load_state_dict(state)
             return
         import deepspeed

@@ -9,6 +9,9 @@ A strategy owns its recipe options (``Options``, a subclass of the schema's ``St
   parameter the strategy will ever train leaves here trainable, so the optimizer holds them all.
 - ``on_epoch_start(model, epoch) -> bool``: set what trains this epoch (gradual unfreezing,
   LP-FT); True when that changed, so the backend re-wraps the model.
+- ``save_adapter(model, directory)``: what the strategy trained, alone, where that is a format of
+  its own (LoRA: a PEFT adapter directory that ``PeftModel.from_pretrained`` puts on the base
+  model); called before ``export``.
 - ``export(model) -> model``: e.g. merge adapters before ``save_pretrained``.
 """
 
@@ -34,6 +37,7 @@ class Strategy(Protocol):
     def check(self, skeleton: torch.nn.Module) -> None: ...
     def prepare(self, model: torch.nn.Module, task) -> torch.nn.Module: ...
     def on_epoch_start(self, model: torch.nn.Module, epoch: int) -> bool: ...
+    def save_adapter(self, model: torch.nn.Module, directory: str) -> None: ...
     def export(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
 
@@ -129,6 +133,9 @@ class Full:
 
     def on_epoch_start(self, model, epoch):
         return False
+
+    def save_adapter(self, model, directory):
+        pass
 
     def export(self, model):
         return model
@@ -262,6 +269,10 @@ class LoRA(Full):
         from peft import get_peft_model
 
         return get_peft_model(model, self.config(task.head_names(model)))
+
+    def save_adapter(self, model, directory):
+        """The adapters and the head alone (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        model.save_pretrained(directory, safe_serialization=True)
 
     def export(self, model):
         return model.merge_and_unload()

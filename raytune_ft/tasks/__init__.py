@@ -137,6 +137,37 @@ def check_pretrained_weights(model_path: str, skeleton: torch.nn.Module) -> None
         raise UserError("model.path", f"none of the tensors in {directory} belong to a {type(skeleton).__name__}")
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_dtype(recipe: Recipe) -> torch.dtype | str:
+    """What ``from_pretrained`` loads the weights as: ``model.dtype``, else the checkpoint's own."""
+    return TORCH_DTYPES[recipe.model.dtype] if recipe.model.dtype else "auto"
+
+
+def checkpointable(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformers models inside ``model`` (itself included) that can checkpoint activations."""
+    from transformers import PreTrainedModel
+
+    found = [module for module in model.modules() if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing]
+    return [module for module in found if not any(other is not module and module in list(other.modules()) for other in found)]
+
+
+def check_gradient_checkpointing(task: "Task") -> None:
+    """Driver-side, on the meta skeleton: ``train.gradient_checkpointing`` needs a transformers model."""
+    skeleton = task.skeleton()
+    if not checkpointable(skeleton):
+        raise UserError("train.gradient_checkpointing", f"task {task.name}'s model ({type(skeleton).__name__}) has no layers "
+                                                         "transformers can checkpoint; remove it")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations layer by layer in the backward pass (the non-reentrant variant: it
+    needs no input that requires a gradient, so frozen embeddings and adapters work alike)."""
+    for module in checkpointable(model):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def register(cls):
     """Class decorator: make a task available to recipes as ``task.type: <cls.name>``."""
     TASKS[cls.name] = cls

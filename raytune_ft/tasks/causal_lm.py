@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import register
+from raytune_ft.tasks import load_dtype, register
 from raytune_ft.tasks.text_classification import check_text_model, encoder_config, load_tokenizer, pad_sequences, tokenize
 
 PAD = -100
@@ -98,7 +98,7 @@ class CausalLM:
     def __init__(self, recipe: Recipe, labels: list[str]):
         self.recipe, self.model_path, self.options = recipe, recipe.model.path, recipe.task
         self.labels = labels  # a probe reference's classes; the task itself has none
-        self.num_layers, self.dropout = recipe.model.num_layers, recipe.train.dropout
+        self.num_layers, self.dropout, self.dtype = recipe.model.num_layers, recipe.train.dropout, load_dtype(recipe)
 
     def check(self) -> None:
         recipe = self.recipe
@@ -169,8 +169,7 @@ class CausalLM:
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        # float32 whatever the checkpoint's dtype: train.precision decides about autocast
-        return AutoModelForCausalLM.from_pretrained(self.model_path, config=self.config(), dtype=torch.float32, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(self.model_path, config=self.config(), dtype=self.dtype, use_safetensors=True)
 
     def head_names(self, model: torch.nn.Module) -> list[str]:
         return []

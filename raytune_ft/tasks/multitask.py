@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool, scale_lr
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import ClassificationMetrics, classification_loss, register
+from raytune_ft.tasks import ClassificationMetrics, classification_loss, load_dtype, register
 from raytune_ft.tasks.image_classification import ImageClassification, decode_images, normalise, save_model
 from raytune_ft.tasks.text_classification import (
     check_text_model, encoder_config, load_tokenizer, pad_sequences, tokenize,
@@ -280,7 +280,7 @@ class Multitask:
             return self.wrap(self.image_task.build_model(), self.log_variance_lr_scale)
         from transformers import AutoModel
 
-        encoder = AutoModel.from_pretrained(self.model_path, config=self.config(), use_safetensors=True)  # never unpickle
+        encoder = AutoModel.from_pretrained(self.model_path, config=self.config(), dtype=load_dtype(self.recipe), use_safetensors=True)  # never unpickle
         return self.wrap(encoder, self.log_variance_lr_scale)
 
     def head_names(self, model: torch.nn.Module) -> list[str]:

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import check_pretrained_weights, register
+from raytune_ft.tasks import check_pretrained_weights, load_dtype, register
 
 SAMPLING_RATE = 16000
 HOP_LENGTH = 160  # Whisper's mel frames are 10 ms apart; its encoder halves them (conv stride 2)
@@ -116,7 +116,7 @@ class SpeechRecognition:
 
     def __init__(self, recipe: Recipe, labels: list[str]):
         self.model_path, self.options = recipe.model.path, recipe.task
-        self.dropout, self.skip_bad_rows = recipe.train.dropout, recipe.data.on_bad_rows == "skip"
+        self.dropout, self.skip_bad_rows, self.dtype = recipe.train.dropout, recipe.data.on_bad_rows == "skip", load_dtype(recipe)
         self._tokenizer = self._config = self._features = None
 
     def config(self):
@@ -177,7 +177,7 @@ class SpeechRecognition:
     def build_model(self) -> torch.nn.Module:
         from transformers import WhisperForConditionalGeneration
 
-        return WhisperForConditionalGeneration.from_pretrained(self.model_path, config=self.config(), use_safetensors=True)
+        return WhisperForConditionalGeneration.from_pretrained(self.model_path, config=self.config(), dtype=self.dtype, use_safetensors=True)
 
     def head_names(self, model: torch.nn.Module) -> list[str]:
         return ["model.decoder", "proj_out"]

@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
+from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, load_dtype, register
 
 
 @functools.lru_cache(maxsize=4)
@@ -110,7 +110,7 @@ class TextClassification:
 
     def __init__(self, recipe: Recipe, labels: list[str]):
         self.model_path, self.options, self.labels = recipe.model.path, recipe.task, labels
-        self.num_layers, self.dropout = recipe.model.num_layers, recipe.train.dropout
+        self.num_layers, self.dropout, self.dtype = recipe.model.num_layers, recipe.train.dropout, load_dtype(recipe)
 
     def check(self) -> None:
         check_text_model(self)
@@ -140,7 +140,7 @@ class TextClassification:
         from transformers import AutoModelForSequenceClassification
 
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, config=self.config(), output_loading_info=True, use_safetensors=True)  # never unpickle
+            self.model_path, config=self.config(), dtype=self.dtype, output_loading_info=True, use_safetensors=True)  # never unpickle
         # The head is whatever the checkpoint did not provide: the classifier, and for encoders
         # saved without one (sentence-transformers) the pooler too.
         model.raytune_ft_new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})

@@ -23,7 +23,7 @@ from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.models.vqa_fusion import ARCHITECTURE, VQAFusion, text_config
 from raytune_ft.schema import ModelSection, Recipe, TaskOptions
-from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, register
+from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, load_dtype, register
 from raytune_ft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, ImageClassification, decode_images, normalise
 from raytune_ft.tasks.text_classification import load_tokenizer, pad_sequences, tokenize
 
@@ -161,7 +161,7 @@ class VisualQuestionAnswering:
         if exported is None:
             with image_encoder_errors():
                 image = self.image_task().build_model()
-            text = AutoModel.from_pretrained(self.model_path, add_pooling_layer=False, use_safetensors=True)  # never unpickle
+            text = AutoModel.from_pretrained(self.model_path, add_pooling_layer=False, dtype=load_dtype(self.recipe), use_safetensors=True)  # never unpickle
             return VQAFusion(config, image=image, text=text)
         model = VQAFusion(config)
         state = load_file(Path(self.model_path) / "model.safetensors")

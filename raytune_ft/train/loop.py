@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from raytune_ft import run_folder
 from raytune_ft.addons import LoopContext, Step, build_addons
 from raytune_ft.backends import BACKENDS
 from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.evaluation import Collate, all_reduce_sum, average_running_statistics, evaluate, scalars
 from raytune_ft.strategies import build_strategy
-from raytune_ft.tasks import build_task, export_pretrained
+from raytune_ft.tasks import TORCH_DTYPES, build_task, enable_gradient_checkpointing, export_pretrained
 from raytune_ft.train.faults import maybe_fail
 from raytune_ft.train.planning import RunPlan
 from raytune_ft.train.ray_start import WORKER_NICENESS
@@ -70,6 +72,35 @@ def run_at_niceness(niceness: str | None) -> None:
         pass
 
 
+def build_model(task, recipe, backend) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The task's model, built the backend's way (under ZeRO-3 each worker loads only its
+    partitions), in ``model.dtype``, its activations checkpointed when asked; and what loading it
+    cost this worker (seconds, resident memory before and at the peak)."""
+    import resource
+
+    import psutil
+
+    rss_before, started = psutil.Process().memory_info().rss, time.perf_counter()
+    with backend.model_building():
+        model = task.build_model()
+    partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    if recipe.model.dtype and not partitioned:  # partitioned parameters were created in it
+        model.to(TORCH_DTYPES[recipe.model.dtype])
+    if recipe.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, {"seconds": time.perf_counter() - started, "rss_before_bytes": rss_before,
+                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "partitioned": partitioned}
+
+
+def worst_over_ranks(loading: dict[str, Any]) -> dict[str, Any]:
+    """Each measure of model loading at its worst over the ranks (every rank gets the same)."""
+    values = torch.tensor([loading["seconds"], loading["rss_before_bytes"], loading["peak_rss_bytes"], not loading["partitioned"]],
+                          dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return {"seconds": float(values[0]), "rss_before_bytes": int(values[1]), "peak_rss_bytes": int(values[2]), "partitioned": not bool(values[3])}
+
+
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -92,7 +123,8 @@ def save_checkpoint(directory: str, state: dict[str, Any], loop: LoopContext, st
     if final:
         with backend.full_weights():
             if rank == 0:
-                export_pretrained(loop.task, strategy.export(backend.module), os.path.join(directory, "model"))
+                strategy.save_adapter(backend.module, os.path.join(directory, run_folder.ADAPTER))  # before export merges it
+                export_pretrained(loop.task, strategy.export(backend.module), os.path.join(directory, run_folder.MODEL))
     if rank == 0:
         with open(os.path.join(directory, TRAINER_STATE), "w") as f:
             json.dump(state, f)
@@ -152,10 +184,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(train.seed)
 
     # The model: the task builds it, the strategy chooses what trains, the backend distributes it.
-    task = build_task(recipe, plan.labels)
-    strategy = build_strategy(recipe)
-    model = strategy.prepare(task.build_model(), task)
-    backend = BACKENDS[train.backend](recipe)
+    task, strategy, backend = build_task(recipe, plan.labels), build_strategy(recipe), BACKENDS[train.backend](recipe)
+    model, loading = build_model(task, recipe, backend)
+    model = strategy.prepare(model, task)
     backend.setup(model, steps.total_steps)
     shards = {name: ray.train.get_dataset_shard(name) for name in plan.datasets}
     eval_batch = train.eval_batch_size or 2 * train.batch_size
@@ -171,6 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint() or plan.resume_from
     if checkpoint:
         state, best_weights = resume(checkpoint, backend, addons, rank)
+    state["model_load"] = worst_over_ranks(loading)  # this attempt's
     stopping = train.early_stopping
     done = state["step"] >= steps.total_steps or state["stopped_early"]
 
@@ -205,6 +237,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for addon in addons:  # distillation, replay, L2-SP/EWC: each adds its term
                     objective = addon.objective(objective, Step(batch, outputs, index, boundary))
             backend.backward(objective)
+            for addon in addons:
+                addon.before_step(boundary)
             backend.step(boundary)
             size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
             loss_sum += torch.tensor([float(loss.detach()) * size, size], dtype=torch.float64)

@@ -40,10 +40,12 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "wall_time_s": wall_s, "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"],
         "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
         "data_wait_fraction": state["data_wait_s"] / max(state["train_time_s"], 1e-9),
+        "model_load": state.get("model_load"),  # per worker, the worst rank: seconds, resident memory before and at the peak
         "plan": asdict(state["plan"]),
         "bad_rows_skipped": bad_rows,
         **{section: cls.summary(recipe, state) if getattr(recipe, section, None) else None for section, cls in ADDONS.items()},
         "outputs": {"run_dir": str(run_dir), "model": str(run_dir / run_folder.MODEL), "metrics": str(run_dir / run_folder.METRICS),
+                    **({"adapter": str(run_dir / run_folder.ADAPTER)} if (run_dir / run_folder.ADAPTER).is_dir() else {}),
                     "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
     plot_files = plots.write_run_plots(run_dir / run_folder.PLOTS, history, state.get("test", {}), recipe)

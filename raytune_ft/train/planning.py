@@ -18,7 +18,7 @@ from raytune_ft.errors import UserError
 from raytune_ft.report.tables import plural
 from raytune_ft.schema import Recipe
 from raytune_ft.strategies import build_strategy
-from raytune_ft.tasks import TASKS, build_task, task_label_roles
+from raytune_ft.tasks import TASKS, build_task, check_gradient_checkpointing, task_label_roles
 
 
 @dataclass
@@ -84,4 +84,6 @@ def plan_run(recipe: Recipe) -> PlannedData:
     task = build_task(recipe, labels or [])
     task.check()
     check_strategy(recipe, task)
+    if recipe.train.gradient_checkpointing:
+        check_gradient_checkpointing(task)
     return PlannedData(splits, labels, task, {cls.section: cls.plan(recipe, task, splits) for cls in configured(recipe)})

@@ -70,13 +70,14 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
         raise TrainingFailed(error) from None
     with result.checkpoint.as_directory() as directory:
         state = json.loads((Path(directory) / TRAINER_STATE).read_text())
-        exported = Path(directory) / run_folder.MODEL
-        if exported.is_dir():
-            staging = run_dir / f"{run_folder.MODEL}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(exported, staging)
-            shutil.rmtree(run_dir / run_folder.MODEL, ignore_errors=True)
-            staging.rename(run_dir / run_folder.MODEL)
+        for name in (run_folder.MODEL, run_folder.ADAPTER):  # the exported model, and a LoRA adapter alone
+            exported = Path(directory) / name
+            if exported.is_dir():
+                staging = run_dir / f"{name}.tmp"
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.copytree(exported, staging)
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+                staging.rename(run_dir / name)
     state["plan"] = steps
     return state
 
