@@ -53,8 +53,10 @@ class DDPBackend:
         find_unused_parameters stays off (it costs a graph walk every step); frozen parameters
         do not count as unused."""
         if ray_world_size() > 1:
+            # gradient_as_bucket_view: the gradients live in the all-reduce buckets themselves,
+            # not in a second copy beside them (one gradient's worth of memory per worker).
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None, gradient_as_bucket_view=True,
             )
         else:
             self.model = self.module

@@ -108,6 +108,10 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
             "reduce_bucket_size": BUCKET_ELEMENTS,
             "allgather_bucket_size": BUCKET_ELEMENTS,
             "stage3_prefetch_bucket_size": BUCKET_ELEMENTS,
+            # ZeRO-3 keeps up to 1e9 gathered parameters alive by default (every parameter of a 1B
+            # model: no saving at the peak); a bucket's worth is enough to overlap the next gather.
+            "stage3_max_live_parameters": BUCKET_ELEMENTS,
+            "stage3_max_reuse_distance": BUCKET_ELEMENTS,
         },
     }
     for key, (value, _) in recipe_settings(recipe).items():
