@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs bench bench-retention bench-deepspeed bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
+.PHONY: install demo test docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -91,6 +91,11 @@ cluster-down:
 
 bench-deepspeed: $(STAMP)
 	$(PY) benchmarks/deepspeed_memory.py
+
+# The largest Llama-architecture model DDP, ZeRO-2 and ZeRO-3 fit here (fp32, 2 workers), and the
+# real SmolLM2-135M recipe under DDP and ZeRO-3 (benchmarks/results/scale.json, scale.png).
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -219,8 +219,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         backend.model.train()
         loss_sum, wait, samples = torch.zeros(2, dtype=torch.float64), 0.0, 0
         started = time.perf_counter()
-        batches = iter(shards["train"].iter_torch_batches(
-            batch_size=train.batch_size, collate_fn=Collate(task),
+        batches = iter(shards["train"].iter_torch_batches(  # pinned host memory: the copy to a GPU runs asynchronously
+            batch_size=train.batch_size, collate_fn=Collate(task), pin_memory=backend.device.type == "cuda",
             local_shuffle_buffer_size=recipe.data.shuffle_buffer or None, local_shuffle_seed=train.seed * 1000 + epoch,
         ))
         for index in range(steps.micro_batches_per_epoch):
