@@ -93,7 +93,7 @@ bench-deepspeed: $(STAMP)
 	$(PY) benchmarks/deepspeed_memory.py
 
 # The largest Llama-architecture model DDP, ZeRO-2 and ZeRO-3 fit here (fp32, 2 workers), and the
-# real SmolLM2-135M recipe under DDP and ZeRO-3 (benchmarks/results/scale.json, scale.png).
+# shipped text and SmolLM2-135M recipes under DDP and ZeRO-3 (benchmarks/results/scale.json, scale.png).
 bench-scale: $(STAMP)
 	$(PY) benchmarks/scale.py
 

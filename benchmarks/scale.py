@@ -16,11 +16,11 @@ project's own backends: under ZeRO-3 the model is created straight into its part
 
 Sizes run smallest first; a backend's first size that fails (Ray's memory monitor kills a worker
 above ``RAY_memory_usage_threshold``, 0.92 here, before the kernel would) ends that backend. Then
-the real SmolLM2-135M fine-tunes (``jobs/causal_lm_lora.yaml``, retention references on) under
-DDP and ZeRO-3, side by side. Writes ``benchmarks/results/scale.json`` and ``scale.png``.
+the shipped text recipe and the real SmolLM2-135M recipe (``jobs/text_classification.yaml``,
+``jobs/causal_lm_lora.yaml``, retention references on) run under DDP and under ZeRO-3, side by side. Writes ``benchmarks/results/scale.json`` and ``scale.png``.
 
-Run: ``make bench-scale`` (about an hour on 2 cores; ``--sizes 0.1B,0.25B --no-smollm2`` for a
-quick look).
+Run: ``make bench-scale`` (about an hour and a half on 2 cores; ``--sizes 0.1B,0.25B --no-recipes`` for
+a quick look).
 """
 
 from __future__ import annotations
@@ -125,17 +125,25 @@ def run_size(name: str, backend: str, args) -> dict:
             **{key: max(rank[key] for rank in ranks) for key in ("model_state_bytes", "peak_rss_bytes", "load_peak_rss_bytes", "seconds_per_step")}}
 
 
-def smollm2_side_by_side(storage: Path) -> dict:
-    """The real SmolLM2-135M recipe with its retention references, DDP against ZeRO-3."""
+def recipes_side_by_side(storage: Path) -> dict:
+    """The shipped text recipe (MiniLM-L6, its topics reference on) and the real SmolLM2-135M
+    recipe (its references on), each under DDP and under ZeRO-3; and whether transformers loads
+    the ZeRO-3 export alone."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from raytune_ft import load_recipe, run
 
-    rows = {}
-    for backend, overrides in {"ddp": [], "zero3": ["train.backend=deepspeed", "deepspeed.zero_stage=3"]}.items():
-        recipe = load_recipe(ROOT / "jobs" / "causal_lm_lora.yaml", [*overrides, f"output.dir={storage / ('smollm2_' + backend)}", "post.report=false"])
-        summary = run(recipe, force=True)
-        rows[backend] = {key: summary[key] for key in ("test", "retention", "train_samples_per_s", "wall_time_s", "model_load", "steps")}
-        rows[backend]["adapter"] = "adapter" in summary["outputs"]
-    return rows
+    loaders = {"text_classification": AutoModelForSequenceClassification, "causal_lm_lora": AutoModelForCausalLM}
+    results: dict = {}
+    for name, loader in loaders.items():
+        for backend, overrides in {"ddp": [], "zero3": ["train.backend=deepspeed", "deepspeed.zero_stage=3"]}.items():
+            recipe = load_recipe(ROOT / "jobs" / f"{name}.yaml", [*overrides, f"output.dir={storage / (name + '_' + backend)}", "post.report=false"])
+            summary = run(recipe, force=True)
+            row = {key: summary[key] for key in ("test", "gain", "retention", "train_samples_per_s", "wall_time_s", "model_load", "steps")}
+            row["export_loads_alone"] = loader.from_pretrained(summary["outputs"]["model"]) is not None
+            row["adapter"] = "adapter" in summary["outputs"]
+            results.setdefault(name, {})[backend] = row
+    return results
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -183,7 +191,7 @@ def main() -> None:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per size")
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--no-smollm2", action="store_true", help="skip the real SmolLM2-135M runs")
+    parser.add_argument("--no-recipes", action="store_true", help="skip the shipped recipes under DDP and ZeRO-3")
     parser.add_argument("--storage", default="runs/bench_scale")
     parser.add_argument("--output", default="benchmarks/results/scale.json")
     args = parser.parse_args()
@@ -203,8 +211,8 @@ def main() -> None:
     ray.shutdown()
     results = {"args": vars(args), "machine": {"cpus": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
                **summarise(rows), "rows": rows}
-    if not args.no_smollm2:
-        results["smollm2_135m"] = smollm2_side_by_side(Path(args.storage).resolve())
+    if not args.no_recipes:
+        results["recipes"] = recipes_side_by_side(Path(args.storage).resolve())
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
