@@ -316,7 +316,8 @@ def run_in_fixture(start):
 # last, and one process ran it alone for 100 s while the other had finished. Files not named here
 # follow in collection order.
 COSTLIEST_FILES_FIRST = [
-    "test_jobs.py", "test_tune.py", "test_deepspeed.py", "test_training.py", "test_retention.py", "test_multitask.py",
+    "test_jobs.py", "test_tune.py", "test_zero3_features.py", "test_deepspeed.py", "test_training.py", "test_retention.py", "test_multitask.py",
+    "test_precision.py",
     "test_compression.py", "test_fusion.py", "test_image.py", "test_speech.py", "test_causal_lm.py", "test_vqa.py",
     "test_distill.py", "test_explain.py",
 ]
