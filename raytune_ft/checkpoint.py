@@ -63,15 +63,18 @@ def load_state(directory: str | os.PathLike, name: str) -> Any:
 def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
     """Tensor name -> shape, from the header alone. Raises ValueError when the file is not
     safetensors (a pickle, say) or is shorter or longer than its header says (half-written)."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if size < 8 or length > size - 8:
-            raise ValueError("not a safetensors file")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:  # also UnicodeDecodeError
-            raise ValueError("not a safetensors file (its header is not JSON)") from None
+        return _safetensors_header(f, os.path.getsize(path))
+
+
+def _safetensors_header(f, size: int) -> dict[str, list[int]]:
+    length = int.from_bytes(f.read(8), "little")
+    if size < 8 or length > size - 8:
+        raise ValueError("not a safetensors file")
+    try:
+        header = json.loads(f.read(length))
+    except ValueError:  # also UnicodeDecodeError
+        raise ValueError("not a safetensors file (its header is not JSON)") from None
     try:
         header.pop("__metadata__", None)
         expected = 8 + length + max((int(tensor["data_offsets"][1]) for tensor in header.values()), default=0)
@@ -83,19 +86,26 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
     return shapes
 
 
-def verify_checkpoint(directory: str | os.PathLike) -> None:
+def verify_checkpoint(directory: str | os.PathLike, filesystem=None) -> None:
     """Raise ValueError naming the first file of a checkpoint that is missing, truncated or not
-    what its suffix says; reads headers and structure only, never the tensors."""
-    directory = Path(directory)
-    if not (directory / TRAINER_STATE).is_file():
-        raise ValueError(f"{directory / TRAINER_STATE}: missing")
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    what its suffix says; reads headers and structure only, never the tensors. ``filesystem``: a
+    pyarrow filesystem holding ``directory`` (shared storage, S3, ...); default the local disk."""
+    from pyarrow import fs
+
+    filesystem = filesystem or fs.LocalFileSystem()
+    root = str(directory).rstrip("/")
+    files = sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+                   if info.type == fs.FileType.File)
+    if f"{root}/{TRAINER_STATE}" not in files:
+        raise ValueError(f"{root}/{TRAINER_STATE}: missing")
+    for path in files:
         try:
-            if path.suffix == ".safetensors":
-                safetensors_shapes(path)
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-            elif path.suffix == ".pt":  # DeepSpeed's shards: zip archives, whose index sits at the end
-                zipfile.ZipFile(path).close()
+            with filesystem.open_input_file(path) as f:
+                if path.endswith(".safetensors"):
+                    _safetensors_header(f, f.size())
+                elif path.endswith(".json"):
+                    json.loads(f.read())
+                elif path.endswith(".pt"):  # DeepSpeed's shards: zip archives, whose index sits at the end
+                    zipfile.ZipFile(f).close()
         except (ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{path}: {error}") from None

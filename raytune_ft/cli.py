@@ -62,7 +62,10 @@ def run(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     workers: Optional[int] = typer.Option(None, help="Number of training workers (scaling.workers)."),
     output: Optional[Path] = typer.Option(None, help="Run directory (output.dir)."),
-    resume: bool = typer.Option(False, help="Continue the run in the output directory from its last checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in the output directory (or on output.storage_path, when the "
+                                            "local folder is gone) from its last checkpoint."),
+    resume_or_start: bool = typer.Option(False, "--resume-or-start", help="Resume the run if one is there, else start it: "
+                                                                           "for a driver that a cluster retries (RayJob)."),
     force: bool = typer.Option(False, help="Move an existing run in the output directory aside and start anew."),
     address: Optional[str] = typer.Option(None, help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
 ):
@@ -74,7 +77,7 @@ def run(
     from raytune_ft.train.runner import run as run_recipe
 
     loaded = _load(recipe, set_, workers, output)
-    summary = run_recipe(loaded, resume=resume, force=force, address=address)
+    summary = run_recipe(loaded, resume=resume, force=force, address=address, resume_or_start=resume_or_start)
     typer.echo(summary_table(summary))
 
 

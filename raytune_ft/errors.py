@@ -43,6 +43,20 @@ def find_user_error(error: BaseException | None) -> UserError | None:
     return None
 
 
+class Diverged(UserError):
+    """The loss became NaN or infinite: the run stops and exports nothing (exit code 1)."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, epoch: int, loss: float):
+        self.step, self.epoch, self.loss = step, epoch, loss
+        super().__init__("", f"training diverged at step {step} (epoch {epoch}): the loss is {loss}; nothing was exported "
+                             "(lower train.lr, or look at the data)")
+
+    def __reduce__(self):
+        return type(self), (self.step, self.epoch, self.loss)
+
+
 class TrainingFailed(Exception):
     """Training failed on the workers; the message is the workers' first error, one line."""
 

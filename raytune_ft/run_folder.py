@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.errors import UserError
+from raytune_ft.schema import Recipe, dotted
 
 RECIPE = "recipe.yaml"  # the validated recipe, every default spelled out
 SUMMARY = "summary.json"  # written last: its presence means the run finished
@@ -27,6 +28,8 @@ PLOTS = "plots"
 POST = "post"  # one <step>.json per post-training step
 REPORT = "report.html"
 TRIALS = "trials"  # a tune experiment's trial run directories: trials/<trial>/run
+BASELINE = "baseline"  # the head-only baseline's own run folder
+RESUMES = "resumes.jsonl"  # one line per resume: when, and the recipe changes it accepted
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -37,14 +40,41 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(partial, path)
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def storage(location: str | Path):
+    """(pyarrow filesystem, path) of a local path or a storage URI (s3://, gs://, an NFS path)."""
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(str(location))
+    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+        raise UserError("output.storage_path", f"cannot open {location}: {str(error).splitlines()[0]}") from None
+
+
+def holds_run(location: str | Path) -> bool:
+    """Whether a run folder (local, or on shared storage) holds anything."""
+    from pyarrow import fs
+
+    filesystem, path = storage(location)
+    try:
+        return bool(filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True)))
+    except OSError as error:
+        raise UserError("output.storage_path", f"cannot read {location}: {str(error).splitlines()[0]}") from None
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool, shared: str | None = None) -> None:
     """Never overwrite a run: a second run into a directory needs --resume (continue) or --force.
-    Checked before anything is written, so a refused run leaves no trace."""
+    With shared storage (``shared``: the run's folder there) the run lives there: it can be resumed
+    from storage alone, and it is never overwritten, moved aside or deleted. Checked before
+    anything is written, so a refused run leaves no trace."""
     if resume and force:
         raise UserError("--force", "cannot be combined with --resume (continue the run, or move it aside and start anew)")
     occupied = run_dir.exists() and any(run_dir.iterdir())
-    if resume and not occupied:
-        raise UserError("--resume", f"no run to resume in {run_dir}")
+    stored = bool(shared) and holds_run(shared)
+    if resume and not occupied and not stored:
+        raise UserError("--resume", f"no run to resume in {run_dir}" + (f" nor in {shared}" if shared else ""))
+    if stored and not resume:
+        raise UserError("output.storage_path", f"{shared} already holds a run; pass --resume to continue it, "
+                                               "or give the run another output.dir name")
     if occupied and not resume and not force:
         raise UserError("output.dir", f"{run_dir} already holds a run; pass --resume to continue it or --force to move it aside")
     existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
@@ -52,27 +82,85 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise UserError("output.dir", f"{run_dir} is not writable ({existing} is not a writable directory)")
 
 
-def check_resume_checkpoint(run_dir: Path) -> None:
-    """The checkpoint Ray Train will resume from (the latest in its run snapshot) must be whole.
-    Ray registers a checkpoint only once every worker's files are in storage, so a write cut
-    short is never in the snapshot; this catches a registered one damaged since."""
+def check_resume_checkpoint(location: str | Path) -> None:
+    """The checkpoint Ray Train will resume from (the latest in its run snapshot, in the run's
+    folder or on shared storage) must be whole. Ray registers a checkpoint only once every worker's
+    files are in storage, so a write cut short is never in the snapshot; this catches a registered
+    one damaged since, wherever it is stored."""
     from raytune_ft.checkpoint import verify_checkpoint
     from raytune_ft.ray_compat import run_snapshot_filename
 
-    snapshot = run_dir / run_snapshot_filename()
-    if not snapshot.is_file():
-        return
+    filesystem, root = storage(location)
+    snapshot = f"{root.rstrip('/')}/{run_snapshot_filename()}"
     try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-        directory = run_dir / latest["checkpoint_dir_name"] if latest else None
+        with filesystem.open_input_file(snapshot) as f:
+            text = f.read()
+    except (FileNotFoundError, OSError):
+        return  # no checkpoint yet: the run starts its first epoch again
+    try:
+        latest = json.loads(text).get("latest_checkpoint_result")
+        directory = f"{root.rstrip('/')}/{latest['checkpoint_dir_name']}" if latest else None
     except (ValueError, AttributeError, KeyError, TypeError):
-        raise UserError("--resume", f"{snapshot}: not Ray Train's run snapshot") from None
+        raise UserError("--resume", f"{location}/{run_snapshot_filename()}: not Ray Train's run snapshot") from None
     try:
         if directory:
-            verify_checkpoint(directory)
+            verify_checkpoint(directory, filesystem)
     except ValueError as error:
         raise UserError("--resume", f"{error}; the checkpoint to resume from is damaged, nothing was changed "
                                     "(start anew with --force)") from None
+
+
+def restore_from_storage(shared: str, run_dir: Path) -> None:
+    """A run resumed from shared storage alone (the head and its disk gone): the driver's own files
+    (recipe, summaries, metrics, the baseline's outputs) come back into the local run folder; the
+    checkpoints stay in storage, where Ray Train resumes from them."""
+    from pyarrow import fs
+
+    filesystem, root = storage(shared)
+    root = root.rstrip("/")
+    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root) + 1:]
+        if info.type != fs.FileType.File or relative.split("/")[0].startswith("checkpoint_") or "/checkpoint_" in relative:
+            continue
+        target = run_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.copy_files(info.path, str(target), source_filesystem=filesystem)
+    print(f"[raytune-ft] resuming from {shared}: the run's files restored into {run_dir}", flush=True)
+
+
+# What a checkpoint was made from: a resume that changes any of these would continue another run.
+FIXED_ON_RESUME = ("task", "model", "data", "strategy", "retention", "train.backend", "train.seed", "train.batch_size",
+                   "train.grad_accum", "train.precision", "deepspeed")
+
+
+def resume_changes(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
+    """How ``recipe`` (as every field would be written) differs from the recipe the run was made
+    with (its ``recipe.yaml``). Refuses, naming the fields, a change to what the checkpoint was
+    made from (task, model, data, strategy, retention references, backend, seed, batch, precision;
+    the worker count where the backend shards the state); returns the others (more epochs, early
+    stopping, evaluation settings, ...), to be recorded."""
+    import yaml
+
+    made_with = yaml.safe_load((run_dir / RECIPE).read_text())
+    before, after = dotted(made_with), dotted(recipe.to_dict())
+    fixed = FIXED_ON_RESUME + (("scaling.workers",) if recipe.train.backend != "ddp" else ())
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key) and not key.startswith(("name", "output.dir")))
+    refused = [key for key in changed if any(key == field or key.startswith(field + ".") for field in fixed)]
+    if refused:
+        raise UserError("--resume", f"the checkpoint was made with another {', '.join(refused[:4])}{' ...' if len(refused) > 4 else ''} "
+                                    f"(in {run_dir / RECIPE}); resume with the recipe it was made with, or start a new run")
+    return [{"field": key, "before": before.get(key), "after": after.get(key)} for key in changed]
+
+
+def record_resume(run_dir: Path, changes: list[dict[str, Any]]) -> None:
+    """Append this resume, and the recipe changes it accepted, to ``resumes.jsonl``."""
+    with open(run_dir / RESUMES, "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
+
+
+def resumes(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / RESUMES
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def move_aside(path: Path) -> Path:
@@ -97,26 +185,20 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise UserError("output.dir", f"{run_dir} is not writable ({error.strerror})") from None
 
 
-def check_shared_storage(destination: str, resume: bool) -> None:
-    """A run on shared storage is never overwritten either; it is never moved aside or deleted."""
+def publish(run_dir: Path, destination: str, relative: str = "") -> None:
+    """Copy the driver's outputs (or the one file or folder ``relative``) beside the checkpoints on
+    shared storage: at the start (the recipe), after the baseline and at the end, so a resume from
+    storage finds what the run had done."""
     from pyarrow import fs
 
-    try:
-        filesystem, path = fs.FileSystem.from_uri(destination)
-        occupied = bool(filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True)))
-    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
-        raise UserError("output.storage_path", f"cannot open {destination}: {str(error).splitlines()[0]}") from None
-    if occupied and not resume:
-        raise UserError("output.storage_path", f"{destination} already holds a run; pass --resume to continue it, "
-                                               "or give the run another output.dir name")
-
-
-def publish_outputs(run_dir: Path, destination: str) -> None:
-    """Copy the driver's outputs beside the checkpoints on shared storage."""
-    from pyarrow import fs
-
-    fs.copy_files(str(run_dir), destination)
-    print(f"[raytune-ft] outputs copied to {destination}", flush=True)
+    filesystem, root = storage(destination)
+    source = run_dir / relative if relative else run_dir
+    target = f"{root.rstrip('/')}/{relative}" if relative else root
+    if source.is_dir():
+        fs.copy_files(str(source), target, destination_filesystem=filesystem)
+    else:
+        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.copy_files(str(source), target, destination_filesystem=filesystem)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

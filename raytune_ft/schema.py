@@ -590,6 +590,22 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 
 
+def dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe (or any nested config) as {dotted field: value}, a list of sections by
+    index as ``--set`` writes it (``retention.references.0.name``)."""
+    leaves: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves.update(dotted(value, f"{path}."))
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for i, item in enumerate(value):
+                leaves.update(dotted(item, f"{path}.{i}."))
+        else:
+            leaves[path] = value
+    return leaves
+
+
 def leaf_types(annotation: Any) -> set[Any]:
     """The types a field accepts, Optional and unions unwrapped (None dropped)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

@@ -24,7 +24,7 @@ import torch
 
 from raytune_ft.backends import register
 from raytune_ft.backends.optim import build_optimizer, build_scheduler, param_groups, scheduled_lr
-from raytune_ft.schema import Recipe
+from raytune_ft.schema import Recipe, dotted
 
 CHECKPOINT_TAG = "deepspeed"
 # DeepSpeed's default communication buckets (5e8 elements, 2 GB each in fp32) are sized for
@@ -77,17 +77,6 @@ def recipe_settings(recipe: Recipe) -> dict[str, tuple[Any, str]]:
         "zero_optimization.offload_optimizer.device": (options.offload_optimizer, "deepspeed.offload_optimizer"),
         "zero_optimization.offload_param.device": (options.offload_params, "deepspeed.offload_params"),
     }
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {dotted key: leaf value}."""
-    leaves = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            leaves.update(flatten(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +142,7 @@ class DeepSpeedBackend:
         raw = recipe.deepspeed.config
         problems = [(f"deepspeed.config.{key}", f"set by {field}; the backend builds it like ddp does, remove it here")
                     for key, field in OWN_OPTIMIZER_KEYS.items() if key in raw]
-        leaves = flatten(raw)
+        leaves = dotted(raw)
         for key, (value, field) in recipe_settings(recipe).items():
             if key in leaves and leaves[key] != value:
                 problems.append((f"deepspeed.config.{key}", f"{leaves[key]!r} conflicts with {field} ({value!r}); set it there"))

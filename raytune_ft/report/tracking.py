@@ -26,27 +26,13 @@ from ray.train import UserCallback
 
 from raytune_ft.errors import UserError
 from raytune_ft.run_folder import write_text_atomic
+from raytune_ft.schema import dotted
 
 STATE = "tracking.json"
 # Whatever of these a run or an experiment wrote is logged as an MLflow artifact at the end.
 ARTIFACTS = ("recipe.yaml", "summary.json", "metrics.jsonl", "model", "plots", "post", "report.html",
              "summary.md", "results.csv", "best_recipe.yaml", "pareto.json", "front")
 PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
-
-
-def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The recipe as dotted keys (``train.lr``); a list of sections by index, as ``--set`` writes it."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flat_params(value, f"{path}."))
-        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-            for i, item in enumerate(value):
-                flat.update(flat_params(item, f"{path}.{i}."))
-        else:
-            flat[path] = value
-    return flat
 
 
 def as_text(value: Any) -> str:
@@ -88,7 +74,7 @@ class Tracker(UserCallback):
         if parent is None and not output.tensorboard and output.mlflow is None:
             return None
         data = recipe.to_dict()
-        params = {re.sub(r"[^\w\-. :/]", "_", key): value for key, value in flat_params(data).items()}
+        params = {re.sub(r"[^\w\-. :/]", "_", key): value for key, value in dotted(data).items()}
         hparams = {key: value if isinstance(value, (int, float)) else as_text(value) for key, value in params.items()}
         name = name or (output.mlflow and output.mlflow.run_name) or recipe.name
         recipe_yaml = yaml.safe_dump(data, sort_keys=False)

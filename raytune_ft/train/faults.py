@@ -4,7 +4,9 @@ Set ``RAYTUNE_FT_FAULT`` on the driver (it travels in the loop config, and to ev
 ``raise_after_epoch:1`` (rank 0 raises right after epoch 1's checkpoint is reported) or
 ``kill_at_step:5`` (rank 1, or 0 alone, kills its own process mid-epoch) or ``stall_at_step:5``
 (rank 1 writes its node's id into the marker and waits there, for a test to remove that node
-from the cluster: a lost machine, not a lost process). The fault fires once
+from the cluster: a lost machine, not a lost process) or ``kill_in_checkpoint:2`` (rank 0, which
+writes the replicated state, kills its own process halfway through writing epoch 2's checkpoint:
+the weights written, the trainer state not). The fault fires once
 per run directory: a marker file there stops it firing again after the restart. A fault first waits
 until the Train controller has taken every report already made, so the restart deterministically
 picks up from the last reported checkpoint (a real kill may land earlier and lose that one).
@@ -31,11 +33,18 @@ def fault_config(run_dir: Path) -> dict[str, Any]:
     return {"kind": kind, "at": int(at), "marker": str(run_dir / FAULT_MARKER)}
 
 
-def maybe_fail(fault: dict[str, Any], world: int, step: int, epoch: int, rank: int, after_checkpoint: bool = False) -> None:
+def maybe_fail(fault: dict[str, Any], world: int, step: int, epoch: int, rank: int, after_checkpoint: bool = False,
+               in_checkpoint: bool = False) -> None:
     """Fire the injected fault (``fault_config``) if this is its point, once per run directory."""
     if not fault or Path(fault["marker"]).exists():
         return
     victim = 1 if world > 1 else 0
+    if fault["kind"] == "kill_in_checkpoint" and in_checkpoint and epoch == fault["at"] and rank == 0:
+        wait_until_reports_taken()
+        Path(fault["marker"]).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if in_checkpoint:
+        return
     if fault["kind"] == "raise_after_epoch" and after_checkpoint and epoch == fault["at"] and rank == 0:
         wait_until_reports_taken()
         Path(fault["marker"]).touch()

@@ -14,6 +14,7 @@ state). A resumed run restarts the interrupted epoch with the data order it woul
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from raytune_ft import run_folder
 from raytune_ft.addons import LoopContext, Step, build_addons
 from raytune_ft.backends import BACKENDS
 from raytune_ft.checkpoint import TRAINER_STATE
+from raytune_ft.errors import Diverged
 from raytune_ft.evaluation import Collate, all_reduce_sum, average_running_statistics, evaluate, scalars
 from raytune_ft.strategies import build_strategy
 from raytune_ft.tasks import TORCH_DTYPES, build_task, enable_gradient_checkpointing, export_pretrained
@@ -116,6 +118,7 @@ def save_checkpoint(directory: str, state: dict[str, Any], loop: LoopContext, st
 
     backend = loop.backend
     backend.save(directory, rank)
+    maybe_fail(loop.plan.fault, loop.world, state["step"], state["epoch"], rank, in_checkpoint=True)
     if best_weights is not None and state["best_epoch"] != state["epoch"] and rank == 0:
         save_file(best_weights, os.path.join(directory, BEST_WEIGHTS))
     for addon in addons:
@@ -130,6 +133,14 @@ def save_checkpoint(directory: str, state: dict[str, Any], loop: LoopContext, st
             json.dump(state, f)
 
 
+def checkpoint_name(state: dict[str, Any], final: bool) -> str:
+    """``checkpoint_epoch_0002``, ``checkpoint_final``; after a restart, ``..._restart1`` and on: an
+    epoch reported again by a later attempt never lands in a folder an earlier attempt may have
+    left half-written in storage."""
+    restarts = len(state.get("resumed_at", []))
+    return ("checkpoint_final" if final else f"checkpoint_epoch_{state['epoch']:04d}") + (f"_restart{restarts}" if restarts else "")
+
+
 def report(metrics: dict[str, Any], state: dict[str, Any], final: bool, save) -> None:
     """Save a checkpoint (``save(directory)``) on the ranks that hold state, then report (a barrier
     over all ranks)."""
@@ -138,8 +149,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any], final: bool, save) ->
     directory = tempfile.mkdtemp(prefix="raytune_ft_ckpt_")
     save(directory)
     checkpoint = ray.train.Checkpoint.from_directory(directory) if os.listdir(directory) else None
-    name = "final" if final else f"epoch_{state['epoch']:04d}"
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{name}")
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state, final))
     shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -236,12 +246,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 objective = loss
                 for addon in addons:  # distillation, replay, L2-SP/EWC: each adds its term
                     objective = addon.objective(objective, Step(batch, outputs, index, boundary))
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value) or not math.isfinite(float(objective.detach())):  # before it reaches the weights
+                raise Diverged(state["step"] + 1, epoch, loss_value if not math.isfinite(loss_value) else float(objective.detach()))
             backend.backward(objective)
             for addon in addons:
                 addon.before_step(boundary)
             backend.step(boundary)
             size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
-            loss_sum += torch.tensor([float(loss.detach()) * size, size], dtype=torch.float64)
+            loss_sum += torch.tensor([loss_value * size, size], dtype=torch.float64)
             samples += size
             if boundary:
                 state["step"] += 1

@@ -34,6 +34,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         "backend": recipe.train.backend, "workers": recipe.scaling.workers,
         "epochs": state["epoch"], "steps": state["step"], "stopped_early": state["stopped_early"], "best_epoch": state["best_epoch"],
         "resumed_at": state.get("resumed_at", []),  # where restarts (worker faults, --resume) picked up
+        "resumes": run_folder.resumes(run_dir),  # each --resume, with the recipe changes it accepted
         "labels": recipe.data.labels,  # the label set (per label role for multitask heads)
         "eval": final_eval, "test": test, "baseline": base_target or None,
         "gain": {k: target[k] - base_target[k] for k in ("accuracy", "macro_f1") if k in target and k in base_target},

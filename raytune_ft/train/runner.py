@@ -88,7 +88,7 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
         "train.lr": recipe.baseline.lr, "train.epochs": recipe.baseline.epochs, "train.max_steps": None,
         "train.early_stopping": None, "train.warmup": 0.0, "baseline.enabled": False, "strategy": {"method": "head_only"},
         "retention": None, "regularizer": None, "replay": None, "wise_ft": None, "distill": None, "tune": None,
-        "output.dir": str(run_dir / "baseline"), "name": f"{recipe.name}-baseline",
+        "output.dir": str(run_dir / run_folder.BASELINE), "name": f"{recipe.name}-baseline",
     }
     if recipe.output.storage_path:
         values["output.storage_path"] = shared_run_dir(recipe, run_dir)
@@ -110,28 +110,43 @@ def run_baseline(recipe: Recipe, run_dir: Path, data: PreparedData, started: flo
     return summary
 
 
-def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
-    """Run a recipe end to end and return its summary."""
+def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None,
+        resume_or_start: bool = False) -> dict[str, Any]:
+    """Run a recipe end to end and return its summary. ``resume``: continue the run in output.dir,
+    or on shared storage (output.storage_path) when the local folder is gone; ``resume_or_start``:
+    resume when a run is there, else start one (a driver that a cluster retries)."""
     run_dir = recipe.run_dir()
-    run_folder.check_run_dir(run_dir, resume, force)
+    shared = shared_run_dir(recipe, run_dir)
+    if resume_or_start:
+        resume = run_folder.holds_run(run_dir) or bool(shared) and run_folder.holds_run(shared)
+    run_folder.check_run_dir(run_dir, resume, force, shared)
+    if resume and shared and not run_folder.holds_run(run_dir):
+        run_folder.restore_from_storage(shared, run_dir)
     if resume and (finished := run_folder.finished_summary(run_dir)) is not None:
         print(f"[raytune-ft] {run_dir} is already finished")
         return finished
     planned = plan_run(recipe)
+    changes = run_folder.resume_changes(run_dir, recipe) if resume else []
     if resume:
-        run_folder.check_resume_checkpoint(run_dir)
+        run_folder.check_resume_checkpoint(shared or run_dir)
     check_ray_address(address)
-    shared = shared_run_dir(recipe, run_dir)
-    if shared:
-        run_folder.check_shared_storage(shared, resume)
     init_ray(address, recipe)
     run_folder.prepare_run_dir(run_dir, resume, force)
-    run_folder.write_text_atomic(run_dir / run_folder.RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if resume:
+        run_folder.record_resume(run_dir, changes)  # recipe.yaml stays what the run was made with
+    else:
+        run_folder.write_text_atomic(run_dir / run_folder.RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if shared:  # storage holds what a resume needs from the start, not only at the end
+        run_folder.publish(run_dir, shared, run_folder.RESUMES if resume else run_folder.RECIPE)
 
     with tracked(recipe, run_dir) as tracker:
         started = time.perf_counter()
         data = prepare_datasets(recipe, planned)
-        baseline = run_baseline(recipe, run_dir, data, started) if recipe.baseline.enabled else None
+        baseline = None
+        if recipe.baseline.enabled:
+            baseline = run_baseline(recipe, run_dir, data, started)
+            if shared:
+                run_folder.publish(run_dir, shared, run_folder.BASELINE)
         state = fit(recipe, run_dir, data, callbacks=[tracker] if tracker else [])
         summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, data.bad_rows)
         if configured_steps(recipe):
@@ -143,5 +158,6 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
 
             print(f"[raytune-ft] report: {write_report(run_dir)}", flush=True)
     if shared:
-        run_folder.publish_outputs(run_dir, shared)
+        run_folder.publish(run_dir, shared)
+        print(f"[raytune-ft] outputs copied to {shared}", flush=True)
     return summary
