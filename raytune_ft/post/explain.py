@@ -11,6 +11,7 @@ one-node rule at a = 1: one backward pass, no completeness. Text is attributed a
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from raytune_ft.errors import UserError
 from raytune_ft.report.plots import _pyplot
+
+logger = logging.getLogger(__name__)
 
 TOP_TOKENS = 5
 CHUNK = 32  # path points per batch
@@ -97,7 +100,7 @@ def explain(run, options) -> dict[str, Any]:
         predicted, label = int(probabilities[position].argmax()), int(batch["labels"][position])
         example = {"row": row, "true": run.labels[label], "predicted": run.labels[predicted],
                    "probability": float(probabilities[position, predicted]), "correct": predicted == label}
-        print(f"[raytune-ft] explain: test row {row} ({position + 1}/{len(rows)})", flush=True)
+        logger.info("explain: test row %s (%d/%d)", row, position + 1, len(rows))
         example.update(explain_one(model, task, {key: value[position] for key, value in raw.items()},
                                    {key: value[position] for key, value in batch.items()}, example, options, staging))
         for key in ("png", "attention_png", "image"):
