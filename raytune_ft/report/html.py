@@ -49,9 +49,9 @@ def write_report(run_dir: str | Path) -> Path:
     summary = run_folder.read_summary(run_dir)
     recipe = run_dir / run_folder.RECIPE
     page = template().render(
-        css=CSS, run=summary, title=summary.get("name", run_dir.name), task=str(summary.get("task", "")).replace("_", " "),
+        css=CSS, title=summary.get("name", run_dir.name), task=str(summary.get("task", "")).replace("_", " "),
         model=model_name(summary.get("model")), model_path=summary.get("model"), run_dir=run_dir.resolve(),
-        workers=plural(summary.get("workers") or 1, "worker"),
+        strategy=summary.get("strategy"), workers=plural(summary.get("workers") or 1, "worker"), backend=summary.get("backend"),
         headline=headline(summary), retention=retention(summary.get("retention")), plots=plots(run_dir),
         wise_ft=wise_ft(summary.get("wise_ft")),
         post=[post_step(name, result, run_dir) for name, result in run_folder.post_results(run_dir).items()],
@@ -177,7 +177,7 @@ def post_step(name: str, result: dict[str, Any], run_dir: Path) -> dict[str, Any
 
 def explained(example: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return {**example, "relative_error": example["completeness_error"] / max(abs(example["logit_difference"]), 1e-12),
-            "image": image(run_dir / example["png"]),
+            "figure": image(run_dir / example["png"]),
             "attention": image(run_dir / example["attention_png"]) if example.get("attention_png") else None}
 
 
