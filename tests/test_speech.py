@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import unit_recipe
 from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.tasks.speech_recognition import SpeechMetrics, SpeechRecognition, normalise
