@@ -11,12 +11,15 @@ Training, tuning, the post steps and the report import it; it imports nothing of
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from raytune_ft.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 RECIPE = "recipe.yaml"  # the validated recipe, every default spelled out
 SUMMARY = "summary.json"  # written last: its presence means the run finished
@@ -79,7 +82,7 @@ def move_aside(path: Path) -> Path:
     """Rename an existing output to ``<name>.old-<time>`` (``--force``): nothing a user has is deleted."""
     aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     path.rename(aside)
-    print(f"[raytune-ft] moved the existing {path} to {aside}")
+    logger.info("moved the existing %s to %s", path, aside)
     return aside
 
 
@@ -116,7 +119,7 @@ def publish_outputs(run_dir: Path, destination: str) -> None:
     from pyarrow import fs
 
     fs.copy_files(str(run_dir), destination)
-    print(f"[raytune-ft] outputs copied to {destination}", flush=True)
+    logger.info("outputs copied to %s", destination)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
