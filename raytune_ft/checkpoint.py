@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TENSOR_REF = "__tensor__"
@@ -61,29 +63,32 @@ def load_state(directory: str | os.PathLike, name: str) -> Any:
 
 
 def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
-    """Tensor name -> shape, from the header alone. Raises ValueError when the file is not
-    safetensors (a pickle, say) or is shorter or longer than its header says (half-written)."""
-    with open(path, "rb") as f:
-        return _safetensors_header(f, os.path.getsize(path))
+    """Tensor name -> shape, from the header alone (safetensors' own reader, which unpickles
+    nothing). Raises ValueError when the file is not safetensors (a pickle, say) or is shorter or
+    longer than its header says (half-written)."""
+    try:
+        with safe_open(path, "pt") as weights:
+            return {name: weights.get_slice(name).get_shape() for name in weights.keys()}
+    except SafetensorError as error:
+        if "not fully covered" in str(error):
+            raise ValueError("incomplete: the file is shorter or longer than its header says") from None
+        raise ValueError("not a safetensors file") from None
 
 
-def _safetensors_header(f, size: int) -> dict[str, list[int]]:
-    length = int.from_bytes(f.read(8), "little")
+def stored_safetensors_shapes(f) -> dict[str, list[int]]:
+    """``safetensors_shapes`` of a file on shared storage (a pyarrow input file) without fetching
+    its tensors: the header goes into a sparse local file of the same size, which safetensors'
+    reader checks like the original (the 8-byte prefix says how long the header is)."""
+    size = f.size()
+    prefix = f.read(8)
+    length = int.from_bytes(prefix, "little")
     if size < 8 or length > size - 8:
         raise ValueError("not a safetensors file")
-    try:
-        header = json.loads(f.read(length))
-    except ValueError:  # also UnicodeDecodeError
-        raise ValueError("not a safetensors file (its header is not JSON)") from None
-    try:
-        header.pop("__metadata__", None)
-        expected = 8 + length + max((int(tensor["data_offsets"][1]) for tensor in header.values()), default=0)
-        shapes = {name: list(tensor["shape"]) for name, tensor in header.items()}
-    except (AttributeError, KeyError, TypeError, IndexError):
-        raise ValueError("not a safetensors file (its header lists no tensors)") from None
-    if size != expected:
-        raise ValueError(f"incomplete: {size} bytes where its header describes {expected}")
-    return shapes
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
+        local.write(prefix + f.read(length))
+        local.truncate(size)  # sparse: no disk used for the tensors' bytes
+        local.flush()
+        return safetensors_shapes(local.name)
 
 
 def verify_checkpoint(directory: str | os.PathLike, filesystem=None) -> None:
@@ -102,7 +107,7 @@ def verify_checkpoint(directory: str | os.PathLike, filesystem=None) -> None:
         try:
             with filesystem.open_input_file(path) as f:
                 if path.endswith(".safetensors"):
-                    _safetensors_header(f, f.size())
+                    safetensors_shapes(path) if isinstance(filesystem, fs.LocalFileSystem) else stored_safetensors_shapes(f)
                 elif path.endswith(".json"):
                     json.loads(f.read())
                 elif path.endswith(".pt"):  # DeepSpeed's shards: zip archives, whose index sits at the end

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from raytune_ft import log
 from raytune_ft.errors import TrainingFailed, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -36,11 +38,16 @@ def _print_version(wanted: bool) -> None:
 
 @app.callback()
 def _app(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                      help="Print the version and exit.")):
+                                      help="Print the version and exit."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show debug messages, the workers' included."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Show only warnings and errors (no progress lines); results still print.")):
     """Fine-tune pretrained models on Ray, measuring what they gain and what they keep.
 
-    Example: raytune-ft run jobs/text_classification.yaml
+    Example: raytune-ft -q run jobs/text_classification.yaml
     """
+    if verbose and quiet:
+        raise typer.BadParameter("give one of them, not both", param_hint="'-v' / '-q'")
+    log.configure(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 @app.command()

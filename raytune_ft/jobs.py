@@ -9,6 +9,7 @@ read the way Ray reads it (``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -17,7 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import tenacity
+
 from raytune_ft.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # Never shipped: local environments, outputs and caches (Ray also honours .gitignore).
 WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", ".cache", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"]
@@ -128,17 +133,15 @@ def submit(recipe: Path, overrides: list[str], address: str | None, working_dir:
 
 
 def submit_when_the_agent_is_up(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
-    """``client.submit_job(**job)``, retried while the head answers that its job agent is not up
-    yet (a head that has just started, or a loaded one); any other failure is raised at once."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return client.submit_job(**job)
-        except RuntimeError as error:
-            if NO_AGENT not in str(error) or time.monotonic() > deadline:
-                raise
-            print("[raytune-ft] the head's job agent is not up yet; trying again", file=sys.stderr, flush=True)
-            time.sleep(2)
+    """``client.submit_job(**job)``, retried every 2 s for up to ``wait_s`` while the head answers
+    that its job agent is not up yet (a head that has just started, or a loaded one); any other
+    failure, or the last one, is raised as itself."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda error: isinstance(error, RuntimeError) and NO_AGENT in str(error)),
+        wait=tenacity.wait_fixed(2), stop=tenacity.stop_after_delay(wait_s), reraise=True,
+        before_sleep=lambda _: logger.warning("the head's job agent is not up yet; trying again"),
+    )
+    return retrying(client.submit_job, **job)
 
 
 def stream_logs(address: str | None, job_id: str) -> None:

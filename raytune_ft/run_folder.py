@@ -11,6 +11,7 @@ Training, tuning, the post steps and the report import it; it imports nothing of
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 from raytune_ft.errors import UserError
 from raytune_ft.schema import Recipe, dotted
+
+logger = logging.getLogger(__name__)
 
 RECIPE = "recipe.yaml"  # the validated recipe, every default spelled out
 SUMMARY = "summary.json"  # written last: its presence means the run finished
@@ -125,7 +128,7 @@ def restore_from_storage(shared: str, run_dir: Path) -> None:
         target = run_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.copy_files(info.path, str(target), source_filesystem=filesystem)
-    print(f"[raytune-ft] resuming from {shared}: the run's files restored into {run_dir}", flush=True)
+    logger.info("resuming from %s: the run's files restored into %s", shared, run_dir)
 
 
 # What a checkpoint was made from: a resume that changes any of these would continue another run.
@@ -167,7 +170,7 @@ def move_aside(path: Path) -> Path:
     """Rename an existing output to ``<name>.old-<time>`` (``--force``): nothing a user has is deleted."""
     aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     path.rename(aside)
-    print(f"[raytune-ft] moved the existing {path} to {aside}")
+    logger.info("moved the existing %s to %s", path, aside)
     return aside
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "raytune_ft"
 # Bottom to top: a module may import its own layer and the layers below, never one above.
 LAYERS = [
-    ("errors", "schema", "checkpoint", "run_folder", "ray_compat", "worker_setup"),
+    ("errors", "log", "schema", "checkpoint", "run_folder", "ray_compat", "worker_setup"),
     ("data", "models"),
     ("tasks", "strategies", "backends"),  # the registries
     ("recipe", "evaluation"),  # validation against the registries; sharded evaluation

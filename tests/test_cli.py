@@ -1,13 +1,16 @@
 """The command line's conventions, through the real entry point: --version, usage errors (exit 2,
-the usage line, no traceback), an example in every command's help, Ctrl-C (exit 130)."""
+the usage line, no traceback), an example in every command's help, Ctrl-C (exit 130), messages
+through logging at the level of -v / -q (what they do to a run's workers: test_training.py)."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import typer
 
 from conftest import cli
-from raytune_ft import __version__
+from raytune_ft import __version__, log
 from raytune_ft.cli import app
 
 COMMANDS = sorted(typer.main.get_command(app).commands)
@@ -24,6 +27,7 @@ def test_version_prints_the_version_and_exits_0():
     (["run"], "Missing argument"),
     (["validate", "--nope", "x"], "No such option: --nope"),
     (["bogus"], "No such command 'bogus'"),
+    (["-v", "-q", "validate", "x"], "Invalid value for '-v' / '-q': give one of them, not both"),
 ])
 def test_a_usage_error_shows_the_usage_line_and_exits_2_without_a_traceback(args, error):
     result = cli(*args)
@@ -47,3 +51,27 @@ def test_ctrl_c_exits_130_with_one_line(cli_in_process, monkeypatch):
 
     monkeypatch.setattr("raytune_ft.cli._load", interrupted)
     assert cli_in_process("validate", "jobs/text_classification.yaml") == (130, "interrupted\n")
+
+
+def test_messages_go_through_logging_with_the_prefix_stdout_below_warnings_stderr_above(capsys):
+    """One handler however often the level is set; a module's logger shows from the level up."""
+    logger = logging.getLogger("raytune_ft.some.module")
+    log.configure(logging.WARNING)
+    log.configure(logging.INFO)
+    assert log.level() == logging.INFO
+    logger.debug("hidden")
+    logger.info("epoch %d done", 1)
+    logger.warning("data.train: skipped %d bad rows of %d", 2, 10)
+    assert capsys.readouterr() == ("[raytune-ft] epoch 1 done\n", "[raytune-ft] data.train: skipped 2 bad rows of 10\n")
+    log.configure(logging.WARNING)  # -q
+    logger.info("progress")
+    assert capsys.readouterr().out == ""
+    log.configure(logging.DEBUG)  # -v
+    logger.debug("worker %d of %d", 0, 2)
+    assert capsys.readouterr().out == "[raytune-ft] worker 0 of 2\n"
+    log.configure(logging.INFO)
+
+
+def test_quiet_validate_still_prints_its_result():
+    result = cli("-q", "validate", "jobs/text_classification.yaml")
+    assert result.returncode == 0 and result.stdout.startswith("ok: jobs/text_classification.yaml"), result.stderr

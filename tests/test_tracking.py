@@ -4,12 +4,14 @@ client and TensorBoard's own event reader (a Tune experiment's tracking: test_tu
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from conftest import write_recipe
 from tracking_checks import assert_same_as_metrics_jsonl, events, logged_hparams
+from raytune_ft import log
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.report.tracking import Tracker, mlflow_client, tracked
@@ -51,11 +53,13 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_recipe, tmp_path):
 
 
 def test_a_tracking_failure_does_not_stop_training(tiny_recipe, tmp_path, capsys):
+    """A warning on stderr, as the command line shows it, and the run goes on."""
+    log.configure(logging.INFO)
     tiny_recipe["output"]["mlflow"] = {}
     tracker = Tracker.open(validate_recipe(tiny_recipe), tmp_path)
     mlflow_client(tracker.mlflow_uri).delete_run(tracker.run_id)  # logging to it now fails
     tracker.after_report(None, [{"epoch": 1, "step": 5, "train/loss": 0.5}], None)
-    assert "[raytune-ft] tracking: step 5 not logged: MlflowException" in capsys.readouterr().out
+    assert "[raytune-ft] tracking: step 5 not logged: MlflowException" in capsys.readouterr().err
 
 
 def test_a_deleted_experiment_is_a_clear_error(tiny_recipe, tmp_path):

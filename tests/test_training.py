@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, Payload, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
+from conftest import ROOT, Payload, cli, run_in_fixture, snapshot, tiny_recipe_dict, write_recipe
 from raytune_ft import run
 from raytune_ft.recipe import validate_recipe
 from raytune_ft.train.faults import FAULT_ENV, FAULT_MARKER
@@ -70,6 +70,25 @@ def test_the_command_line_shows_progress_and_ends_with_the_summary_table(finishe
                      output, re.MULTILINE)
     assert re.search(rf"^outputs: {re.escape(str(finished_text_run))} ", output, re.MULTILINE)
     assert "Progress bars disabled" not in output
+
+
+@pytest.mark.parametrize("flag", ["-q", "-v"])
+def test_quiet_and_verbose_govern_the_workers_lines_too(tiny_bert, sentiment_data, tmp_path, flag):
+    """The driver's level reaches the Train workers (raytune_ft.log): -q silences every progress
+    line, the workers' included, and leaves the results; -v adds each worker's debug line."""
+    recipe = tiny_recipe_dict(tiny_bert, sentiment_data, tmp_path / "run")
+    recipe["train"]["epochs"] = 1
+    result = cli(flag, "run", str(write_recipe(recipe, tmp_path / "tiny.yaml")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)  # Ray colours the workers' names
+    assert re.search(r"^test accuracy +\S+ +[\d.]+", output, re.MULTILINE)
+    if flag == "-q":
+        assert "[raytune-ft]" not in output + result.stderr
+    else:
+        assert re.search(r"\(RayTrainWorker pid=\d+\) \[raytune-ft\] epoch 1 step \d+/\d+ loss", output)
+        assert "[raytune-ft] starting an embedded Ray with" in output
+        # Ray folds lines that differ only in numbers: the second worker's may show as a repeat.
+        assert re.search(r"\(RayTrainWorker pid=\d+\) \[raytune-ft\] worker [01] of 2: cpu, 1 torch threads, backend ddp", output)
 
 
 def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_process, cli_on_test_ray, monkeypatch):

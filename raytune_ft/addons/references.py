@@ -21,6 +21,7 @@ splits (materialised: small, and read at every evaluation).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ from raytune_ft.errors import UserError
 from raytune_ft.evaluation import Collate, distributed, evaluate, gather_rows, in_lockstep
 from raytune_ft.schema import Recipe
 from raytune_ft.tasks import ClassificationMetrics, build_task
+
+logger = logging.getLogger(__name__)
 
 PROBE_ITERATIONS = 100
 PROBE_L2 = 1e-3
@@ -307,7 +310,7 @@ class RetentionReferences(AddOn):
         self.references = References(references)
         self.references.score_base(loop.backend)
         if loop.rank == 0:
-            print("[raytune-ft] reference before training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.references.before().items()), flush=True)
+            logger.info("reference before training: %s", ", ".join(f"{k} {v:.4f}" for k, v in self.references.before().items()))
 
     def end_epoch(self, record, state):
         reference = self.references.evaluate(self.loop.backend)

@@ -11,6 +11,7 @@ B is interpolated, which scales the adapter's update by alpha exactly.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 from raytune_ft.addons import AddOn, register
 from raytune_ft.evaluation import evaluate, scalars
 from raytune_ft.strategies import in_module
+
+logger = logging.getLogger(__name__)
 
 ANCHOR_FILE = "wise_ft_anchor.safetensors"  # in checkpoints, once the body trains: theta_base
 
@@ -89,7 +92,7 @@ class WiseFT(AddOn):
         backend.restore(interpolate(self.anchor, tuned, chosen["alpha"]))
         state["wise_ft"] = {"alpha": chosen["alpha"], "rows": rows}
         if loop.rank == 0:
-            print(f"[raytune-ft] WiSE-FT: alpha {chosen['alpha']} chosen", flush=True)
+            logger.info("WiSE-FT: alpha %s chosen", chosen["alpha"])
 
     @classmethod
     def summary(cls, recipe, state):

@@ -32,6 +32,9 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainSection) -> torch.
     return torch.optim.AdamW(groups, lr=train.lr)
 
 
+# Hand-written: transformers' get_scheduler warms up from lr 0 (k/w, not (k+1)/(w+1): every shipped
+# recipe's numbers would move), and torch's chained schedules, equal to 1e-14, lose the step -> lr
+# function that PBT's reload (ddp.py) and a trial with lr 0 need.
 def lr_lambda(train: TrainSection, total_steps: int):
     """Multiplier of the peak lr at each optimizer step: warmup, then constant/linear/cosine decay."""
     warmup = train.warmup

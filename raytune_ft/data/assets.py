@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import io
+import logging
 import os
 import random
 import zipfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from raytune_ft.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "asset:"
 
@@ -140,7 +143,7 @@ def _converted(name: str, what: str, convert: Callable[[Path, Path], Path], sour
     """A model converted once into the cache (``convert(source, target)``) from a package's files."""
     target = cache_dir() / name
     if not target.is_dir():
-        print(f"[raytune-ft] converting {what}, once", flush=True)
+        logger.info("converting %s, once", what)
         target.parent.mkdir(parents=True, exist_ok=True)
         convert(source(), target)
     return target
@@ -196,7 +199,7 @@ def spoken_digits(split: str) -> Path:
     target = cache_dir() / "spoken_digits" / split
     if target.is_dir():
         return target
-    print(f"[raytune-ft] synthesising spoken digits ({split}, {DIGIT_ROWS[split]} clips, once)", flush=True)
+    logger.info("synthesising spoken digits (%s, %d clips, once)", split, DIGIT_ROWS[split])
     rng = random.Random(f"spoken-digits-{split}")
     clips, texts = [], []
     for _ in range(DIGIT_ROWS[split]):

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from typing import Any
 
 from raytune_ft import run_folder
+
+logger = logging.getLogger(__name__)
 
 STEPS = {
     "quantize": "raytune_ft.post.compression:quantize",
@@ -31,7 +34,7 @@ def run_steps(run, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in names or configured_steps(run.recipe):
         options = run.recipe.post.options(name)
         module, _, function = STEPS[name].partition(":")
-        print(f"[raytune-ft] post: {name}", flush=True)
+        logger.info("post: %s", name)
         results[name] = getattr(importlib.import_module(module), function)(run, options)
         (run.run_dir / run_folder.POST).mkdir(exist_ok=True)
         run_folder.write_text_atomic(run.run_dir / run_folder.POST / f"{name}.json", json.dumps(results[name], indent=2) + "\n")

@@ -12,6 +12,7 @@ of the model plus, per quantised Linear, its int8 weight, scale(s), zero point(s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -27,6 +28,8 @@ from torch import nn
 
 from raytune_ft.errors import UserError
 from raytune_ft.tasks import export_pretrained
+
+logger = logging.getLogger(__name__)
 
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 QUANTIZED_LAYOUT = "quantization.json"
@@ -168,7 +171,7 @@ def quantize(run, options) -> dict[str, Any]:
     directory = run.run_dir / "post" / "quantized"
     replace_dir(directory, lambda partial: save_quantized(quantized, run.run_dir / "model", partial))
     reloaded = load_quantized(run, directory)  # measure what is on disk, not what is in memory
-    print(f"[raytune-ft] quantize: {len(quantized_layers(reloaded))} Linear layers to int8; evaluating on the test split", flush=True)
+    logger.info("quantize: %d Linear layers to int8; evaluating on the test split", len(quantized_layers(reloaded)))
     batch_size = eval_batch_size(run)
     batches = list(islice(run.batches("test", batch_size), options.latency_batches))
     latencies = median_latencies_ms(run, [model, reloaded], batches)
@@ -229,7 +232,7 @@ def finetune(run, model: nn.Module, steps: int, lr: float) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == steps:
-            print(f"[raytune-ft] prune: fine-tune step {step}/{steps}, loss {loss.item():.4f}", flush=True)
+            logger.info("prune: fine-tune step %d/%d, loss %.4f", step, steps, loss.item())
     model.eval()
 
 
@@ -252,7 +255,7 @@ def prune(run, options) -> dict[str, Any]:
         for layer, name in weights:
             torch_prune.l1_unstructured(layer, name, amount=options.sparsity)
     prune_time = time.perf_counter() - started
-    print(f"[raytune-ft] prune: {options.sparsity:.0%} of {len(layers)} layers' weights ({options.scope}); evaluating", flush=True)
+    logger.info("prune: %.0f%% of %d layers' weights (%s); evaluating", 100 * options.sparsity, len(layers), options.scope)
     rows.append({"model": f"pruned ({options.scope})", **run.evaluate(model, batch_size=batch_size)})
     finetune_time = 0.0
     if options.finetune_steps:

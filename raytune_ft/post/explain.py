@@ -1,8 +1,8 @@
 """Saliency for a few test examples: which tokens (text) or pixels (images) moved the prediction.
 
-Integrated gradients (Sundararajan et al. 2017) attribute the predicted class's logit to the
-input: ``(x - x0) * mean over a in [0, 1] of grad F(x0 + a (x - x0))``, the mean taken with
-Gauss-Legendre nodes. Attributions sum to ``F(x) - F(x0)`` (completeness): the nodes double until
+Integrated gradients (Sundararajan et al. 2017, computed by Captum) attribute the predicted class's
+logit to the input: ``(x - x0) * mean over a in [0, 1] of grad F(x0 + a (x - x0))``, the mean taken
+with Gauss-Legendre nodes. Attributions sum to ``F(x) - F(x0)`` (completeness): the nodes double until
 the sum is within ``tolerance`` of it, and the error left is recorded. ``gradient_x_input`` is the
 one-node rule at a = 1: one backward pass, no completeness. Text is attributed at the word embeddings
 (baseline: every token but the special ones replaced by [PAD]), images at the normalised pixels
@@ -11,6 +11,7 @@ one-node rule at a = 1: one backward pass, no completeness. Text is attributed a
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from raytune_ft.errors import UserError
 from raytune_ft.report.plots import _pyplot
+
+logger = logging.getLogger(__name__)
 
 TOP_TOKENS = 5
 CHUNK = 32  # path points per batch
@@ -40,31 +43,29 @@ def choose_rows(logits: torch.Tensor, labels: torch.Tensor, count: int) -> list[
 
 def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, baseline: torch.Tensor,
                          target: int, options) -> dict[str, Any]:
-    """Attributions shaped like ``inputs`` (one example, no batch dim) for logit ``target``, with
-    F(x) - F(x0), the completeness error |sum - (F(x) - F(x0))| and the steps used: they double
-    (up to ``MAX_REFINEMENT`` times ``options.steps``) until the error is within the tolerance,
-    as a saturated model's logit can jump within a few percent of the path. ``forward``: [S, ...] -> [S, C]."""
+    """Captum's attributions, shaped like ``inputs`` (one example, no batch dim), for logit
+    ``target``, with F(x) - F(x0), the completeness error |sum - (F(x) - F(x0))| and the steps
+    used: they double (up to ``MAX_REFINEMENT`` times ``options.steps``) until the error is within
+    the tolerance, as a saturated model's logit can jump within a few percent of the path.
+    ``gradient_x_input``: (x - x0) times Captum's gradient at x (its InputXGradient knows no
+    baseline). ``forward``: [S, ...] -> [S, C]."""
+    from captum.attr import IntegratedGradients, Saliency
+
     with torch.no_grad():
         ends = forward(torch.stack([inputs, baseline]))[:, target]
     difference = float(ends[0] - ends[1])
-    steps = options.steps
+    one_step = options.method == "gradient_x_input"
+    steps = 1 if one_step else options.steps
     while True:
-        if options.method == "gradient_x_input":
-            alphas, weights = torch.ones(1), torch.ones(1)
+        if one_step:
+            gradient = Saliency(forward).attribute(inputs[None].detach().requires_grad_(True), target=target, abs=False)[0]
+            attributions = (inputs - baseline) * gradient
         else:
-            nodes, node_weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
-            alphas, weights = torch.tensor((nodes + 1) / 2, dtype=inputs.dtype), torch.tensor(node_weights / 2, dtype=inputs.dtype)
-        mean_gradient = torch.zeros_like(inputs)
-        for start in range(0, len(alphas), CHUNK):  # a chunk of path points per forward/backward
-            alpha, weight = (values[start:start + CHUNK].view((-1,) + (1,) * inputs.dim()) for values in (alphas, weights))
-            path = (baseline + alpha * (inputs - baseline)).requires_grad_(True)
-            gradient, = torch.autograd.grad(forward(path)[:, target].sum(), path)
-            mean_gradient += (weight * gradient).sum(0)
-        attributions = (inputs - baseline) * mean_gradient
+            attributions = IntegratedGradients(forward).attribute(inputs[None], baseline[None], target=target, n_steps=steps,
+                                                                  method="gausslegendre", internal_batch_size=CHUNK)[0]
         error = abs(float(attributions.sum()) - difference)
-        if options.method == "gradient_x_input" or error <= options.tolerance * abs(difference) or steps >= MAX_REFINEMENT * options.steps:
-            return {"attributions": attributions, "logit_difference": difference, "completeness_error": error,
-                    "steps": len(alphas)}
+        if one_step or error <= options.tolerance * abs(difference) or steps >= MAX_REFINEMENT * options.steps:
+            return {"attributions": attributions, "logit_difference": difference, "completeness_error": error, "steps": steps}
         steps *= 2
 
 
@@ -97,7 +98,7 @@ def explain(run, options) -> dict[str, Any]:
         predicted, label = int(probabilities[position].argmax()), int(batch["labels"][position])
         example = {"row": row, "true": run.labels[label], "predicted": run.labels[predicted],
                    "probability": float(probabilities[position, predicted]), "correct": predicted == label}
-        print(f"[raytune-ft] explain: test row {row} ({position + 1}/{len(rows)})", flush=True)
+        logger.info("explain: test row %s (%d/%d)", row, position + 1, len(rows))
         example.update(explain_one(model, task, {key: value[position] for key, value in raw.items()},
                                    {key: value[position] for key, value in batch.items()}, example, options, staging))
         for key in ("png", "attention_png", "image"):

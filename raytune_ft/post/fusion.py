@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ from raytune_ft import run_folder
 from raytune_ft.errors import UserError
 from raytune_ft.post.finished import FinishedRun
 from raytune_ft.tasks import export_pretrained
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("validation", "test")
 
@@ -110,9 +113,9 @@ def evaluate_members(runs: list[FinishedRun]) -> tuple[list[Member], dict[str, t
     first = runs[0]
     members, labels = [], {}
     for i, (name, run) in enumerate(zip(member_names(runs), runs)):
-        print(f"[raytune-ft] fuse: member {i + 1}/{len(runs)} {name}", flush=True)
+        logger.info("fuse: member %d/%d %s", i + 1, len(runs), name)
         if run.recipe.data != first.recipe.data:
-            print(f"[raytune-ft] note: {name} was trained on other data; it is scored on {first.run_dir.name}'s splits", flush=True)
+            logger.warning("note: %s was trained on other data; it is scored on %s's splits", name, first.run_dir.name)
         view = dataclasses.replace(run, recipe=run.recipe.model_copy(update={"data": first.recipe.data}))
         model = run.load_model()
         probabilities, scores = {}, {}
@@ -167,7 +170,7 @@ def soups(first: FinishedRun, members: list[Member], directory: Path) -> dict[st
         export_pretrained(task, soup, str(directory / name))  # the soup ``score`` loaded last
         return {"members": [member.name for member in ingredients], **scores, "model": name, **extra}
 
-    print(f"[raytune-ft] fuse: uniform soup of {len(members)}", flush=True)
+    logger.info("fuse: uniform soup of %d", len(members))
     uniform = save("uniform_soup", members, score(members))
 
     ranked = sorted(members, key=lambda member: member.scores["validation"]["accuracy"], reverse=True)
@@ -176,8 +179,7 @@ def soups(first: FinishedRun, members: list[Member], directory: Path) -> dict[st
     for member in ranked[1:]:
         candidate = score([*ingredients, member], ["validation"])["validation"]
         kept = candidate["accuracy"] >= best["accuracy"]
-        print(f"[raytune-ft] fuse: greedy soup + {member.name}: validation accuracy {candidate['accuracy']:.4f} "
-              f"({'kept' if kept else 'dropped'})", flush=True)
+        logger.info("fuse: greedy soup + %s: validation accuracy %.4f (%s)", member.name, candidate["accuracy"], "kept" if kept else "dropped")
         steps.append({"add": member.name, "validation_accuracy": candidate["accuracy"], "kept": kept})
         if kept:
             ingredients, best = [*ingredients, member], candidate

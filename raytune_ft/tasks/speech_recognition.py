@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jiwer
 import numpy as np
 import torch
 from pydantic import ConfigDict, Field
@@ -37,15 +38,11 @@ def normalise(text: str) -> list[str]:
     return re.sub(r"[^\w']+", " ", text.lower()).split()
 
 
-def edit_distance(reference: list | str, hypothesis: list | str) -> int:
-    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
+def errors_and_length(reference: str, hypothesis: str, unit) -> tuple[int, int]:
+    """(edits: substitutions + deletions + insertions, reference length) in words or characters:
+    ``unit`` is jiwer.process_words or jiwer.process_characters."""
+    counts = unit(reference, hypothesis)
+    return counts.substitutions + counts.deletions + counts.insertions, counts.hits + counts.substitutions + counts.deletions
 
 
 class SpeechMetrics:
@@ -71,10 +68,10 @@ class SpeechMetrics:
             self.add(reference, hypothesis)
 
     def add(self, reference: str, hypothesis: str) -> None:
-        ref_words, hyp_words = normalise(reference), normalise(hypothesis)
-        ref_chars, hyp_chars = " ".join(ref_words), " ".join(hyp_words)
-        self.sums[:4] += torch.tensor([edit_distance(ref_words, hyp_words), len(ref_words),
-                                       edit_distance(ref_chars, hyp_chars), len(ref_chars)], dtype=torch.float64)
+        """One utterance's counts; characters are those of the normalised words joined by spaces."""
+        reference, hypothesis = " ".join(normalise(reference)), " ".join(normalise(hypothesis))
+        self.sums[:4] += torch.tensor([*errors_and_length(reference, hypothesis, jiwer.process_words),
+                                       *errors_and_length(reference, hypothesis, jiwer.process_characters)], dtype=torch.float64)
 
     def state(self) -> torch.Tensor:
         return self.sums.clone()

@@ -15,6 +15,8 @@ from raytune_ft.errors import UserError, find_user_error
 from raytune_ft.schema import Recipe
 from raytune_ft.train.planning import PlannedData
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PreparedData:
@@ -60,7 +62,7 @@ def count_bad_rows(split: tabular.Split, read: int, kept: int, max_fraction: flo
         raise UserError("data.max_bad_fraction", f"{bad} of {read} rows of data.{split.name} ({split.path}) are bad ({bad / read:.1%}), "
                                                  f"more than {max_fraction:.1%}; set data.on_bad_rows: fail to see the first")
     if bad:
-        print(f"[raytune-ft] data.{split.name}: skipped {bad} bad rows of {read}", flush=True)
+        logger.warning("data.%s: skipped %d bad rows of %d", split.name, bad, read)
     return bad
 
 
@@ -92,5 +94,5 @@ def prepare_datasets(recipe: Recipe, planned: PlannedData) -> PreparedData:
     started = time.perf_counter()
     datasets, train_rows, bad_rows = split_datasets(recipe, planned)
     addon_datasets = {section: ADDONS[section].datasets(addon_plan, recipe.scaling.workers) for section, addon_plan in planned.addons.items()}
-    print(f"[raytune-ft] data ready in {time.perf_counter() - started:.1f} s", flush=True)
+    logger.info("data ready in %.1f s", time.perf_counter() - started)
     return PreparedData(planned, datasets, train_rows, bad_rows, addon_datasets)

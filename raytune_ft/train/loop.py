@@ -14,6 +14,7 @@ state). A resumed run restarts the interrupted epoch with the data order it woul
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raytune_ft import run_folder
+from raytune_ft import log, run_folder
 from raytune_ft.addons import LoopContext, Step, build_addons
 from raytune_ft.backends import BACKENDS
 from raytune_ft.checkpoint import TRAINER_STATE
@@ -38,17 +39,19 @@ from raytune_ft.train.faults import maybe_fail
 from raytune_ft.train.planning import RunPlan
 from raytune_ft.train.ray_start import WORKER_NICENESS
 
+logger = logging.getLogger(__name__)
+
 BEST_WEIGHTS = "best_weights.safetensors"  # in checkpoints while early stopping waits for an improvement
 
 
-def quiet_worker_logs() -> None:
-    """Our progress lines are the live view; per-report INFO lines and load reports are noise."""
-    import logging
-
+def worker_logging(level: int) -> None:
+    """Our messages at the driver's ``level`` (see raytune_ft.log); our progress lines are the
+    live view, so Ray Train's per-report INFO lines and transformers' load reports are noise."""
     import transformers
 
     from raytune_ft.ray_compat import quiet_train_logs
 
+    log.configure(level)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     quiet_train_logs()
     transformers.logging.set_verbosity_error()
@@ -171,13 +174,13 @@ def resume(checkpoint, backend, addons, rank: int) -> tuple[dict[str, Any], Any]
         best_weights = backend.snapshot()
     state.setdefault("resumed_at", []).append({"epoch": state["epoch"], "step": state["step"]})
     if rank == 0:
-        print(f"[raytune-ft] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
+        logger.info("resumed at epoch %d, step %d", state["epoch"], state["step"])
     return state, best_weights
 
 
 def progress(epoch: int, state: dict[str, Any], total_steps: int, loss_sum: torch.Tensor, lr: float, rows: int, wait: float, started: float) -> str:
     elapsed = time.perf_counter() - started
-    return (f"[raytune-ft] epoch {epoch} step {state['step']}/{total_steps} loss {loss_sum[0] / max(loss_sum[1], 1):.4f} "
+    return (f"epoch {epoch} step {state['step']}/{total_steps} loss {loss_sum[0] / max(loss_sum[1], 1):.4f} "
             f"lr {lr:.2e} {rows / elapsed:.1f} samples/s data-wait {wait / elapsed:.0%}")
 
 
@@ -187,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan: RunPlan = config["plan"]
     recipe, train, steps = plan.recipe, plan.recipe.train, plan.steps
     run_at_niceness(os.environ.get(WORKER_NICENESS))
-    quiet_worker_logs()
+    worker_logging(config["log_level"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(plan.threads)
@@ -198,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, loading = build_model(task, recipe, backend)
     model = strategy.prepare(model, task)
     backend.setup(model, steps.total_steps)
+    logger.debug("worker %d of %d: %s, %d torch threads, backend %s", rank, world, backend.device, plan.threads, train.backend)
     shards = {name: ray.train.get_dataset_shard(name) for name in plan.datasets}
     eval_batch = train.eval_batch_size or 2 * train.batch_size
     loop = LoopContext(recipe, plan, task, backend, task.head_names(model), rank, world, eval_batch, shards)
@@ -260,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["step"] += 1
                 maybe_fail(plan.fault, world, state["step"], epoch, rank)
                 if rank == 0 and (state["step"] % train.log_every == 0 or index + 1 == steps.micro_batches_per_epoch):
-                    print(progress(epoch, state, steps.total_steps, loss_sum, backend.lr(), samples * world, wait, started), flush=True)
+                    logger.info(progress(epoch, state, steps.total_steps, loss_sum, backend.lr(), samples * world, wait, started))
                 if state["step"] >= steps.total_steps:
                     break
         elapsed = time.perf_counter() - started
@@ -295,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done = state["step"] >= steps.total_steps or state["stopped_early"]
         if rank == 0:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("eval/", "retention/min", "train/distill_kl")))
-            print(f"[raytune-ft] epoch {epoch} done: train/loss {record['train/loss']:.4f}, {shown}", flush=True)
+            logger.info("epoch %d done: train/loss %.4f, %s", epoch, record["train/loss"], shown)
         report(record, state, False, lambda d: save_checkpoint(d, state, loop, strategy, addons, rank, False, best_weights))
         maybe_fail(plan.fault, world, state["step"], epoch, rank, after_checkpoint=True)
 

@@ -49,7 +49,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
                     **({"adapter": str(run_dir / run_folder.ADAPTER)} if (run_dir / run_folder.ADAPTER).is_dir() else {}),
                     "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
-    plot_files = plots.write_run_plots(run_dir / run_folder.PLOTS, history, state.get("test", {}), recipe)
+    plot_files = plots.write_run_plots(run_dir / run_folder.PLOTS, state, recipe, baseline)
     summary["outputs"]["plots"] = [str(p) for p in plot_files]
     run_folder.write_text_atomic(run_dir / run_folder.SUMMARY, json.dumps(summary, indent=2))
     return summary

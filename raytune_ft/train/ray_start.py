@@ -18,6 +18,8 @@ from raytune_ft.errors import UserError
 from raytune_ft.schema import Recipe
 from raytune_ft.train.faults import FAULT_ENV
 
+logger = logging.getLogger(__name__)
+
 # The niceness that Train workers take at their start, set by an embedded Ray for its processes.
 WORKER_NICENESS = "RAYTUNE_FT_WORKER_NICENESS"
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
@@ -48,6 +50,7 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
         if address or os.environ.get("RAY_ADDRESS"):
+            logger.debug("connecting to Ray at %s", address or os.environ["RAY_ADDRESS"])
             try:
                 ray.init(address=address, **kwargs)
             except ConnectionError as error:
@@ -56,7 +59,9 @@ def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) ->
             # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
             # may exceed cores because tokenisation is light next to a training step.
             per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
-            start_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2), **kwargs)
+            cpus = max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2)
+            logger.debug("starting an embedded Ray with %d logical CPUs", cpus)
+            start_local_ray(num_cpus=cpus, **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order

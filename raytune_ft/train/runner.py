@@ -9,6 +9,7 @@ so nothing stays only on one node's disk.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from raytune_ft import run_folder
+from raytune_ft import log, run_folder
 from raytune_ft.addons import configured
 from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.data.sharding import ExactEvalDataConfig
@@ -32,6 +33,8 @@ from raytune_ft.train.loop import train_loop_per_worker
 from raytune_ft.train.outputs import shared_run_dir, write_outputs
 from raytune_ft.train.planning import RunPlan, plan_run, step_plan
 from raytune_ft.train.ray_start import check_ray_address, init_ray
+
+logger = logging.getLogger(__name__)
 
 
 def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] = (), resume_from=None) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
                    threads=max(1, int(per_worker.get("CPU", 1))), fault=fault_config(run_dir), resume_from=resume_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "log_level": log.level()},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=recipe.scaling.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
@@ -62,12 +65,13 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
         datasets=datasets,
         dataset_config=ExactEvalDataConfig(datasets, workers),
     )
-    print(f"[raytune-ft] {recipe.name}: {steps.train_rows} training rows, {plural(workers, 'worker')} x batch "
-          f"{recipe.train.batch_size}, {steps.total_steps} steps ({steps.steps_per_epoch}/epoch), strategy {recipe.strategy.method}", flush=True)
+    logger.info("%s: %d training rows, %s x batch %d, %d steps (%d/epoch), strategy %s", recipe.name, steps.train_rows, plural(workers, "worker"),
+                recipe.train.batch_size, steps.total_steps, steps.steps_per_epoch, recipe.strategy.method)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise TrainingFailed(error) from None
+    logger.debug("last checkpoint: %s", result.checkpoint.path)
     with result.checkpoint.as_directory() as directory:
         state = json.loads((Path(directory) / TRAINER_STATE).read_text())
         for name in (run_folder.MODEL, run_folder.ADAPTER):  # the exported model, and a LoRA adapter alone
@@ -101,12 +105,12 @@ def run_baseline(recipe: Recipe, run_dir: Path, data: PreparedData, started: flo
     base_dir = base.run_dir()
     summary = run_folder.finished_summary(base_dir)
     if summary is None:
-        print("[raytune-ft] baseline: training only a new head on the frozen base model", flush=True)
+        logger.info("baseline: training only a new head on the frozen base model")
         base_dir.mkdir(parents=True, exist_ok=True)
         base_state = fit(base, base_dir, data)
         shutil.rmtree(base_dir / run_folder.MODEL, ignore_errors=True)  # the baseline is a measurement, not an export
         summary = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
-    print(f"[raytune-ft] baseline done at {time.perf_counter() - started:.0f} s", flush=True)
+    logger.info("baseline done at %.0f s", time.perf_counter() - started)
     return summary
 
 
@@ -123,7 +127,7 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     if resume and shared and not run_folder.holds_run(run_dir):
         run_folder.restore_from_storage(shared, run_dir)
     if resume and (finished := run_folder.finished_summary(run_dir)) is not None:
-        print(f"[raytune-ft] {run_dir} is already finished")
+        logger.info("%s is already finished", run_dir)
         return finished
     planned = plan_run(recipe)
     changes = run_folder.resume_changes(run_dir, recipe) if resume else []
@@ -156,8 +160,8 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
         if recipe.post.report:
             from raytune_ft.report.html import write_report
 
-            print(f"[raytune-ft] report: {write_report(run_dir)}", flush=True)
+            logger.info("report: %s", write_report(run_dir))
     if shared:
         run_folder.publish(run_dir, shared)
-        print(f"[raytune-ft] outputs copied to {shared}", flush=True)
+        logger.info("outputs copied to %s", shared)
     return summary

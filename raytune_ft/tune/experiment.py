@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from raytune_ft import run_folder
+from raytune_ft import log, run_folder
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import given_fields
 from raytune_ft.report import plots
@@ -141,7 +141,8 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     data = prepare_datasets(recipe, planned)
     with tracked(recipe, experiment_dir) as tracker:  # each trial logs as a child of the experiment
         shared = {"recipe": given_fields(recipe), "data": data, "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
-                  "trials_dir": str(experiment_dir / TRIALS), "fault": os.environ.get(FAULT_ENV)}
+                  "trials_dir": str(experiment_dir / TRIALS), "fault": os.environ.get(FAULT_ENV),
+                  "log_level": log.level()}
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
         results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
         return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)

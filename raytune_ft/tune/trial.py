@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raytune_ft import run_folder
+from raytune_ft import log, run_folder
 from raytune_ft.errors import TrainingFailed, UserError
 from raytune_ft.recipe import recipe_with, validate_recipe
 from raytune_ft.report.tracking import tracked
@@ -74,10 +74,12 @@ def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_d
 
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """The Tune function trainable. ``shared``: the base recipe (its given fields), the prepared
-    data (``PreparedData``, shared by every trial) and the experiment's trials directory."""
+    data (``PreparedData``, shared by every trial), the experiment's trials directory and the
+    driver's log level."""
     from ray import tune
 
     started = time.time()
+    log.configure(shared["log_level"])  # this trial actor's messages and its workers' follow the driver's -v / -q
     if shared["fault"]:  # a test's injected fault, set on the driver (this actor's process ends with the trial)
         os.environ[FAULT_ENV] = shared["fault"]
     context = tune.get_context()
