@@ -302,7 +302,8 @@ class OutputSection(Section):
         if self.storage_path is None:
             return str(run_dir.parent)
         if "://" in self.storage_path:
-            return self.storage_path.rstrip("/")
+            path, mark, query = self.storage_path.partition("?")
+            return f"{path.rstrip('/')}{mark}{query}"
         return str(Path(self.storage_path).expanduser().resolve())
 
 
@@ -588,6 +589,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise UserError(str(path), "a recipe must be a YAML mapping with sections task, model, data, ...")
     return data
 
+
+
+def join_uri(base: str, name: str) -> str:
+    """``base/name`` for a path or a storage URI, its query string (an S3 endpoint, say) kept last."""
+    path, mark, query = base.partition("?")
+    return f"{path.rstrip('/')}/{name}{mark}{query}"
 
 
 def dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

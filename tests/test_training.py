@@ -125,6 +125,43 @@ def test_resume_after_crash_matches_uninterrupted_run(ddp_run, tmp_path, cli_in_
     assert [row["epoch"] for row in rows if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_worker_killed_while_writing_a_checkpoint_costs_nothing(ddp_run, tmp_path, monkeypatch):
+    """Rank 0 is SIGKILLed halfway through writing epoch 2's checkpoint (its weights written, its
+    trainer state not): the half-written checkpoint is never reported, Train restarts the group
+    from epoch 1's (train.max_failures), and the run ends with the uninterrupted run's weights.
+    The restarted attempt's checkpoints have names of their own, so nothing merges into a folder
+    an earlier attempt left."""
+    recipe, straight = ddp_run
+    recipe = {**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "killed")}, "train": {**recipe["train"], "max_failures": 1}}
+    monkeypatch.setenv(FAULT_ENV, "kill_in_checkpoint:2")
+    summary = run(validate_recipe(recipe))
+    assert (tmp_path / "killed" / FAULT_MARKER).exists()
+    assert summary["resumed_at"] == [{"epoch": 1, "step": 20}]
+    assert (tmp_path / "killed" / "checkpoint_final_restart1").is_dir()
+    a = load_file(Path(straight["outputs"]["model"]) / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert epochs_of(tmp_path / "killed") == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_diverged_run_stops_naming_the_step_and_exports_nothing(tiny_recipe, tmp_path, cli_on_test_ray):
+    """SGD at lr 10 with momentum 0.99 and no clipping, under fp16 autocast: the activations
+    overflow fp16 and the loss turns NaN within some 30 steps. The run stops with one line naming
+    the step, exit code 1, and no model or summary is written."""
+    tiny_recipe["train"].update(lr=10.0, optimizer="sgd", momentum=0.99, clip_grad_norm=None, precision="fp16")
+    code, stderr = cli_on_test_ray("run", str(write_recipe(tiny_recipe, tmp_path / "tiny.yaml")))
+    assert code == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: training diverged at step \d+ \(epoch \d\): the loss is (nan|inf|-inf); nothing was exported "
+                        r"\(lower train.lr, or look at the data\)", last), stderr[-2000:]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+def epochs_of(run_dir: Path) -> list[int]:
+    return [row["epoch"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row]
+
+
 def test_embedded_ray_workers_collect_garbage_less_often(local_ray):
     """Every worker process of the embedded Ray runs the set-up hook before its first task."""
     import gc

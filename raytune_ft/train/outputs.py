@@ -11,12 +11,12 @@ from raytune_ft import run_folder
 from raytune_ft.addons import ADDONS
 from raytune_ft.evaluation import numbers
 from raytune_ft.report import plots
-from raytune_ft.schema import Recipe
+from raytune_ft.schema import Recipe, join_uri
 
 
 def shared_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
     """The run's directory on shared storage, or None when Ray stores it in the run directory."""
-    return f"{recipe.output.storage_root(run_dir)}/{run_dir.name}" if recipe.output.storage_path else None
+    return join_uri(recipe.output.storage_root(run_dir), run_dir.name) if recipe.output.storage_path else None
 
 
 def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,

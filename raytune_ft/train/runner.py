@@ -126,9 +126,12 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     run_folder.check_run_dir(run_dir, resume, force, shared)
     if resume and shared and not run_folder.holds_run(run_dir):
         run_folder.restore_from_storage(shared, run_dir)
-    if resume and (finished := run_folder.finished_summary(run_dir)) is not None:
-        logger.info("%s is already finished", run_dir)
-        return finished
+    finished = run_folder.finished_summary(run_dir) if resume else None
+    if finished is not None:
+        if step_plan(finished["plan"]["train_rows"], recipe).total_steps <= finished["steps"]:
+            logger.info("%s is already finished", run_dir)
+            return finished
+        (run_dir / run_folder.SUMMARY).unlink()  # more epochs asked for: the run goes on from its final checkpoint
     planned = plan_run(recipe)
     changes = run_folder.resume_changes(run_dir, recipe) if resume else []
     if resume:
