@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -55,6 +55,11 @@ test: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m raytune_ft.docs_reference
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+# The quick tier to run while working: every test that starts no Ray of its own, and one
+# end-to-end run of the command line (tests marked `ray` left out, see tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not ray or e2e" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -323,9 +323,17 @@ COSTLIEST_FILES_FIRST = [
 ]
 
 
+# Fixtures that start Ray or a real run: a test that uses one (directly or through another
+# fixture) is marked `ray`, the slow tier. `make test-fast` runs the rest and the one `e2e` test.
+RAY_FIXTURES = {"local_ray", "token_head", "finished_text_run", "s3_server"}
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: position for position, name in enumerate(COSTLIEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.hookimpl(hookwrapper=True)

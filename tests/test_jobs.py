@@ -248,6 +248,7 @@ finally:
 """
 
 
+@pytest.mark.ray  # a multi-node cluster of its own
 def test_losing_a_machine_mid_epoch_restarts_on_the_remaining_machines(tiny_recipe, tmp_path):
     """Three 1-CPU machines and a CPU-less head: the 2 training workers land one per machine.
     Checkpoints go to output.storage_path (the stand-in for S3/GCS). A worker's whole machine is
@@ -356,6 +357,7 @@ def alive_worker_nodes(token: str, dashboard: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # an autoscaling cluster of its own
 def test_local_autoscaling_cluster_scales_up_for_a_job_and_back_down(tiny_recipe, tmp_path):
     """cluster/local-autoscale.yaml (on its own ports): no worker nodes at first; a 2-worker job,
     submitted with plain `ray job submit -- raytune-ft run` as a user types it, makes the

@@ -58,6 +58,7 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
     assert [model.config.id2label[i] for i in predicted] == ["positive", "negative"]
 
 
+@pytest.mark.e2e  # the fast tier's one end-to-end run (make test-fast)
 def test_the_command_line_shows_progress_and_ends_with_the_summary_table(finished_text_run):
     """What `raytune-ft run` prints: live progress lines, each epoch's metrics, the closing table
     and where the outputs are; not Ray Data's hint to turn on the progress bars raytune-ft keeps off."""
