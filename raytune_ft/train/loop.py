@@ -53,7 +53,7 @@ def quiet_worker_logs() -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy's global seed holds 32 bits; an epoch's seed (seed x 1000 + ...) can pass them
     torch.manual_seed(seed)
 
 

@@ -22,7 +22,7 @@ from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.data.sharding import ExactEvalDataConfig
 from raytune_ft.errors import TrainingFailed
 from raytune_ft.post import configured_steps, run_steps
-from raytune_ft.recipe import derived_recipe
+from raytune_ft.recipe import read_paths
 from raytune_ft.report.tables import plural
 from raytune_ft.report.tracking import tracked
 from raytune_ft.schema import Recipe
@@ -81,22 +81,8 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
     return state
 
 
-def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
-    """The same recipe with the body frozen: only a new head is trained."""
-    values = {
-        "train.lr": recipe.baseline.lr, "train.epochs": recipe.baseline.epochs, "train.max_steps": None,
-        "train.early_stopping": None, "train.warmup": 0.0, "baseline.enabled": False, "strategy": {"method": "head_only"},
-        "retention": None, "regularizer": None, "replay": None, "wise_ft": None, "distill": None, "tune": None,
-        "output.dir": str(run_dir / "baseline"), "name": f"{recipe.name}-baseline",
-    }
-    if recipe.output.storage_path:
-        values["output.storage_path"] = shared_run_dir(recipe, run_dir)
-    return derived_recipe(recipe, values, "baseline")
-
-
-def run_baseline(recipe: Recipe, run_dir: Path, data: PreparedData, started: float) -> dict[str, Any]:
-    """The baseline's summary: measured now, or read back when a resumed run already has it."""
-    base = baseline_recipe(recipe, run_dir)
+def run_baseline(base: Recipe, data: PreparedData, started: float) -> dict[str, Any]:
+    """The baseline's summary (``base``: its recipe): measured now, or read back when a resumed run already has it."""
     base_dir = base.run_dir()
     summary = run_folder.finished_summary(base_dir)
     if summary is None:
@@ -112,7 +98,7 @@ def run_baseline(recipe: Recipe, run_dir: Path, data: PreparedData, started: flo
 def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run a recipe end to end and return its summary."""
     run_dir = recipe.run_dir()
-    run_folder.check_run_dir(run_dir, resume, force)
+    run_folder.check_run_dir(run_dir, resume, force, read_paths(recipe))
     if resume and (finished := run_folder.finished_summary(run_dir)) is not None:
         print(f"[raytune-ft] {run_dir} is already finished")
         return finished
@@ -124,13 +110,13 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     if shared:
         run_folder.check_shared_storage(shared, resume)
     init_ray(address, recipe)
-    run_folder.prepare_run_dir(run_dir, resume, force)
+    run_folder.prepare_run_dir(run_dir, resume, force, read_paths(recipe))
     run_folder.write_text_atomic(run_dir / run_folder.RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     with tracked(recipe, run_dir) as tracker:
         started = time.perf_counter()
         data = prepare_datasets(recipe, planned)
-        baseline = run_baseline(recipe, run_dir, data, started) if recipe.baseline.enabled else None
+        baseline = run_baseline(planned.baseline, data, started) if planned.baseline else None
         state = fit(recipe, run_dir, data, callbacks=[tracker] if tracker else [])
         summary = write_outputs(run_dir, recipe, state, baseline, time.perf_counter() - started, data.bad_rows)
         if configured_steps(recipe):
