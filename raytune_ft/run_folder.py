@@ -3,7 +3,8 @@
 A run directory (``output.dir``) is Ray's ``storage_path/name``: Ray keeps checkpoints there, and
 the driver adds the files named below. This module owns those names and the policy around them:
 a run is never overwritten (``--resume`` continues it, ``--force`` moves it aside, nothing is
-deleted), files are written whole or not at all, the checkpoint to resume from is verified first,
+deleted), a run folder is never one of the user's own (the working folder, a folder above it, one
+holding the recipe or the data), files are written whole or not at all, the checkpoint to resume from is verified first,
 and on shared storage (``output.storage_path``) the outputs are published beside the checkpoints.
 Training, tuning, the post steps and the report import it; it imports nothing of theirs.
 """
@@ -14,7 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from raytune_ft.errors import UserError
 
@@ -36,9 +37,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(partial, path)
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force.
-    Checked before anything is written, so a refused run leaves no trace."""
+def check_own_folder(run_dir: Path, inputs: Iterable[tuple[str, str | os.PathLike]] = (), field: str = "output.dir") -> None:
+    """An output folder is one of its own: not the working folder, nor a folder above it, nor one
+    that holds an input (``inputs``: (what, path), e.g. the recipe, the data, the model), which
+    ``--force`` would move aside with it. ``field``: the option that named the folder."""
+    run_dir = Path(run_dir).resolve()
+    here = Path.cwd().resolve()
+    if run_dir == here or run_dir in here.parents:
+        what = "the working folder" if run_dir == here else f"a folder above the working folder {here}"
+        raise UserError(field, f"{run_dir} is {what}; give the run a folder of its own, e.g. runs/<name>")
+    for what, path in inputs:
+        path = Path(path).expanduser().resolve()
+        if path == run_dir or run_dir in path.parents:
+            raise UserError(field, f"{run_dir} holds {what} ({path}); give the run a folder of its own, e.g. runs/<name>")
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool, inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
+    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force;
+    never a folder of the user's own (``check_own_folder``). Checked before anything is written,
+    so a refused run leaves no trace."""
+    check_own_folder(run_dir, inputs)
     if resume and force:
         raise UserError("--force", "cannot be combined with --resume (continue the run, or move it aside and start anew)")
     occupied = run_dir.exists() and any(run_dir.iterdir())
@@ -82,9 +100,9 @@ def move_aside(path: Path) -> Path:
     return aside
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
     """Create the run directory (moving an existing run aside with --force) and check it is writable."""
-    check_run_dir(run_dir, resume, force)
+    check_run_dir(run_dir, resume, force, inputs)
     if force and run_dir.exists() and any(run_dir.iterdir()):
         move_aside(run_dir)
     try:
