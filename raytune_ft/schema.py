@@ -48,7 +48,8 @@ class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment,
     text is never empty and every number is finite and fits 64 bits (``number_problem``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_min_length=1)
+    # allow_inf_nan: a typed float refuses inf and NaN before its bounds are compared (NaN passes none).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_min_length=1, allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod

@@ -125,6 +125,37 @@ class Split:
         return min(round(self.rows * share), data.max_rows or self.rows)
 
 
+SMALL_DATA_BYTES = 256 * 2**20  # local data under this is cached across epochs, and its text cells checked at planning
+
+
+def is_small(path: str) -> bool:
+    if _is_remote(path):
+        return False
+    source = Path(path)
+    size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file()) if source.is_dir() else source.stat().st_size
+    return size < SMALL_DATA_BYTES
+
+
+def first_bad_cell(path: str, fmt: str, column: str, role: str) -> tuple[str, int, str] | None:
+    """(file, row in it, problem) of the first bad cell of ``column`` in a split's source (None:
+    every cell is good), reading that column alone, file by file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for fragment in arrow_dataset(path, fmt).get_fragments():
+        values = fragment.to_table(columns=[column]).column(column)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            bad = pc.or_kleene(values.is_null(), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+        elif role in TEXT_ROLES:
+            bad = pa.array([True] * len(values))  # numbers (a CSV column of digits), lists, ...: not text
+        else:
+            bad = values.is_null()
+        row = pc.index(bad.fill_null(True), True).as_py()
+        if row >= 0:
+            return fragment.path, row, cell_problem(values[row].as_py(), role)
+    return None
+
+
 def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefix: str = "data",
                  label_roles: tuple[str, ...] = ("label",)) -> tuple[int, dict[str, list] | None]:
     """Verify every mapped column exists; count the rows and read the label columns (the cheap
@@ -178,6 +209,8 @@ def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str,
             unread.append((field, path))
         else:
             rows, label_values[name] = read_checked(path, fmt, columns, field, prefix, label_roles)
+            if data.on_bad_rows == "fail" and fmt != "images" and is_small(path):
+                check_text_cells(path, fmt, columns, field)
         splits.append(Split(name, path, fmt, field=field, rows=rows))
     if not data.validation:
         train = splits[0]
@@ -192,6 +225,15 @@ def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str,
                                     f"{prefix}.labels.{role}" if several else f"{prefix}.labels", data, prefix, paths)
                   for role in label_roles}
     return splits, label_sets if several else label_sets["label"]
+
+
+def check_text_cells(path: str, fmt: str, columns: dict[str, str], field: str) -> None:
+    """Small local data, refusing bad rows: its text cells are checked now, before any Ray work
+    (the pipeline checks every row of any data, later)."""
+    for role in (role for role in columns if role in TEXT_ROLES):
+        found = first_bad_cell(path, fmt, columns[role], role)
+        if found:
+            raise UserError(field, f"{found[0]}: row {found[1]}: " + fix_or_skip(f"column {columns[role]!r} ({role}) is {found[2]}"))
 
 
 def plan_labels(role: str, label_values: dict[str, dict[str, list]], given: list[str] | None, other: str | None,
@@ -289,28 +331,17 @@ class DropBadRows:
         column = self.columns[role]
         where = file or self.split.path
         if file is None and self.split.fmt != "images":
-            with contextlib.suppress(Exception):  # the split's own path still names it
-                for fragment in arrow_dataset(self.split.path, self.split.fmt).get_fragments():
-                    values = fragment.to_table(columns=[column]).column(column).to_pylist()
-                    row = next((i for i, value in enumerate(values) if cell_problem(value, role)), None)
-                    if row is not None:
-                        where = f"{fragment.path}: row {row}"
-                        break
+            with contextlib.suppress(Exception):  # unreadable here: the split's path still names it
+                found = first_bad_cell(self.split.path, self.split.fmt, column, role)
+                where = f"{found[0]}: row {found[1]}" if found else where
         return UserError(self.split.field or f"data.{self.split.name}", f"{where}: " + fix_or_skip(f"column {column!r} ({role}) is {problem}"))
-
-
-CACHE_LIMIT_BYTES = 256 * 2**20
 
 
 def should_cache(split: Split, policy: str) -> bool:
     """Streaming re-reads and re-preprocesses every epoch; small data is cheaper to keep."""
     if policy != "auto":
         return policy == "always"
-    if _is_remote(split.path):
-        return False
-    path = Path(split.path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    return size < CACHE_LIMIT_BYTES
+    return is_small(split.path)
 
 
 def read_ray(split: Split):

@@ -93,13 +93,13 @@ def check_validation_rows(recipe: Recipe, splits: list[tabular.Split]) -> None:
     if not readers or rows is None or rows >= MIN_VALIDATION_ROWS:
         return
     if recipe.data.max_rows == rows:
-        where, what, fix = "data.max_rows", f"{rows} rows per split leaves {rows} for validation", "raise it"
+        where, what, fix = "data.max_rows", f"{plural(rows, 'row')} per split leaves {rows} for validation", "raise it"
     elif validation.holdout == "validation":
-        where, what = "data.validation_fraction", (f"{recipe.data.validation_fraction} holds out about {rows} of the {validation.rows} "
-                                                   f"rows of {validation.path} for validation")
+        where, what = "data.validation_fraction", (f"{recipe.data.validation_fraction} holds out about {rows} of the "
+                                                   f"{plural(validation.rows, 'row')} of {validation.path} for validation")
         fix = "raise it, or give a data.validation file"
     else:
-        where, what, fix = "data.validation", f"{validation.path} has {rows} rows", "give more"
+        where, what, fix = "data.validation", f"{validation.path} has {plural(rows, 'row')}", "give more"
     raise UserError(where, f"{what}, but {readers[0]} decides on them, which needs at least {MIN_VALIDATION_ROWS}; {fix}")
 
 
