@@ -98,7 +98,8 @@ class DataSection(Section):
         "auto", description="keep preprocessed splits in Ray's object store across epochs; auto: local data under 256 MB"
     )
     on_bad_rows: Literal["fail", "skip"] = Field(
-        "fail", description="a row the task cannot preprocess (an undecodable image): fail naming it, or skip and count it"
+        "fail", description="a bad row (a null, empty or non-text cell where a value or text is read; an undecodable image "
+                            "or clip): fail naming its file, column and row, or skip and count it"
     )
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="skip: refuse a split with a larger fraction of bad rows")
 
