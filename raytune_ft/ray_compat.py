@@ -59,7 +59,11 @@ def autoscaling() -> tuple[bool, dict[str, float] | None]:
     from ray._private.state import state
     from ray.experimental.internal_kv import _internal_kv_get
 
-    limits = state.get_max_resources_from_cluster_config()
+    try:
+        limits = state.get_max_resources_from_cluster_config()
+        announced = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # a Ray Client connection (ray://) reads no GCS state: it may grow (the wait is bounded)
+        return True, None
     if limits:
         return True, {name: float(amount) for name, amount in limits.items()}
-    return bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)), None
+    return bool(announced), None

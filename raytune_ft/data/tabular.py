@@ -144,7 +144,9 @@ def first_bad_cell(path: str, fmt: str, column: str, role: str) -> tuple[str, in
 
     for fragment in arrow_dataset(path, fmt).get_fragments():
         values = fragment.to_table(columns=[column]).column(column)
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        if pa.types.is_dictionary(values.type):  # a categorical column: its values, not its codes
+            values = values.cast(values.type.value_type)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or str(values.type) == "string_view":
             bad = pc.or_kleene(values.is_null(), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
         elif role in TEXT_ROLES:
             bad = pa.array([True] * len(values))  # numbers (a CSV column of digits), lists, ...: not text

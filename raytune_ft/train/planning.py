@@ -116,11 +116,20 @@ def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     return derived_recipe(recipe, values, "baseline", origins={"train.lr": "baseline.lr", "train.epochs": "baseline.epochs"})
 
 
+def for_workers(path: str) -> str:
+    """A local path as Train workers can read it: absolute, since Ray Train runs them in a folder
+    of their own, where a relative path leads nowhere (an asset or hub id is left as it is)."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
 def plan_run(recipe: Recipe) -> PlannedData:
     """Driver-side checks before anything reaches Ray: the model path, the data splits and label
     set (recorded in the recipe), the validation split's size, the task, the strategy, the
     baseline's recipe and every add-on's inputs."""
-    recipe.model.path = assets.resolve(recipe.model.path, "model.path")
+    recipe.model.path = for_workers(assets.resolve(recipe.model.path, "model.path"))
+    if getattr(recipe.task, "image_encoder", None):  # VQA's second model
+        recipe.task.image_encoder = for_workers(recipe.task.image_encoder)
     label_roles = task_label_roles(TASKS[recipe.task.type], recipe.task)
     splits, labels = tabular.plan_splits(recipe.data, label_roles=label_roles)
     check_validation_rows(recipe, splits)
