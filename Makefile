@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -67,6 +67,10 @@ bench: $(STAMP)
 # The fixed cost of a run (start-up and wrap-up): raytune-ft's embedded-Ray settings vs Ray's defaults.
 bench-startup: $(STAMP)
 	$(PY) benchmarks/startup.py
+
+# Bad inputs kept apart from the tests: each through the real command line (issue 43).
+bench-bad-inputs: $(STAMP)
+	$(PY) benchmarks/bad_inputs.py
 
 # Distillation: the 3-layer student with and without the demo's model as teacher (run `make demo` first).
 bench-distill: $(STAMP)

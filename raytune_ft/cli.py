@@ -52,15 +52,27 @@ def _app(version: bool = typer.Option(False, "--version", callback=_print_versio
 
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
-    """Check a recipe (schema, registered names, columns) without running it.
+    """Check a recipe without running it: every check run makes before Ray starts (schema, files,
+    columns, labels, model, lengths, strategy, add-ons, output folder). URIs are named, not read.
 
     Example: raytune-ft validate jobs/text_classification.yaml --set train.lr=3e-5
     """
+    from raytune_ft import run_folder
+    from raytune_ft.data.tabular import uris_unread
+    from raytune_ft.recipe import read_paths
     from raytune_ft.report.tables import plural
+    from raytune_ft.train.planning import plan_run
 
     loaded = _load(recipe, set_)
+    run_folder.check_own_folder(loaded.run_dir(), read_paths(loaded))
+    with uris_unread() as unread:
+        plan_run(loaded)
+    if loaded.output.storage_path and "://" in loaded.output.storage_path:
+        unread.append(("output.storage_path", loaded.output.storage_path))
     typer.echo(f"ok: {recipe} (task {loaded.task.type}, strategy {loaded.strategy.method}, "
                f"{plural(loaded.scaling.workers, 'worker')}, backend {loaded.train.backend})")
+    for field, uri in unread:
+        typer.echo(f"not checked: {field} {uri} (a URI: the run reads it where it runs; validate does not)")
 
 
 @app.command()
@@ -245,7 +257,8 @@ def fuse(
 
 def main() -> None:
     """Entry point: usage errors print the usage line and one error line, user errors one line;
-    both exit 2, with no traceback."""
+    both exit 2, with no traceback. Anything else is a bug: its traceback, and a line asking to
+    report it (exit 1)."""
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as error:
@@ -264,6 +277,13 @@ def main() -> None:
         sys.exit(error.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         code = 130
+    except Exception:  # not the user's mistake (those are UserErrors): a bug, shown whole
+        import traceback
+
+        traceback.print_exc()
+        typer.echo("error: this is a bug in raytune-ft, not a problem with your input; please report it with the "
+                   "command, the recipe and the traceback above", err=True)
+        sys.exit(1)
     # Without standalone mode, an exit (--help, --version, Ctrl-C as 130) is returned, not raised.
     if code == 130:
         typer.echo("interrupted", err=True)

@@ -14,7 +14,7 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -33,7 +33,9 @@ HEADER = """\
 Every field a recipe can set, by its dotted path: the path that `--set` and `tune.space` take
 (`--set train.lr=3e-5`). In a path, `<i>` stands for a list position (`retention.references.0.name`)
 and `<name>` for a key you choose (`task.heads.sentiment.weight`). A section whose default is
-`null` is off until the recipe writes it. Unknown keys are errors everywhere.
+`null` is off until the recipe writes it. Unknown keys are errors everywhere. Beyond each field's
+own bounds, every number is finite (no `.inf`, no `.nan`), every integer fits in 64 bits, and text
+is never empty.
 """
 
 BOUNDS = (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
@@ -60,6 +62,8 @@ def _type(annotation: Any) -> str:
         return "null"
     if annotation is Any:
         return "any"
+    if origin is Annotated:  # a constrained item type; its bounds show under "allowed"
+        return _type(args[0])
     if origin is Literal:
         return " | ".join(dict.fromkeys(type(value).__name__ for value in args))
     if origin in (Union, types.UnionType):
@@ -90,6 +94,11 @@ def _value(value: Any) -> str:
 
 def _allowed(field) -> str:
     parts = [_value(choice) for choice in _literals(field.annotation)]
+    origin, args = get_origin(field.annotation), get_args(field.annotation)
+    if origin is dict and get_origin(args[1]) is Annotated:  # bounds on every value
+        for constraint in get_args(args[1])[1:]:
+            for item in getattr(constraint, "metadata", [constraint]):
+                parts += [f"each {symbol} {getattr(item, name)}" for name, symbol in BOUNDS if getattr(item, name, None) is not None]
     for item in field.metadata:
         parts += [f"{symbol} {getattr(item, name)}" for name, symbol in BOUNDS if getattr(item, name, None) is not None]
         if getattr(item, "min_length", None) is not None:

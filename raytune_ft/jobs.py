@@ -118,10 +118,14 @@ def recipe_in_working_dir(recipe: Path, working_dir: Path) -> Path:
 
 def submit(recipe: Path, overrides: list[str], address: str | None, working_dir: Path, pip: list[str]) -> tuple[str, str]:
     """Validate locally, then submit; returns (address, job id). Nothing reaches the cluster
-    when the recipe is invalid."""
-    from raytune_ft.recipe import load_recipe
+    when the recipe is invalid. A path this machine does not have may be the cluster's own (a
+    shared filesystem): it is named as not checked here, and the job's run checks it first."""
+    from raytune_ft.recipe import load_recipe, read_paths
 
-    load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)
+    for field, path in read_paths(loaded):
+        if not Path(path).expanduser().exists():
+            print(f"not checked here: {field} {path} (not on this machine; the job checks it on the cluster before it starts Ray work)")
     working_dir = working_dir.expanduser().resolve()
     if not working_dir.is_dir():
         raise UserError("--working-dir", f"{working_dir} is not a directory")

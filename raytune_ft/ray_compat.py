@@ -33,3 +33,37 @@ def run_snapshot_filename() -> str:
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def local_accelerators() -> dict[str, float]:
+    """The GPUs an embedded Ray would find on this machine, as the resources it would offer
+    ({"GPU": n, "accelerator_type:<type>": 1}; {} without one), before Ray starts: Ray detects them
+    in its private accelerator managers and says so only once it runs."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators() if manager else 0
+    visible = manager.get_current_process_visible_accelerator_ids() if manager else None
+    count = min(count, len(visible)) if visible is not None else count
+    if not count:
+        return {}
+    kind = manager.get_current_node_accelerator_type()
+    return {"GPU": float(count), **({f"accelerator_type:{kind}": 1.0} if kind else {})}
+
+
+def autoscaling() -> tuple[bool, dict[str, float] | None]:
+    """Whether the connected cluster has an autoscaler, and the most of each resource it can grow
+    to, where it says (None otherwise): Ray Train reads the same private state before its workers
+    start; autoscaler v1 announces itself only by the status it writes to the GCS's key-value store."""
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        limits = state.get_max_resources_from_cluster_config()
+        announced = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # a Ray Client connection (ray://) reads no GCS state: it may grow (the wait is bounded)
+        return True, None
+    if limits:
+        return True, {name: float(amount) for name, amount in limits.items()}
+    return bool(announced), None

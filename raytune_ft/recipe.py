@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from raytune_ft.backends import BACKENDS
+from raytune_ft.data.assets import PREFIX as ASSET_PREFIX
 from raytune_ft.errors import RecipeError
 from raytune_ft.schema import Recipe, apply_overrides, field_annotation, leaf_types, problems_of, read_recipe_file, set_field
 from raytune_ft.strategies import STRATEGIES
@@ -206,10 +207,37 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """The validated recipe of a YAML file, with ``--set``-style ``overrides`` (``train.lr=3e-5``) applied."""
-    return validate_recipe(apply_overrides(read_recipe_file(path), list(overrides)), str(path))
+    recipe = validate_recipe(apply_overrides(read_recipe_file(path), list(overrides)), str(path))
+    recipe._file = Path(path)
+    return recipe
 
 
-def derived_recipe(recipe: Recipe, values: dict[str, Any], source: str) -> Recipe:
+def read_paths(recipe: Recipe) -> list[tuple[str, str]]:
+    """(field, path) of every local file or folder a recipe reads, the recipe file itself first
+    (assets and URIs left out): what a run folder must not hold."""
+    found = [("the recipe", str(recipe.file))] if recipe.file else []
+    sections = [("data", recipe.data)] + [(f"retention.references.{i}.data", reference.data)
+                                          for i, reference in enumerate(recipe.retention.references if recipe.retention else [])]
+    for prefix, data in sections:
+        found += [(f"{prefix}.{name}", getattr(data, name)) for name in ("train", "validation", "test")]
+    found += [("model.path", recipe.model.path), ("task.image_encoder", getattr(recipe.task, "image_encoder", None)),
+              ("distill.teacher", recipe.distill.teacher if recipe.distill else None)]
+    return [(field, path) for field, path in found if path and not path.startswith(ASSET_PREFIX) and "://" not in path]
+
+
+def validate_derived(data: dict[str, Any], source: str, origins: dict[str, str]) -> Recipe:
+    """``validate_recipe`` of a recipe derived from the user's (the baseline's, a trial's): a problem
+    with a value taken from another field names that field, the one the user wrote (``origins``:
+    derived dotted path -> the user's)."""
+    try:
+        return validate_recipe(data, source)
+    except RecipeError as error:
+        problems = [(origins[path], f"{message} (as {path} of the {source})") if path in origins else (path, message)
+                    for path, message in error.problems]
+        raise RecipeError(error.where, problems) from None
+
+
+def derived_recipe(recipe: Recipe, values: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Recipe:
     """A recipe made from ``recipe`` with the dotted ``values`` set (the baseline's, a trial's),
     validated like a file, so a problem reads as the field it is, never as a traceback."""
-    return validate_recipe(recipe_with(given_fields(recipe), values), source)
+    return validate_derived(recipe_with(given_fields(recipe), values), source, origins or {})

@@ -3,7 +3,8 @@
 A run directory (``output.dir``) is Ray's ``storage_path/name``: Ray keeps checkpoints there, and
 the driver adds the files named below. This module owns those names and the policy around them:
 a run is never overwritten (``--resume`` continues it, ``--force`` moves it aside, nothing is
-deleted), files are written whole or not at all, the checkpoint to resume from is verified first,
+deleted), a run folder is never one of the user's own (the working folder, a folder above it, one
+holding the recipe or the data), files are written whole or not at all, the checkpoint to resume from is verified first,
 and on shared storage (``output.storage_path``) the outputs are published beside the checkpoints.
 Training, tuning, the post steps and the report import it; it imports nothing of theirs.
 """
@@ -15,10 +16,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from raytune_ft.errors import UserError
-from raytune_ft.schema import Recipe, dotted
+from raytune_ft.schema import Recipe, dotted, join_uri
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(partial, path)
 
 
+def shared_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
+    """The run's folder on shared storage, or None when Ray stores it in the run folder itself."""
+    return join_uri(recipe.output.storage_root(run_dir), run_dir.name) if recipe.output.storage_path else None
+
+
 def storage(location: str | Path):
     """(pyarrow filesystem, path) of a local path or a storage URI (s3://, gs://, an NFS path)."""
     from pyarrow import fs
@@ -64,11 +70,29 @@ def holds_run(location: str | Path) -> bool:
         raise UserError("output.storage_path", f"cannot read {location}: {str(error).splitlines()[0]}") from None
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool, shared: str | None = None) -> None:
-    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force.
-    With shared storage (``shared``: the run's folder there) the run lives there: it can be resumed
-    from storage alone, and it is never overwritten, moved aside or deleted. Checked before
-    anything is written, so a refused run leaves no trace."""
+def check_own_folder(run_dir: Path, inputs: Iterable[tuple[str, str | os.PathLike]] = (), field: str = "output.dir") -> None:
+    """An output folder is one of its own: not the working folder, nor a folder above it, nor one
+    that holds an input (``inputs``: (what, path), e.g. the recipe, the data, the model), which
+    ``--force`` would move aside with it. ``field``: the option that named the folder."""
+    run_dir = Path(run_dir).resolve()
+    here = Path.cwd().resolve()
+    if run_dir == here or run_dir in here.parents:
+        what = "the working folder" if run_dir == here else f"a folder above the working folder {here}"
+        raise UserError(field, f"{run_dir} is {what}; give the run a folder of its own, e.g. runs/<name>")
+    for what, path in inputs:
+        path = Path(path).expanduser().resolve()
+        if path == run_dir or run_dir in path.parents:
+            raise UserError(field, f"{run_dir} holds {what} ({path}); give the run a folder of its own, e.g. runs/<name>")
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool, shared: str | None = None,
+                  inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
+    """Never overwrite a run: a second run into a directory needs --resume (continue) or --force;
+    never a folder of the user's own (``check_own_folder``). With shared storage (``shared``: the
+    run's folder there) the run lives there: it can be resumed from storage alone, and it is never
+    overwritten, moved aside or deleted. Checked before anything is written, so a refused run
+    leaves no trace."""
+    check_own_folder(run_dir, inputs)
     if resume and force:
         raise UserError("--force", "cannot be combined with --resume (continue the run, or move it aside and start anew)")
     occupied = run_dir.exists() and any(run_dir.iterdir())
@@ -136,16 +160,13 @@ FIXED_ON_RESUME = ("task", "model", "data", "strategy", "retention", "train.back
                    "train.grad_accum", "train.precision", "deepspeed")
 
 
-def resume_changes(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
-    """How ``recipe`` (as every field would be written) differs from the recipe the run was made
-    with (its ``recipe.yaml``). Refuses, naming the fields, a change to what the checkpoint was
+def resume_changes(run_dir: Path, recipe: Recipe, made_with: Recipe) -> list[dict[str, Any]]:
+    """How ``recipe`` differs from ``made_with``, the recipe the run was made with (its
+    ``recipe.yaml``), both as every field would be written. Refuses, naming the fields, a change to what the checkpoint was
     made from (task, model, data, strategy, retention references, backend, seed, batch, precision;
     the worker count where the backend shards the state); returns the others (more epochs, early
     stopping, evaluation settings, ...), to be recorded."""
-    import yaml
-
-    made_with = yaml.safe_load((run_dir / RECIPE).read_text())
-    before, after = dotted(made_with), dotted(recipe.to_dict())
+    before, after = dotted(made_with.to_dict()), dotted(recipe.to_dict())
     fixed = FIXED_ON_RESUME + (("scaling.workers",) if recipe.train.backend != "ddp" else ())
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key) and not key.startswith(("name", "output.dir")))
     refused = [key for key in changed if any(key == field or key.startswith(field + ".") for field in fixed)]
@@ -174,9 +195,9 @@ def move_aside(path: Path) -> Path:
     return aside
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
     """Create the run directory (moving an existing run aside with --force) and check it is writable."""
-    check_run_dir(run_dir, resume, force)
+    check_run_dir(run_dir, resume, force, inputs=inputs)
     if force and run_dir.exists() and any(run_dir.iterdir()):
         move_aside(run_dir)
     try:

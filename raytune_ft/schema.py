@@ -10,22 +10,54 @@ owner's typed options in place, so every reader, on the driver or on a worker, r
 from __future__ import annotations
 
 import copy
+import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from raytune_ft.errors import RecipeError, UserError
 
 
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+# Integers reach numpy, torch and Ray, which hold 64 bits; seeds reach numpy's RandomState, which holds 32.
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def number_problem(value: Any, where: str = "") -> str | None:
+    """What breaks the rule every number in a recipe keeps, typed or not (a raw DeepSpeed config,
+    a searched choice): finite, and an integer within 64 bits. None when ``value`` keeps it."""
+    at = f" at {where}" if where else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{at}" + (f" (got {value})" if where else "")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"must fit in 64 bits (at most {INT64_MAX}){at}" + (f" (got {value})" if where else "")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        problem = number_problem(item, f"{where}.{key}" if where else str(key))
+        if problem:
+            return problem
+    return None
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment,
+    text is never empty and every number is finite and fits 64 bits (``number_problem``)."""
+
+    # allow_inf_nan: a typed float refuses inf and NaN before its bounds are compared (NaN passes none).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, str_min_length=1, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _numbers_in_bounds(cls, value: Any) -> Any:
+        problem = number_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TaskOptions(Section):
@@ -69,7 +101,8 @@ class DataSection(Section):
         "auto", description="keep preprocessed splits in Ray's object store across epochs; auto: local data under 256 MB"
     )
     on_bad_rows: Literal["fail", "skip"] = Field(
-        "fail", description="a row the task cannot preprocess (an undecodable image): fail naming it, or skip and count it"
+        "fail", description="a bad row (a null, empty or non-text cell where a value or text is read; an undecodable image "
+                            "or clip): fail naming its file, column and row, or skip and count it"
     )
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="skip: refuse a split with a larger fraction of bad rows")
 
@@ -188,10 +221,10 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute each layer's activations in the backward pass instead of keeping them: far less "
                            "activation memory for ~30% more compute (models built on transformers)")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="seeds Python, numpy and torch on every worker")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="overrides the model's dropout")
     early_stopping: Optional[EarlyStoppingSection] = None
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
     log_every: int = Field(10, ge=1, description="optimizer steps between progress lines")
 
     @model_validator(mode="after")
@@ -204,9 +237,16 @@ class TrainSection(Section):
 
 
 class ScalingSection(Section):
+    """What the run asks Ray for; checked against the cluster (this machine, for the embedded Ray)
+    before any work is submitted."""
+
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"CPU": 1}, description="Ray resources each worker reserves, e.g. {CPU: 4, GPU: 1}; "
+                                                        "names a node of the cluster offers")
+    max_wait_s: float = Field(900, gt=0, description="an autoscaling cluster: seconds to wait for the nodes the run needs "
+                                                     "before giving up")
 
 
 class DeepSpeedSection(Section):
@@ -237,7 +277,7 @@ class BaselineSection(Section):
 
     enabled: bool = True
     epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, le=10, description="the head's learning rate (train.lr of the baseline's run)")
 
 
 TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
@@ -389,7 +429,7 @@ class TuneSection(Section):
     asha: AshaSection = Field(default_factory=AshaSection)
     pbt: PbtSection = Field(default_factory=PbtSection)
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial, from its last checkpoint")
-    seed: Optional[int] = Field(None, description="seeds the searcher, so the same trials are proposed again")
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="seeds the searcher, so the same trials are proposed again")
 
     @model_validator(mode="after")
     def _objectives(self):
@@ -488,6 +528,12 @@ class Recipe(Section):
     post: PostSection = Field(default_factory=PostSection)
     output: OutputSection = Field(default_factory=OutputSection)
     tune: Optional[TuneSection] = Field(None, description="raytune-ft tune: the search space and how to search it")
+    _file: Optional[Path] = PrivateAttr(None)  # set by raytune_ft.recipe.load_recipe
+
+    @property
+    def file(self) -> Optional[Path]:
+        """The YAML file this recipe was loaded from, if it was."""
+        return self._file
 
     @model_validator(mode="after")
     def _retention_links(self):
@@ -530,8 +576,12 @@ def problems_of(error: ValidationError, prefix: str = "") -> list[tuple[str, str
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value is YAML: ``3e-5`` is a float, ``[a, b]`` a list, ``null`` None."""
-    value = yaml.safe_load(text) if text.strip() else ""
+    """A ``--set`` value is YAML: ``3e-5`` is a float, ``[a, b]`` a list, ``null`` None; text
+    YAML cannot read stays text (validation then says what the field takes)."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except (yaml.YAMLError, ValueError):
+        return text
     # YAML 1.1 reads '3e-5' as a string; accept the float people mean.
     if isinstance(value, str):
         try:
@@ -580,6 +630,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise UserError(str(path), "recipe file not found")
     try:
         data = yaml.safe_load(path.read_text())
+    except ValueError as error:  # a number YAML reads but Python will not hold (an int of 5000 digits)
+        raise UserError(str(path), f"cannot read: {str(error).splitlines()[0][:200]}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -261,7 +261,7 @@ class RetentionReferences(AddOn):
             by_name = {split.name: split for split in splits}
             if reference.kind == "task":  # the task's own metrics on the whole set, nothing fitted
                 train = by_name["train"]
-                test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, holdout="all")
+                test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, "all", train.field, train.rows)
                 labels = recipe.data.labels  # the run's label set: its model scores these rows
                 planned.append(PlannedReference(reference.name, "task", labels, ["test"], data, build_task(recipe, labels or []), {"test": test}))
                 continue
@@ -278,7 +278,8 @@ class RetentionReferences(AddOn):
         datasets = {}
         for reference in planned:
             for split_name, split in reference.splits.items():
-                dataset = tabular.rows_dataset(split, reference.data, reference.labels).map_batches(reference.task.preprocess, batch_format="numpy")
+                rows = tabular.rows_dataset(split, reference.data, reference.labels)
+                dataset = tabular.without_bad_rows(rows, split, reference.data, reference.labels).map_batches(reference.task.preprocess, batch_format="numpy")
                 datasets[reference_split(reference.name, split_name)] = dataset.repartition(2 * workers).materialize()
         return datasets
 

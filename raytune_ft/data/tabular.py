@@ -10,13 +10,25 @@ Label roles: a single-label task has one, ``label``, whose label set is a list (
 a task with several label roles (multitask heads) has one label set per role
 (``data.labels: {role: [...]}``). ``data.other_label: {role: name}`` sends a role's values outside
 its label set to one bucket label instead of refusing them.
+
+Bad cells are bad rows: a null or empty cell, or one that is not text where text is read, makes
+its row a bad row, which ``data.on_bad_rows`` refuses (naming the file, column and row) or skips
+and counts, as it does a row the task cannot preprocess (an undecodable image).
+
+``validate`` reads no URI (``s3://``, ``gs://``, ...): it may need the cluster's credentials and
+would download the data; inside ``uris_unread()`` each is recorded instead of read, and named as
+not checked. ``run`` reads every split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -45,6 +57,41 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
+# (recipe field, URI) of every split left unread; None: every split is read.
+_UNREAD: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("unread_uris", default=None)
+
+
+@contextlib.contextmanager
+def uris_unread() -> Iterator[list[tuple[str, str]]]:
+    """Within: splits at a URI are not read, but listed in the list this yields (validate)."""
+    unread: list[tuple[str, str]] = []
+    token = _UNREAD.set(unread)
+    try:
+        yield unread
+    finally:
+        _UNREAD.reset(token)
+
+
+# Roles whose cells must be text; every other role's cell must be neither null nor empty.
+TEXT_ROLES = ("text", "question", "prompt", "response")
+BAD_LABEL = -1  # the id SelectRows gives a null or empty label: its row is a bad row
+
+
+def cell_problem(value: Any, role: str) -> str | None:
+    """Why a cell cannot serve its role (None: it can): null, empty, or not text in a text role."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "null"
+    if isinstance(value, bytes) and not value or isinstance(value, str) and not value.strip():
+        return "empty"
+    if role in TEXT_ROLES and not isinstance(value, str):
+        return f"not text (a {type(value).__name__})"
+    return None
+
+
+def fix_or_skip(problem: str) -> str:
+    return f"{problem}; fix it, or set data.on_bad_rows: skip to leave such rows out (counted)"
+
+
 def arrow_dataset(path: str, fmt: str):
     import pyarrow.csv as pacsv
     import pyarrow.dataset as pads
@@ -66,34 +113,81 @@ class Split:
     path: str
     fmt: str
     holdout: str = "all"  # "all", "train" (rows outside the held-out fraction) or "validation"
+    field: str = ""  # the recipe field that names its source, e.g. data.train
+    rows: int | None = None  # rows in its source (None: not read), before the hold-out and data.max_rows
+
+    def expected_rows(self, data: DataSection) -> int | None:
+        """Rows this split will have: its share of the source (the hold-out is a stable hash, so
+        about ``validation_fraction`` of train), at most ``data.max_rows``."""
+        if self.rows is None:
+            return None
+        share = {"all": 1.0, "train": 1 - data.validation_fraction, "validation": data.validation_fraction}[self.holdout]
+        return min(round(self.rows * share), data.max_rows or self.rows)
+
+
+SMALL_DATA_BYTES = 256 * 2**20  # local data under this is cached across epochs, and its text cells checked at planning
+
+
+def is_small(path: str) -> bool:
+    if _is_remote(path):
+        return False
+    source = Path(path)
+    size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file()) if source.is_dir() else source.stat().st_size
+    return size < SMALL_DATA_BYTES
+
+
+def first_bad_cell(path: str, fmt: str, column: str, role: str) -> tuple[str, int, str] | None:
+    """(file, row in it, problem) of the first bad cell of ``column`` in a split's source (None:
+    every cell is good), reading that column alone, file by file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for fragment in arrow_dataset(path, fmt).get_fragments():
+        values = fragment.to_table(columns=[column]).column(column)
+        if pa.types.is_dictionary(values.type):  # a categorical column: its values, not its codes
+            values = values.cast(values.type.value_type)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or str(values.type) == "string_view":
+            bad = pc.or_kleene(values.is_null(), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+        elif role in TEXT_ROLES:
+            bad = pa.array([True] * len(values))  # numbers (a CSV column of digits), lists, ...: not text
+        else:
+            bad = values.is_null()
+        row = pc.index(bad.fill_null(True), True).as_py()
+        if row >= 0:
+            return fragment.path, row, cell_problem(values[row].as_py(), role)
+    return None
 
 
 def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefix: str = "data",
-                 label_roles: tuple[str, ...] = ("label",)) -> dict[str, list] | None:
-    """Verify every mapped column exists; read the label columns (the cheap check): {role: values}."""
+                 label_roles: tuple[str, ...] = ("label",)) -> tuple[int, dict[str, list] | None]:
+    """Verify every mapped column exists; count the rows and read the label columns (the cheap
+    check): (rows, {role: values})."""
     if not _is_remote(path) and not Path(path).exists():
         raise UserError(field, f"file not found: {path}")
     if fmt == "images":
         labels = images.folder_labels(path, columns, field, prefix)
         if not labels:
             raise UserError(field, f"{path} has no images")
-        return {"label": labels}
+        return len(labels), {"label": labels}
+    label_columns = {role: columns[role] for role in label_roles if role in columns}
     try:
         dataset = arrow_dataset(path, fmt)
         names = dataset.schema.names
+        for role, column in columns.items():
+            if column not in names:
+                raise UserError(f"{prefix}.columns.{role}", f"column {column!r} not in {path}; columns: {', '.join(names)}")
+        if label_columns:
+            table = dataset.to_table(columns=sorted(set(label_columns.values())))
+            rows = table.num_rows
+        else:
+            rows = dataset.count_rows()
+    except UserError:
+        raise
     except Exception as error:  # pyarrow raises ArrowInvalid/OSError for unreadable files
         raise UserError(path, f"cannot read as {fmt}: {str(error).splitlines()[0][:200]}") from None
-    for role, column in columns.items():
-        if column not in names:
-            raise UserError(f"{prefix}.columns.{role}", f"column {column!r} not in {path}; columns: {', '.join(names)}")
-    label_columns = {role: columns[role] for role in label_roles if role in columns}
-    try:
-        table = dataset.to_table(columns=sorted(set(label_columns.values())) or [names[0]])
-    except Exception as error:
-        raise UserError(path, f"cannot read as {fmt}: {str(error).splitlines()[0][:200]}") from None
-    if table.num_rows == 0:
+    if rows == 0:
         raise UserError(field, f"{path} has no rows")
-    return {role: table.column(column).to_pylist() for role, column in label_columns.items()} if label_columns else None
+    return rows, {role: table.column(column).to_pylist() for role, column in label_columns.items()} if label_columns else None
 
 
 def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str, ...] | None = None
@@ -105,42 +199,65 @@ def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str,
     if label_roles is None:
         label_roles = ("label",) if "label" in columns else ()
     splits, label_values = [], {}
+    unread = _UNREAD.get()
     for name in ("train", "validation", "test"):
         if not getattr(data, name):
             continue
-        path = assets.resolve(getattr(data, name), f"{prefix}.{name}")
+        field = f"{prefix}.{name}"
+        path = assets.resolve(getattr(data, name), field)
         fmt = detect_format(path, data.format) if not _is_remote(path) else (data.format if data.format != "auto" else "parquet")
-        label_values[name] = read_checked(path, fmt, columns, f"{prefix}.{name}", prefix, label_roles)
-        splits.append(Split(name, path, fmt))
+        rows = None
+        if _is_remote(path) and unread is not None:
+            unread.append((field, path))
+        else:
+            rows, label_values[name] = read_checked(path, fmt, columns, field, prefix, label_roles)
+            if data.on_bad_rows == "fail" and fmt != "images" and is_small(path):
+                check_text_cells(path, fmt, columns, field)
+        splits.append(Split(name, path, fmt, field=field, rows=rows))
     if not data.validation:
         train = splits[0]
-        splits[0] = Split("train", train.path, train.fmt, holdout="train")
-        splits.insert(1, Split("validation", train.path, train.fmt, holdout="validation"))
+        splits[0] = Split("train", train.path, train.fmt, "train", train.field, train.rows)
+        splits.insert(1, Split("validation", train.path, train.fmt, "validation", train.field, train.rows))
     if not label_roles:
         return splits, None
     several = label_roles != ("label",)
     given = data.labels if several else {"label": data.labels}
+    paths = {split.name: split.path for split in splits}
     label_sets = {role: plan_labels(role, label_values, (given or {}).get(role), data.other_label.get(role),
-                                    f"{prefix}.labels.{role}" if several else f"{prefix}.labels", data, prefix)
+                                    f"{prefix}.labels.{role}" if several else f"{prefix}.labels", data, prefix, paths)
                   for role in label_roles}
     return splits, label_sets if several else label_sets["label"]
 
 
+def check_text_cells(path: str, fmt: str, columns: dict[str, str], field: str) -> None:
+    """Small local data, refusing bad rows: its text cells are checked now, before any Ray work
+    (the pipeline checks every row of any data, later)."""
+    for role in (role for role in columns if role in TEXT_ROLES):
+        found = first_bad_cell(path, fmt, columns[role], role)
+        if found:
+            raise UserError(field, f"{found[0]}: row {found[1]}: " + fix_or_skip(f"column {columns[role]!r} ({role}) is {found[2]}"))
+
+
 def plan_labels(role: str, label_values: dict[str, dict[str, list]], given: list[str] | None, other: str | None,
-                field: str, data: DataSection, prefix: str) -> list[str]:
+                field: str, data: DataSection, prefix: str, paths: dict[str, str]) -> list[str]:
     """One role's label set (given, else the sorted values of train; the ``other`` bucket appended
-    when it is not in it), with every row of every split checked against it."""
-    labels = list(given or sorted({str(v) for v in label_values["train"][role] if v is not None}))
+    when it is not in it), with every row of every split checked against it. A null or empty
+    label is a bad cell: refused here, or left to the pipeline to skip and count."""
+    if "train" not in label_values and not given:  # train not read (validate, a URI): a stand-in set
+        return [f"{role} {i}" for i in range(2)]
+    seen = {str(v) for v in label_values.get("train", {}).get(role, []) if cell_problem(v, role) is None}
+    labels = list(given or sorted(seen))
     if other is not None and other not in labels:
         labels.append(other)
     if len(labels) < 2:
         raise UserError(f"{prefix}.columns.{role}", f"column {data.columns[role]!r} of {data.train} has fewer than 2 distinct labels")
-    if other is not None:
-        return labels
     allowed = set(labels)
     for name, values in label_values.items():
         for row, value in enumerate(values[role]):
-            if value is None or str(value) not in allowed:
+            problem = cell_problem(value, role)
+            if problem and data.on_bad_rows == "fail":
+                raise UserError(f"{prefix}.{name}", f"{paths[name]}: row {row}: " + fix_or_skip(f"column {data.columns[role]!r} ({role}) is {problem}"))
+            if not problem and other is None and str(value) not in allowed:
                 what = "label" if role == "label" else role
                 raise UserError(f"{prefix}.{name}", f"row {row}: {what} {value!r} is not in the label set {field} = {labels}")
     return labels
@@ -153,7 +270,8 @@ def holdout_bucket(values: np.ndarray) -> np.ndarray:
 
 
 class SelectRows:
-    """map_batches step: rename columns to roles, encode labels, keep this split's rows."""
+    """map_batches step: rename columns to roles, encode labels, keep this split's rows. A null
+    or empty label becomes ``BAD_LABEL`` (for ``DropBadRows``)."""
 
     def __init__(self, columns: dict[str, str], labels: list[str] | dict[str, list[str]] | None, holdout: str, fraction: float,
                  other_label: dict[str, str] | None = None):
@@ -163,33 +281,69 @@ class SelectRows:
         # A value outside a role's label set: its bucket's id (data.other_label), else refused at planning.
         self.other_ids = {role: self.label_ids[role][name] for role, name in (other_label or {}).items() if role in self.label_ids}
 
+    def encode(self, role: str, value: Any) -> int:
+        if cell_problem(value, role):
+            return BAD_LABEL
+        ids, other = self.label_ids[role], self.other_ids.get(role)
+        key = str(value)
+        if key not in ids and isinstance(value, float) and value.is_integer():
+            key = str(int(value))  # an integer column with nulls reaches numpy as floats
+        return ids[key] if other is None else ids.get(key, other)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {role: batch[column] for role, column in self.columns.items()}
         if "path" in batch:  # image folders: the file, for errors that name it
             out["path"] = batch["path"]
-        for role, ids in self.label_ids.items():
-            other = self.other_ids.get(role)
-            out[role] = np.array([ids[str(v)] if other is None else ids.get(str(v), other) for v in out[role]], dtype=np.int64)
+        for role in self.label_ids:
+            out[role] = np.array([self.encode(role, v) for v in out[role]], dtype=np.int64)
         if self.holdout != "all":
-            key = out[next(iter(self.columns))]  # the task's first role: text, image, ...
+            # The row's input (text, image, ...), never a label: a label would put all of a class on one side.
+            key = out[next(role for role in self.columns if role not in self.label_ids)]
             in_validation = holdout_bucket(key) < self.fraction
             keep = in_validation if self.holdout == "validation" else ~in_validation
             out = {role: values[keep] for role, values in out.items()}
         return out
 
 
-CACHE_LIMIT_BYTES = 256 * 2**20
+class DropBadRows:
+    """map_batches step after ``SelectRows``: a row with a bad cell (``cell_problem``; a label
+    ``BAD_LABEL``) is refused, naming its file, column and row (``data.on_bad_rows: fail``), or
+    dropped (skip), and so counted with the rows the task cannot preprocess."""
+
+    def __init__(self, split: Split, data: DataSection, label_roles: tuple[str, ...]):
+        self.split, self.columns, self.label_roles, self.skip = split, data.columns, label_roles, data.on_bad_rows == "skip"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.ones(len(next(iter(batch.values()))), dtype=bool)
+        for role in self.columns:
+            if role in self.label_roles:
+                bad = np.asarray(batch[role]) == BAD_LABEL
+            else:
+                bad = np.array([cell_problem(value, role) is not None for value in batch[role]], dtype=bool)
+            if bad.any() and not self.skip:
+                row = int(np.argmax(bad))
+                raise self.error(role, cell_problem(batch[role][row], role) if role not in self.label_roles else "null or empty",
+                                 batch["path"][row] if "path" in batch else None)
+            keep &= ~bad
+        return batch if keep.all() else {key: values[keep] for key, values in batch.items()}
+
+    def error(self, role: str, problem: str, file: str | None) -> UserError:
+        """The one-line error: the file and row of the first bad cell of this role's column in the
+        split's source (read again for it, one column, only on the way to failing)."""
+        column = self.columns[role]
+        where = file or self.split.path
+        if file is None and self.split.fmt != "images":
+            with contextlib.suppress(Exception):  # unreadable here: the split's path still names it
+                found = first_bad_cell(self.split.path, self.split.fmt, column, role)
+                where = f"{found[0]}: row {found[1]}" if found else where
+        return UserError(self.split.field or f"data.{self.split.name}", f"{where}: " + fix_or_skip(f"column {column!r} ({role}) is {problem}"))
 
 
 def should_cache(split: Split, policy: str) -> bool:
     """Streaming re-reads and re-preprocesses every epoch; small data is cheaper to keep."""
     if policy != "auto":
         return policy == "always"
-    if _is_remote(split.path):
-        return False
-    path = Path(split.path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    return size < CACHE_LIMIT_BYTES
+    return is_small(split.path)
 
 
 def read_ray(split: Split):
@@ -208,7 +362,8 @@ def read_ray(split: Split):
 
 
 def rows_dataset(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None):
-    """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded."""
+    """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded;
+    bad rows included (so that skipping them can count them): ``without_bad_rows`` drops them."""
     # A column mapped to two roles is read once.
     dataset = read_ray(split).select_columns(list(dict.fromkeys(data.columns.values())) + (["path"] if split.fmt == "images" else []))
     select = SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label)
@@ -216,3 +371,12 @@ def rows_dataset(split: Split, data: DataSection, labels: list[str] | dict[str, 
     if data.max_rows:
         dataset = dataset.limit(data.max_rows)
     return dataset
+
+
+def label_roles_of(labels: list[str] | dict[str, list[str]] | None) -> tuple[str, ...]:
+    return tuple(labels) if isinstance(labels, dict) else ("label",) if labels else ()
+
+
+def without_bad_rows(rows, split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None):
+    """``rows`` (of ``rows_dataset``) less its bad rows, per ``data.on_bad_rows``."""
+    return rows.map_batches(DropBadRows(split, data, label_roles_of(labels)), batch_format="numpy")

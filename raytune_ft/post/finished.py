@@ -26,6 +26,7 @@ from raytune_ft.tasks import build_task, classification_loss
 def read_split_rows(split, data: DataSection, labels: list[str] | None, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """One split's rows, columns named by task role and labels encoded, in read order."""
     select = tabular.SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label)
+    drop_bad = tabular.DropBadRows(split, data, tabular.label_roles_of(labels))
     if split.fmt == "images":
         files = images.image_files(split.path)
         raw = ({"image": np.array([f.read_bytes() for f in files[i:i + batch_size]], dtype=object),
@@ -38,7 +39,7 @@ def read_split_rows(split, data: DataSection, labels: list[str] | None, batch_si
                for batch in tabular.arrow_dataset(split.path, split.fmt).to_batches(columns=columns, batch_size=batch_size))
     remaining = data.max_rows
     for batch in raw:
-        rows = select(batch)
+        rows = drop_bad(select(batch))
         if remaining is not None:
             rows = {key: values[:remaining] for key, values in rows.items()}
             remaining -= len(next(iter(rows.values())))

@@ -187,8 +187,10 @@ def soups(first: FinishedRun, members: list[Member], directory: Path) -> dict[st
     return {"uniform": uniform, "greedy": greedy}
 
 
-def check_output(output: Path, force: bool) -> None:
-    """Never overwrite: an existing output needs --force, which moves it aside at the end."""
+def check_output(output: Path, force: bool, members: list[Path]) -> None:
+    """Never overwrite: an existing output needs --force, which moves it aside at the end; never a
+    folder of the user's own, nor one holding a member run."""
+    run_folder.check_own_folder(output, [("a member run", member) for member in members], field="--output")
     if output.exists() and not output.is_dir():
         raise UserError("--output", f"{output} is a file; give a directory")
     if output.is_dir() and any(output.iterdir()) and not force:
@@ -199,7 +201,7 @@ def fuse(run_dirs: list[Path], output: Path, *, force: bool = False, with_soups:
     """Ensembles (and soups) of finished runs; writes ``output``/fusion.json, fusion.md and the soups.
     Built in a hidden sibling directory and renamed at the end: ``output`` appears whole or not at all."""
     output = Path(output).resolve()
-    check_output(output, force)
+    check_output(output, force, run_dirs)
     runs = open_runs(run_dirs)
     check_compatible(runs, with_soups)
     partial = output.with_name(f".{output.name}.partial")

@@ -169,6 +169,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def check_positions(field: str, wanted: int, limit: int | None, what: str = "positions", added: int = 0) -> None:
+    """A length the recipe asks for (tokens per text, per transcript; ``added``: tokens the task
+    adds to it) fits the model's positions: beyond them a model indexes past its position table,
+    on the workers, mid-run."""
+    if limit and wanted + added > limit:
+        raise UserError(field, f"{wanted}{f' (+ {added} added tokens)' if added else ''} exceeds the model's {limit} {what}")
+
+
 def register(cls):
     """Class decorator: make a task available to recipes as ``task.type: <cls.name>``."""
     TASKS[cls.name] = cls

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool, scale_lr
@@ -179,6 +179,13 @@ class Multitask:
             if "input" in info.data and info.data["input"] != wanted:  # an invalid input is its own error
                 raise ValueError(f"applies to task.input {wanted} only (this recipe's input is {info.data['input']})")
             return value
+
+        @model_serializer(mode="wrap")
+        def _without_the_other_input(self, dump) -> dict[str, Any]:
+            """A recorded recipe (recipe.yaml) reloads: the other input's options, refused when
+            given, are left out of it."""
+            other = IMAGE_OPTIONS if self.input == "text" else ("max_length",)
+            return {key: value for key, value in dump(self).items() if key not in other}
 
     @classmethod
     def roles(cls, options: "Multitask.Options") -> tuple[str, ...]:

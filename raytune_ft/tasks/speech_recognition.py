@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import check_pretrained_weights, load_dtype, register
+from raytune_ft.tasks import check_positions, check_pretrained_weights, load_dtype, register
 
 SAMPLING_RATE = 16000
 HOP_LENGTH = 160  # Whisper's mel frames are 10 ms apart; its encoder halves them (conv stride 2)
@@ -160,7 +160,11 @@ class SpeechRecognition:
         return self._features
 
     def check(self) -> None:
-        """Driver-side: config, tokenizer and safetensors weights that fit the architecture."""
+        """Driver-side: config, tokenizer and safetensors weights that fit the architecture; the
+        transcript lengths fit the decoder's positions (decoding adds its 2 start tokens)."""
+        positions = self.config().max_target_positions
+        check_positions("task.max_label_tokens", self.options.max_label_tokens, positions, "decoder positions")
+        check_positions("task.max_new_tokens", self.options.max_new_tokens, positions, "decoder positions", added=2)
         check_pretrained_weights(self.model_path, self.skeleton())
         self.tokenizer()
         self.feature_extractor()

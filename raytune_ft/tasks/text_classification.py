@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, load_dtype, register
+from raytune_ft.tasks import ClassificationMetrics, check_positions, check_pretrained_weights, classification_loss, load_dtype, register
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,9 +88,7 @@ def check_text_model(task) -> None:
         load_tokenizer(task.model_path)
     except Exception as error:  # transformers raises OSError/ValueError/KeyError by case
         raise UserError("model.path", f"{task.model_path} is not a usable model directory ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit and task.options.max_length > limit:
-        raise UserError("task.max_length", f"{task.options.max_length} exceeds the model's {limit} positions")
+    check_positions("task.max_length", task.options.max_length, getattr(config, "max_position_embeddings", None))
     try:
         skeleton = task.skeleton()
     except (ValueError, KeyError) as error:  # transformers: no model class of this task for this config

@@ -23,7 +23,7 @@ from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.models.vqa_fusion import ARCHITECTURE, VQAFusion, text_config
 from raytune_ft.schema import ModelSection, Recipe, TaskOptions
-from raytune_ft.tasks import ClassificationMetrics, check_pretrained_weights, classification_loss, load_dtype, register
+from raytune_ft.tasks import ClassificationMetrics, check_positions, check_pretrained_weights, classification_loss, load_dtype, register
 from raytune_ft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, ImageClassification, decode_images, normalise
 from raytune_ft.tasks.text_classification import load_tokenizer, pad_sequences, tokenize
 
@@ -135,6 +135,7 @@ class VisualQuestionAnswering:
             raise
         except Exception as error:  # transformers raises OSError/ValueError/KeyError/TypeError by case
             raise UserError("model.path", f"{self.model_path} is not a usable text encoder ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        check_positions("task.max_length", self.options.max_length, getattr(text_config(config), "max_position_embeddings", None))
         if config["fusion"] == "cross_attention" and width % config["attention_heads"]:
             raise UserError("task.attention_heads", f"{config['attention_heads']} does not divide the text encoder's width {width}")
         try:

@@ -73,7 +73,7 @@ def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any]
     datasets, bad_rows = {}, {}
     for split in planned.splits:
         rows = tabular.rows_dataset(split, data, planned.labels)
-        dataset = rows.map_batches(task.preprocess, batch_format="numpy")
+        dataset = tabular.without_bad_rows(rows, split, data, planned.labels).map_batches(task.preprocess, batch_format="numpy")
         with data_errors(split):
             if tabular.should_cache(split, data.cache):
                 # Evaluation shards are split by blocks: enough blocks that every worker gets a share.

@@ -60,7 +60,7 @@ def worker_logging(level: int) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy's global seed holds 32 bits; an epoch's seed (seed x 1000 + ...) can pass them
     torch.manual_seed(seed)
 
 

@@ -11,12 +11,7 @@ from raytune_ft import run_folder
 from raytune_ft.addons import ADDONS
 from raytune_ft.evaluation import numbers
 from raytune_ft.report import plots
-from raytune_ft.schema import Recipe, join_uri
-
-
-def shared_run_dir(recipe: Recipe, run_dir: Path) -> str | None:
-    """The run's directory on shared storage, or None when Ray stores it in the run directory."""
-    return join_uri(recipe.output.storage_root(run_dir), run_dir.name) if recipe.output.storage_path else None
+from raytune_ft.schema import Recipe
 
 
 def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline: dict[str, Any] | None, wall_s: float,
@@ -47,7 +42,7 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
         **{section: cls.summary(recipe, state) if getattr(recipe, section, None) else None for section, cls in ADDONS.items()},
         "outputs": {"run_dir": str(run_dir), "model": str(run_dir / run_folder.MODEL), "metrics": str(run_dir / run_folder.METRICS),
                     **({"adapter": str(run_dir / run_folder.ADAPTER)} if (run_dir / run_folder.ADAPTER).is_dir() else {}),
-                    "checkpoints": shared_run_dir(recipe, run_dir) or str(run_dir)},
+                    "checkpoints": run_folder.shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
     plot_files = plots.write_run_plots(run_dir / run_folder.PLOTS, state, recipe, baseline)
     summary["outputs"]["plots"] = [str(p) for p in plot_files]

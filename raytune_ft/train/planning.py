@@ -1,8 +1,9 @@
 """What the driver decides before Ray Train starts: the checks, the step plan and the run plan.
 
 ``plan_run`` checks everything it cheaply can before a worker starts (the model path, the data
-splits and label set, the task, the strategy on the model's skeleton, each add-on's inputs) and
-records what it resolved in the recipe. ``RunPlan`` is everything a worker needs, typed; it is the
+splits and label set, the validation split's size, the task, the strategy on the model's skeleton,
+the baseline's recipe, each add-on's inputs) and records what it resolved in the recipe;
+``raytune-ft validate`` runs it too. ``RunPlan`` is everything a worker needs, typed; it is the
 loop's only input.
 """
 
@@ -12,13 +13,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pathlib import Path
+
+from raytune_ft import run_folder
 from raytune_ft.addons import configured
 from raytune_ft.data import assets, tabular
 from raytune_ft.errors import UserError
+from raytune_ft.recipe import derived_recipe, eval_metric_fields
 from raytune_ft.report.tables import plural
 from raytune_ft.schema import Recipe
 from raytune_ft.strategies import build_strategy
 from raytune_ft.tasks import TASKS, build_task, check_gradient_checkpointing, task_label_roles
+
+# A validation split that early stopping, WiSE-FT or Tune decides on needs this many rows: below
+# it, one row more or less right moves accuracy by 5 points or more, and the decision follows noise.
+MIN_VALIDATION_ROWS = 20
 
 
 @dataclass
@@ -53,6 +62,7 @@ class PlannedData:
     labels: list[str] | dict[str, list[str]] | None
     task: Any
     addons: dict[str, Any] = field(default_factory=dict)  # section -> what the add-on's plan returned
+    baseline: Recipe | None = None  # the head-only baseline's recipe, when the run has one
 
 
 @dataclass
@@ -74,16 +84,63 @@ def check_strategy(recipe: Recipe, task) -> None:
     build_strategy(recipe).check(task.skeleton())
 
 
+def check_validation_rows(recipe: Recipe, splits: list[tabular.Split]) -> None:
+    """A validation split that a decision is made on (early stopping, WiSE-FT, Tune) has at least
+    ``MIN_VALIDATION_ROWS`` rows (as far as planning can count them)."""
+    readers = [path for path, metric in eval_metric_fields(recipe)]
+    validation = next(split for split in splits if split.name == "validation")
+    rows = validation.expected_rows(recipe.data)
+    if not readers or rows is None or rows >= MIN_VALIDATION_ROWS:
+        return
+    if recipe.data.max_rows == rows:
+        where, what, fix = "data.max_rows", f"{plural(rows, 'row')} per split leaves {rows} for validation", "raise it"
+    elif validation.holdout == "validation":
+        where, what = "data.validation_fraction", (f"{recipe.data.validation_fraction} holds out about {rows} of the "
+                                                   f"{plural(validation.rows, 'row')} of {validation.path} for validation")
+        fix = "raise it, or give a data.validation file"
+    else:
+        where, what, fix = "data.validation", f"{validation.path} has {plural(rows, 'row')}", "give more"
+    raise UserError(where, f"{what}, but {readers[0]} decides on them, which needs at least {MIN_VALIDATION_ROWS}; {fix}")
+
+
+def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
+    """The same recipe with the body frozen: only a new head is trained."""
+    values = {
+        "train.lr": recipe.baseline.lr, "train.epochs": recipe.baseline.epochs, "train.max_steps": None,
+        "train.early_stopping": None, "train.warmup": 0.0, "baseline.enabled": False, "strategy": {"method": "head_only"},
+        "retention": None, "regularizer": None, "replay": None, "wise_ft": None, "distill": None, "tune": None,
+        "output.dir": str(run_dir / run_folder.BASELINE), "name": f"{recipe.name}-baseline",
+    }
+    if recipe.output.storage_path:
+        values["output.storage_path"] = run_folder.shared_run_dir(recipe, run_dir)
+    return derived_recipe(recipe, values, "baseline", origins={"train.lr": "baseline.lr", "train.epochs": "baseline.epochs"})
+
+
+def for_workers(path: str) -> str:
+    """A local path as Train workers can read it: absolute, since Ray Train runs them in a folder
+    of their own, where a relative path leads nowhere (an asset or hub id is left as it is)."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
 def plan_run(recipe: Recipe) -> PlannedData:
     """Driver-side checks before anything reaches Ray: the model path, the data splits and label
-    set (recorded in the recipe), the task, the strategy and every add-on's inputs."""
-    recipe.model.path = assets.resolve(recipe.model.path, "model.path")
+    set (recorded in the recipe), the validation split's size, the task, the strategy, the
+    baseline's recipe and every add-on's inputs."""
+    recipe.model.path = for_workers(assets.resolve(recipe.model.path, "model.path"))
+    if getattr(recipe.task, "image_encoder", None):  # VQA's second model
+        recipe.task.image_encoder = for_workers(recipe.task.image_encoder)
     label_roles = task_label_roles(TASKS[recipe.task.type], recipe.task)
     splits, labels = tabular.plan_splits(recipe.data, label_roles=label_roles)
+    check_validation_rows(recipe, splits)
     recipe.data.labels = labels  # recorded explicitly (one set per label role), so a re-run maps labels the same way
     task = build_task(recipe, labels or [])
     task.check()
     check_strategy(recipe, task)
     if recipe.train.gradient_checkpointing:
         check_gradient_checkpointing(task)
-    return PlannedData(splits, labels, task, {cls.section: cls.plan(recipe, task, splits) for cls in configured(recipe)})
+    baseline = None
+    if recipe.baseline.enabled:
+        baseline = baseline_recipe(recipe, recipe.run_dir())
+        check_strategy(baseline, build_task(baseline, labels or []))
+    return PlannedData(splits, labels, task, {cls.section: cls.plan(recipe, task, splits) for cls in configured(recipe)}, baseline)

@@ -17,6 +17,7 @@ from typing import Any
 from raytune_ft.errors import UserError
 from raytune_ft.schema import Recipe
 from raytune_ft.train.faults import FAULT_ENV
+from raytune_ft.train.resources import Demand, check_cluster, check_machine, run_demand
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +37,39 @@ QUIET_RAY = {
 }
 
 
-def init_ray(address: str | None, recipe: Recipe, workers: int | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray sized for
-    ``workers`` training workers at once (default ``scaling.workers``)."""
+def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray sized for the
+    training workers the run needs at once (``need``; default ``scaling.workers``), checking
+    first that they fit (``raytune_ft.train.resources``): this machine before an embedded Ray
+    starts, the cluster (waiting for an autoscaler to grow it) once connected."""
     import ray
     from ray.data import DataContext
+
+    need = need or run_demand(recipe)
 
     # Quiet by default: our own progress lines are the live view; Ray's INFO chatter is in its logs.
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
     # Ray Data read RAY_DATA_LOG_LEVEL when it was imported, which may have been before this.
     logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-        if address or os.environ.get("RAY_ADDRESS"):
-            logger.debug("connecting to Ray at %s", address or os.environ["RAY_ADDRESS"])
-            try:
-                ray.init(address=address, **kwargs)
-            except ConnectionError as error:
-                raise UserError("--address", f"cannot reach Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(error).splitlines()[0]}") from None
-        else:
-            # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
-            # may exceed cores because tokenisation is light next to a training step.
-            per_worker = recipe.scaling.resources_per_worker.get("CPU", 1)
-            cpus = max(os.cpu_count() or 1, math.ceil((workers or recipe.scaling.workers) * per_worker) + 2)
-            logger.debug("starting an embedded Ray with %d logical CPUs", cpus)
-            start_local_ray(num_cpus=cpus, **kwargs)
+    if ray.is_initialized():
+        check_cluster(need, "the Ray this process runs", recipe.scaling.max_wait_s)
+    elif address or os.environ.get("RAY_ADDRESS"):
+        address = address or os.environ["RAY_ADDRESS"]
+        logger.debug("connecting to Ray at %s", address)
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        except ConnectionError as error:
+            raise UserError("--address", f"cannot reach Ray at {address}: {str(error).splitlines()[0]}") from None
+        check_cluster(need, f"the Ray cluster at {address}", recipe.scaling.max_wait_s)
+    else:
+        check_machine(need)
+        # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
+        # may exceed cores because tokenisation is light next to a training step.
+        workers_cpus = math.ceil(need.bundle.get("CPU", 0) * need.workers)
+        cpus = max(os.cpu_count() or 1, workers_cpus + 2)
+        logger.debug("starting an embedded Ray with %d logical CPUs", cpus)
+        start_local_ray(num_cpus=cpus, logging_level="WARNING", log_to_driver=True)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order

@@ -23,14 +23,14 @@ from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.data.sharding import ExactEvalDataConfig
 from raytune_ft.errors import TrainingFailed
 from raytune_ft.post import configured_steps, run_steps
-from raytune_ft.recipe import derived_recipe
+from raytune_ft.recipe import load_recipe, read_paths
 from raytune_ft.report.tables import plural
 from raytune_ft.report.tracking import tracked
 from raytune_ft.schema import Recipe
 from raytune_ft.train.datasets import PreparedData, prepare_datasets
 from raytune_ft.train.faults import fault_config
 from raytune_ft.train.loop import train_loop_per_worker
-from raytune_ft.train.outputs import shared_run_dir, write_outputs
+from raytune_ft.train.outputs import write_outputs
 from raytune_ft.train.planning import RunPlan, plan_run, step_plan
 from raytune_ft.train.ray_start import check_ray_address, init_ray
 
@@ -86,22 +86,8 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
     return state
 
 
-def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
-    """The same recipe with the body frozen: only a new head is trained."""
-    values = {
-        "train.lr": recipe.baseline.lr, "train.epochs": recipe.baseline.epochs, "train.max_steps": None,
-        "train.early_stopping": None, "train.warmup": 0.0, "baseline.enabled": False, "strategy": {"method": "head_only"},
-        "retention": None, "regularizer": None, "replay": None, "wise_ft": None, "distill": None, "tune": None,
-        "output.dir": str(run_dir / run_folder.BASELINE), "name": f"{recipe.name}-baseline",
-    }
-    if recipe.output.storage_path:
-        values["output.storage_path"] = shared_run_dir(recipe, run_dir)
-    return derived_recipe(recipe, values, "baseline")
-
-
-def run_baseline(recipe: Recipe, run_dir: Path, data: PreparedData, started: float) -> dict[str, Any]:
-    """The baseline's summary: measured now, or read back when a resumed run already has it."""
-    base = baseline_recipe(recipe, run_dir)
+def run_baseline(base: Recipe, data: PreparedData, started: float) -> dict[str, Any]:
+    """The baseline's summary (``base``: its recipe): measured now, or read back when a resumed run already has it."""
     base_dir = base.run_dir()
     summary = run_folder.finished_summary(base_dir)
     if summary is None:
@@ -120,10 +106,10 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
     or on shared storage (output.storage_path) when the local folder is gone; ``resume_or_start``:
     resume when a run is there, else start one (a driver that a cluster retries)."""
     run_dir = recipe.run_dir()
-    shared = shared_run_dir(recipe, run_dir)
+    shared = run_folder.shared_run_dir(recipe, run_dir)
     if resume_or_start:
         resume = run_folder.holds_run(run_dir) or bool(shared) and run_folder.holds_run(shared)
-    run_folder.check_run_dir(run_dir, resume, force, shared)
+    run_folder.check_run_dir(run_dir, resume, force, shared, read_paths(recipe))
     if resume and shared and not run_folder.holds_run(run_dir):
         run_folder.restore_from_storage(shared, run_dir)
     finished = run_folder.finished_summary(run_dir) if resume else None
@@ -133,12 +119,12 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
             return finished
         (run_dir / run_folder.SUMMARY).unlink()  # more epochs asked for: the run goes on from its final checkpoint
     planned = plan_run(recipe)
-    changes = run_folder.resume_changes(run_dir, recipe) if resume else []
     if resume:
         run_folder.check_resume_checkpoint(shared or run_dir)
+    changes = run_folder.resume_changes(run_dir, recipe, load_recipe(run_dir / run_folder.RECIPE)) if resume else []
     check_ray_address(address)
     init_ray(address, recipe)
-    run_folder.prepare_run_dir(run_dir, resume, force)
+    run_folder.prepare_run_dir(run_dir, resume, force, read_paths(recipe))
     if resume:
         run_folder.record_resume(run_dir, changes)  # recipe.yaml stays what the run was made with
     else:
@@ -150,8 +136,8 @@ def run(recipe: Recipe, *, resume: bool = False, force: bool = False, address: s
         started = time.perf_counter()
         data = prepare_datasets(recipe, planned)
         baseline = None
-        if recipe.baseline.enabled:
-            baseline = run_baseline(recipe, run_dir, data, started)
+        if planned.baseline:
+            baseline = run_baseline(planned.baseline, data, started)
             if shared:
                 run_folder.publish(run_dir, shared, run_folder.BASELINE)
         state = fit(recipe, run_dir, data, callbacks=[tracker] if tracker else [])

@@ -22,7 +22,7 @@ import yaml
 
 from raytune_ft import log, run_folder
 from raytune_ft.errors import UserError
-from raytune_ft.recipe import given_fields
+from raytune_ft.recipe import given_fields, read_paths
 from raytune_ft.report import plots
 from raytune_ft.report.tracking import tracked
 from raytune_ft.schema import Recipe
@@ -30,6 +30,7 @@ from raytune_ft.train.datasets import prepare_datasets
 from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.planning import plan_run
 from raytune_ft.train.ray_start import check_ray_address, init_ray
+from raytune_ft.train.resources import experiment_demand
 from raytune_ft.tune import pareto
 from raytune_ft.tune.space import mutations, param_space
 from raytune_ft.tune.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
@@ -129,13 +130,14 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     experiment_dir = recipe.run_dir()
     # Assigned as a whole section, so that it counts as given (trials see only given fields).
     recipe.scaling = recipe.scaling.model_copy(update={"workers": tune_section.workers_per_trial})
+    run_folder.check_run_dir(experiment_dir, resume, force, inputs=read_paths(recipe))
     planned = plan_run(recipe)
     check_ray_address(address)
-    run_folder.prepare_run_dir(experiment_dir, resume, force)
+    init_ray(address, recipe, experiment_demand(recipe))
+    run_folder.prepare_run_dir(experiment_dir, resume, force, read_paths(recipe))
     if resume and not (experiment_dir / TRIALS).is_dir():
         raise UserError("--resume", f"{experiment_dir} holds no tune experiment")
     run_folder.write_text_atomic(experiment_dir / run_folder.RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    init_ray(address, recipe, workers=tune_section.max_concurrent_trials * tune_section.workers_per_trial)
 
     started = time.perf_counter()
     data = prepare_datasets(recipe, planned)

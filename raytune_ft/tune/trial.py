@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raytune_ft import log, run_folder
 from raytune_ft.errors import TrainingFailed, UserError
-from raytune_ft.recipe import recipe_with, validate_recipe
+from raytune_ft.recipe import recipe_with, validate_derived
 from raytune_ft.report.tracking import tracked
 from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.outputs import write_outputs
@@ -65,11 +65,12 @@ def forward_to_tune(queue) -> None:
 
 
 def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_dir: Path | None):
-    """The validated recipe of one trial: ``base`` with the sampled dotted-path values set."""
+    """The validated recipe of one trial: ``base`` with the sampled dotted-path values set (a
+    problem with one names its ``tune.space`` entry)."""
     data = recipe_with(base, sampled)
     data.update(name=f"{base['name']}-{name}", tune=None)
     data["output"]["dir"] = str(run_dir) if run_dir else None
-    return validate_recipe(data, name)
+    return validate_derived(data, name, {path: f"tune.space.{path}" for path in sampled})
 
 
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
