@@ -19,7 +19,7 @@ from conftest import cli, copy_run
 from raytune_ft.post import run_steps
 from raytune_ft.post.finished import FinishedRun
 from raytune_ft.report import plots
-from raytune_ft.report.html import duration, model_name, number
+from raytune_ft.report.html import duration, model_name, number, write_report
 
 CHROMIUM = shutil.which("chromium")
 IMAGES = re.compile(r"<img src='([^']*)'")
@@ -99,6 +99,19 @@ def test_report_renders_in_headless_chromium(reported_run, tmp_path):
         drawn = sum(grey.histogram()[:250])  # pixels not the white page: text, tables, plots
         assert drawn > 0.03 * 1200 * 3000, drawn
         assert len(image.convert("RGB").getcolors(1 << 20)) > 1000  # the colour plots, not text alone
+
+
+def test_wise_ft_sweep_is_a_table_with_the_exported_alpha_in_bold(finished_text_run, tmp_path):
+    """A run with a WiSE-FT sweep: one column per swept metric (a metric may be named "keys"),
+    one row per alpha, the exported one bold."""
+    run_dir = copy_run(finished_text_run, tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["wise_ft"] = {"alpha": 0.5, "rows": [{"alpha": 0.0, "accuracy": 0.61, "keys": 1.0},
+                                                 {"alpha": 0.5, "accuracy": 0.72, "keys": 0.9}]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    page = Path(write_report(run_dir)).read_text()
+    assert "<tr><th>alpha</th><th>accuracy</th><th>keys</th></tr>" in page
+    assert "<td class='num'><b>0.5000</b></td><td class='num'>0.7200</td><td class='num'>0.9000</td>" in page
 
 
 def test_report_on_a_missing_or_unfinished_run_is_a_one_line_error(cli_in_process, tmp_path):

@@ -149,7 +149,7 @@ def wise_ft(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     if not summary:
         return None
     keys = [key for key in dict.fromkeys(k for row in summary["rows"] for k in row) if key != "alpha"]
-    return {"alpha": summary["alpha"], "keys": keys, "rows": [{key: row.get(key) for key in ["alpha", *keys]} for row in summary["rows"]]}
+    return {"alpha": summary["alpha"], "metrics": keys, "rows": [{key: row.get(key) for key in ["alpha", *keys]} for row in summary["rows"]]}
 
 
 def timings(summary: dict[str, Any]) -> list[tuple[str, str]]:
