@@ -168,6 +168,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def all_ranks_finished(finished: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether decoding may stop. Under ZeRO-3 every forward gathers parameters from every rank,
+    so a rank stops only when every rank's sequences have ended (ranks decode different rows)."""
+    import torch.distributed as dist
+
+    done = bool(finished.all())
+    if not (dist.is_available() and dist.is_initialized()) or not hasattr(next(model.parameters()), "ds_id"):
+        return done
+    pending = torch.tensor([0 if done else 1], device=finished.device)
+    dist.all_reduce(pending)
+    return int(pending) == 0
+
+
 def register(cls):
     """Class decorator: make a task available to recipes as ``task.type: <cls.name>``."""
     TASKS[cls.name] = cls
@@ -175,13 +188,25 @@ def register(cls):
 
 
 def task_roles(task_cls, options) -> tuple[str, ...]:
-    """The data roles a task needs (``options``: its validated Options)."""
+    """The data roles a task needs (``options``: its validated Options); one ending in ``?`` is optional."""
     return tuple(task_cls.roles(options)) if hasattr(task_cls, "roles") else tuple(task_cls.columns)
 
 
 def task_probe_roles(task_cls, options) -> tuple[str, ...]:
     """The data roles of a probe reference: the task's own unless it declares ``probe_columns``."""
     return tuple(getattr(task_cls, "probe_columns", None) or task_roles(task_cls, options))
+
+
+def task_reference_roles(task_cls, options, kind: str) -> list[tuple[str, ...]]:
+    """The role sets a retention reference of ``kind`` may map (a role ending in ``?`` is
+    optional); none: the task has no reference of that kind. A task may declare its own
+    (``reference_roles(options, kind)``); by default a task reference maps the task's roles, a
+    probe or head reference its probe roles."""
+    if hasattr(task_cls, "reference_roles"):
+        return [tuple(roles) for roles in task_cls.reference_roles(options, kind)]
+    if kind == "task":
+        return [task_roles(task_cls, options)]
+    return [task_probe_roles(task_cls, options)] if kind in ("probe", "head") else []
 
 
 def task_label_roles(task_cls, options) -> tuple[str, ...]:
