@@ -138,12 +138,13 @@ LLM = Case(
     },
 )
 CASES = {"text": TEXT, "image": IMAGE, "speech": SPEECH, "llm": LLM}
-# The llm case, sized for about an hour of the whole case on 2 CPU cores: 96 training conversations
-# (12 steps of 2 workers x 4), 64 tokens, 16 new tokens a greedy answer, small references.
+# The llm case, sized for about an hour of the whole case on 2 CPU cores (shared with other work):
+# one worker, 96 training conversations (12 steps of 8), 64 tokens, 12 new tokens a greedy answer,
+# small references (24 chat conversations, 12 general prompts, 40 trivia questions, 24 fortunes).
 LLM_SIZING = [
-    "data.test=null", "data.validation_fraction=0.05", "task.max_length=64", "task.max_new_tokens=16", "train.batch_size=4",
-    "train.eval_batch_size=16", "train.warmup=0", "retention.references.0.data.max_rows=32", "retention.references.1.data.max_rows=16",
-    "retention.references.2.data.max_rows=60", "retention.references.3.data.max_rows=32",
+    "data.test=null", "data.validation_fraction=0.02", "task.max_length=64", "task.max_new_tokens=12", "scaling.workers=1",
+    "train.batch_size=8", "train.eval_batch_size=16", "train.warmup=0", "retention.references.0.data.max_rows=24",
+    "retention.references.1.data.max_rows=12", "retention.references.2.data.max_rows=40", "retention.references.3.data.max_rows=24",
 ]
 
 

@@ -325,6 +325,18 @@ def test_instruction_layouts_render_as_one_user_turn_and_map_through_columns(smo
     assert "unknown role response" in str(error.value)
 
 
+def test_a_choice_question_becomes_a_row_per_choice_scoring_that_choice_as_the_answer(smollm2):
+    task = chat_task(smollm2, format="messages")
+    rows = task.preprocess({"prompt": np.array(["Capital of France?", "Two plus two?"], dtype=object),
+                            "choices": np.array([["Rome", "Paris"], ["four", "five"]], dtype=object), "answer": np.array([1, 0])})
+    batch = task.collate(rows)
+    tokenizer = task.tokenizer()
+    scored = [tokenizer.decode(ids[targets != PAD]) for ids, targets in zip(batch["input_ids"], batch["target_ids"])]
+    assert scored == ["Rome<|im_end|>\n", "Paris<|im_end|>\n", "four<|im_end|>\n", "five<|im_end|>\n"]
+    assert batch["correct"].tolist() == [0, 1, 1, 0]
+    assert batch["question"][0] == batch["question"][1] != batch["question"][2] == batch["question"][3]
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_packed_batch_gives_every_example_the_loss_it_has_unpacked(attention, tiny_llama):
     """Three examples in one packed row (position ids restarting per example, no attention mask)

@@ -15,7 +15,13 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
 
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
   must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
-  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips).
+  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips). Optional
+  ``pack(batch) -> batch`` with a true ``packing``: a train-only ``map_batches`` before caching
+  that puts several examples in a row (a language model's sequence packing).
+- Optional ``reference_roles(options, kind)``: the role sets a retention reference of each kind
+  may map, when they are not the defaults (see ``task_reference_roles``); a task offering the
+  ``drift`` and ``choice`` kinds gives ``generate(model, batch)`` (greedy answers to the rows'
+  prompts) and ``sequence_nll(model, batch)`` (each row's summed NLL and scored tokens).
 - ``collate(batch) -> dict[str, Tensor]``: numpy batch from the shard iterator to model inputs.
 - ``build_model() -> nn.Module`` and ``head_names()``: module-name prefixes of the newly
   initialised head (what ``head_only`` trains); ``skeleton()``: the model on the meta device.
