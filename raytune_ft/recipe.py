@@ -22,7 +22,7 @@ from raytune_ft.data.assets import PREFIX as ASSET_PREFIX
 from raytune_ft.errors import RecipeError
 from raytune_ft.schema import Recipe, apply_overrides, field_annotation, leaf_types, problems_of, read_recipe_file, set_field
 from raytune_ft.strategies import STRATEGIES
-from raytune_ft.tasks import TASKS, task_label_roles, task_metrics, task_probe_roles, task_roles
+from raytune_ft.tasks import TASKS, task_label_roles, task_metrics, task_reference_roles, task_roles
 
 # Only these sections can be searched: data, model and task are prepared once on the driver and
 # shared by every trial, and scaling is set by tune.workers_per_trial.
@@ -46,18 +46,16 @@ def _check_roles(recipe: Recipe, task_cls) -> list[tuple[str, str]]:
     metric fields name metrics the task reports."""
     options = recipe.task
     problems: list[tuple[str, str]] = []
-    roles, label_roles = task_roles(task_cls, options), task_label_roles(task_cls, options)
-    sections = [("data", recipe.data, roles)] + [
-        (f"retention.references.{i}.data", reference.data, task_probe_roles(task_cls, options) if reference.kind != "task" else roles)
+    label_roles = task_label_roles(task_cls, options)
+    sections = [("data", recipe.data, [task_roles(task_cls, options)], "")] + [
+        (f"retention.references.{i}.data", reference.data, task_reference_roles(task_cls, options, reference.kind), reference.kind)
         for i, reference in enumerate(recipe.retention.references if recipe.retention else [])
     ]
-    for prefix, data, needed in sections:
-        missing = [role for role in needed if role not in data.columns]
-        unknown = [role for role in data.columns if role not in needed]
-        if missing:
-            problems.append((f"{prefix}.columns", f"missing {', '.join(missing)} (task {recipe.task.type} needs {', '.join(needed)})"))
-        if unknown:
-            problems.append((f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(needed)}"))
+    for prefix, data, alternatives, kind in sections:
+        if not alternatives:
+            problems.append((f"{prefix.removesuffix('.data')}.kind", f"task {recipe.task.type} has no {kind} reference"))
+            continue
+        problems += _mapped_roles(prefix, data.columns, alternatives, recipe.task.type)
     several = label_roles != ("label",) and label_roles != ()
     if several and isinstance(recipe.data.labels, list):
         problems.append(("data.labels", f"task {recipe.task.type} has the label roles {', '.join(label_roles)}: "
@@ -74,6 +72,19 @@ def _check_roles(recipe: Recipe, task_cls) -> list[tuple[str, str]]:
         if metric not in reported:
             problems.append((path, f"{metric!r} is not a metric task {recipe.task.type} reports; allowed: {', '.join(reported)}"))
     return problems
+
+
+def _mapped_roles(prefix: str, columns: dict[str, str], alternatives: list[tuple[str, ...]], task: str) -> list[tuple[str, str]]:
+    """The problems of a data section's column mapping against the role sets it may map (a role
+    ending in ``?`` is optional): none if one fits, else those of the closest."""
+    found = []
+    for roles in alternatives:
+        needed, allowed = [r for r in roles if not r.endswith("?")], [r.rstrip("?") for r in roles]
+        missing, unknown = [r for r in needed if r not in columns], [r for r in columns if r not in allowed]
+        problems = ([(f"{prefix}.columns", f"missing {', '.join(missing)} (task {task} needs {', '.join(needed)})")] if missing else []) + \
+                   ([(f"{prefix}.columns", f"unknown role {', '.join(unknown)}; allowed: {', '.join(allowed)}")] if unknown else [])
+        found.append((len(missing) + len(unknown), problems))
+    return min(found, key=lambda item: item[0])[1]
 
 
 def _owned_options(section: str, raw: BaseModel, options_cls: type[BaseModel], others: dict[str, type] | None = None

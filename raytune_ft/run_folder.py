@@ -29,6 +29,7 @@ METRICS = "metrics.jsonl"  # one line per report
 MODEL = "model"  # the exported save_pretrained directory
 ADAPTER = "adapter"  # LoRA: the PEFT adapter alone, for PeftModel.from_pretrained on the base model
 PLOTS = "plots"
+GENERATIONS = "generations.md"  # a language model's answers to held-out prompts, before and after training
 POST = "post"  # one <step>.json per post-training step
 REPORT = "report.html"
 TRIALS = "trials"  # a tune experiment's trial run directories: trials/<trial>/run

@@ -134,10 +134,12 @@ class ReferenceSection(Section):
     set labelled in the base model's labels (accuracy on the original classes with the original
     head; nothing fitted). ``task``: the task's own metrics on a reference set with the task's
     columns (e.g. WER on real speech), evaluated as is; data.test if given, else every row of
-    data.train."""
+    data.train. Language models (causal_lm): ``drift``: prompts the base model answers greedily
+    before training, its answers then scored by their likelihood under the current model;
+    ``choice``: questions with choices, the choice the model finds likeliest as the answer."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="metrics are named ref/<name>/<metric>")
-    kind: Literal["probe", "head", "task"] = "probe"
+    kind: Literal["probe", "head", "task", "drift", "choice"] = "probe"
     data: DataSection = Field(description="the reference set (same fields as data:); probe: labelled")
 
 
@@ -163,7 +165,9 @@ class RegularizerSection(Section):
 
 
 class ReplaySection(Section):
-    """Mix reference rows into every training batch; their loss is the original probe's."""
+    """Mix reference rows into every training batch: a probe or head reference's rows with the
+    original readout's loss, a task reference's train rows with the task's own loss (a language
+    model's general text in its language-modelling loss)."""
 
     reference: Optional[str] = Field(None, description="a retention reference name; default the first")
     fraction: float = Field(0.1, gt=0, lt=1, description="share of each batch that is replayed reference data")
@@ -546,9 +550,13 @@ class Recipe(Section):
                 raise ValueError(f"{section}: needs a retention reference (add retention.references)")
             if getattr(value, field) is not None and getattr(value, field) not in names:
                 raise ValueError(f"{section}.{field}: unknown reference {getattr(value, field)!r}; defined: {', '.join(names)}")
-            chosen = getattr(value, field) or names[0]
-            if next(r.kind for r in self.retention.references if r.name == chosen) == "task":
-                raise ValueError(f"{section}.{field}: reference {chosen!r} is kind task; {section} needs a probe or head reference (its original readout)")
+            chosen = next(r for r in self.retention.references if r.name == (getattr(value, field) or names[0]))
+            if chosen.kind in ("drift", "choice") or (chosen.kind == "task" and section == "regularizer"):
+                needs = "a probe or head reference (its original readout)" if section == "regularizer" else "a probe, head or task reference"
+                raise ValueError(f"{section}.{field}: reference {chosen.name!r} is kind {chosen.kind}; {section} needs {needs}")
+            if chosen.kind == "task" and not chosen.data.test:
+                raise ValueError(f"{section}.{field}: task reference {chosen.name!r} scores every row of its data.train; give it a "
+                                 "data.test to score, so that the rows replayed (its data.train) are not the rows scored")
         return self
 
     def run_dir(self) -> Path:

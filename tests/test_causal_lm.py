@@ -204,7 +204,7 @@ def test_metrics_are_sums_that_reduce_over_ranks():
     expected = torch.nn.functional.cross_entropy(logits[0, :2], targets[0, 1:], reduction="sum")
     assert float(nll) == pytest.approx(float(expected)) and int(tokens) == 2 and int(correct) == 0
     metrics = CausalLMMetrics()
-    metrics.update((nll, tokens, correct), {"input_ids": targets})
+    metrics.update((nll, tokens, correct, None), {"input_ids": targets})
     two_ranks = metrics.compute(metrics.state() + metrics.state())  # the same rows on two ranks: the same rates
     assert two_ranks["loss"] == pytest.approx(float(loss)) and two_ranks["count"] == 2
     assert two_ranks["perplexity"] == pytest.approx(np.exp(float(loss))) and two_ranks["inverse_perplexity"] == pytest.approx(np.exp(-float(loss)))
@@ -236,6 +236,7 @@ def test_a_probe_reference_maps_text_and_label_and_probes_the_pooled_states(tiny
     probe["data"]["columns"] = {"text": "text"}
     with pytest.raises(RecipeError, match="missing label"):
         validate_recipe(recipe)
+    probe["data"]["columns"] = {"text": "text", "label": "topic"}
     task = CausalLM(validate_recipe({**recipe, "task": {"type": "causal_lm", "max_length": 32}}), ["code", "food", "sport"])
     batch = task.collate(task.preprocess({"text": np.array(["bread soup the", "football goal team match"], dtype=object),
                                           "label": np.array([1, 2])}))
@@ -263,3 +264,194 @@ def test_bad_causal_lm_recipes_are_one_line_errors(change, expected, tiny_llama,
     code, stderr = cli_in_process("run", str(write_recipe(recipe, tmp_path / "r.yaml")))
     assert code == 2 and expected in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+# -- chat data, packing, generation, the language-model references (issue 40)
+
+CONVERSATION = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "Four"}]
+
+
+def chat_task(model: Path, **task) -> CausalLM:
+    return CausalLM(unit_recipe({"type": "causal_lm", "max_length": 96, **task}, model, strategy={"method": "lora"}, baseline={"enabled": False}), [])
+
+
+def test_a_conversation_scores_exactly_the_assistant_turns_of_the_chat_template(smollm2):
+    """SmolLM2's own template renders the conversation token for token; the scored tokens are
+    exactly those whose text lies in an assistant turn (its content and end-of-turn), found here
+    independently through the tokenizer's character offsets of the whole rendered text."""
+    task = chat_task(smollm2, format="messages")
+    tokenizer = task.tokenizer()
+    batch = task.collate(task.preprocess({"messages": np.array([json.dumps(CONVERSATION)], dtype=object)}))
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    length = len(encoded["input_ids"])
+    assert batch["input_ids"][0, :length].tolist() == encoded["input_ids"]
+    turns = [(text.index(f"assistant\n{answer}") + len("assistant\n"), text.index(f"assistant\n{answer}") + len(f"assistant\n{answer}<|im_end|>\n"))
+             for answer in ("Hello!", "Four")]
+    expected = [any(start <= begin and end <= stop for start, stop in turns) for begin, end in encoded["offset_mapping"]]
+    assert (batch["target_ids"][0, :length] != PAD).tolist() == expected and sum(expected) >= 4
+    assert tokenizer.decode(batch["input_ids"][0][batch["target_ids"][0] != PAD]) == "Hello!<|im_end|>\nFour<|im_end|>\n"
+    prompt = int(batch["prompt_length"][0])  # the last answer's prompt: everything before it, with the generation prompt
+    assert tokenizer.decode(batch["input_ids"][0, :prompt]) == tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+
+
+def test_instruction_layouts_render_as_one_user_turn_and_map_through_columns(smollm2, tmp_path):
+    """instruction / input / output (input optional) and prompt / response give the same rows as
+    the conversation they stand for; the recipe maps them through data.columns."""
+    from raytune_ft.errors import RecipeError
+    from raytune_ft.recipe import validate_recipe
+
+    as_messages = chat_task(smollm2, format="messages").preprocess({"messages": np.array([json.dumps([
+        {"role": "user", "content": "Translate\n\nbonjour"}, {"role": "assistant", "content": "hello"}])], dtype=object)})
+    instruction = chat_task(smollm2, format="instruction").preprocess(
+        {"instruction": np.array(["Translate"], dtype=object), "input": np.array(["bonjour"], dtype=object), "output": np.array(["hello"], dtype=object)})
+    for key in ("input_ids", "scored"):
+        assert as_messages[key][0].tolist() == instruction[key][0].tolist()
+    no_input = chat_task(smollm2, format="instruction").preprocess({"instruction": np.array(["Say hi"], dtype=object), "output": np.array(["hi"], dtype=object)})
+    as_prompt = chat_task(smollm2, format="prompt_response").preprocess({"prompt": np.array(["Say hi"], dtype=object), "response": np.array(["hi"], dtype=object)})
+    assert no_input["input_ids"][0].tolist() == as_prompt["input_ids"][0].tolist()
+
+    data = write_splits(tmp_path, lambda count, seed: [{"q": "Say hi", "ctx": "", "a": "hi"}] * count, (("train", 8, 0),))
+    recipe = {"name": "chat", "task": {"type": "causal_lm", "format": "instruction"}, "model": {"path": str(smollm2)},
+              "data": {"train": str(data["train"]), "columns": {"instruction": "q", "output": "a"}}, "baseline": {"enabled": False}}
+    validate_recipe(recipe)
+    recipe["data"]["columns"] = {"instruction": "q", "input": "ctx", "output": "a"}
+    validate_recipe(recipe)
+    recipe["data"]["columns"] = {"instruction": "q", "response": "a"}
+    with pytest.raises(RecipeError, match="missing output") as error:
+        validate_recipe(recipe)
+    assert "unknown role response" in str(error.value)
+
+
+def test_a_choice_question_becomes_a_row_per_choice_scoring_that_choice_as_the_answer(smollm2):
+    task = chat_task(smollm2, format="messages")
+    rows = task.preprocess({"prompt": np.array(["Capital of France?", "Two plus two?"], dtype=object),
+                            "choices": np.array([["Rome", "Paris"], ["four", "five"]], dtype=object), "answer": np.array([1, 0])})
+    batch = task.collate(rows)
+    tokenizer = task.tokenizer()
+    scored = [tokenizer.decode(ids[targets != PAD]) for ids, targets in zip(batch["input_ids"], batch["target_ids"])]
+    assert scored == ["Rome<|im_end|>\n", "Paris<|im_end|>\n", "four<|im_end|>\n", "five<|im_end|>\n"]
+    assert batch["correct"].tolist() == [0, 1, 1, 0]
+    assert batch["question"][0] == batch["question"][1] != batch["question"][2] == batch["question"][3]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_batch_gives_every_example_the_loss_it_has_unpacked(attention, tiny_llama):
+    """Three examples in one packed row (position ids restarting per example, no attention mask)
+    score every token as the same examples padded one per row do: no token attends across an
+    example's boundary."""
+    from transformers import AutoModelForCausalLM
+
+    from raytune_ft.tasks.causal_lm import token_nll
+
+    task = text_task(tiny_llama, format="prompt_response", packing=True, max_length=64)
+    rows = task.preprocess({"prompt": np.array(["the drug was", "my doctor said", "bread soup"], dtype=object),
+                            "response": np.array(["great", "it was awful for me", "cheese dinner"], dtype=object)})
+    packed, padded = task.collate(task.pack(rows)), task.collate(rows)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention).eval()
+    with torch.no_grad():
+        packed_nll, packed_scored = token_nll(task.logits(model, packed), packed["target_ids"])
+        padded_nll, padded_scored = token_nll(task.logits(model, padded), padded["target_ids"])
+    assert int(packed_scored.sum()) == int(padded_scored.sum()) == 1 + 5 + 2 + 3  # answers and their ends
+    assert torch.allclose(packed_nll[packed_scored], padded_nll[padded_scored], atol=1e-5)
+    broken = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}  # one long example instead
+    with torch.no_grad():
+        crossing, _ = token_nll(task.logits(model, broken), broken["target_ids"])
+    assert not torch.allclose(crossing[packed_scored], padded_nll[padded_scored], atol=1e-3)
+
+
+def test_greedy_answers_are_what_transformers_generate_decodes_and_are_scored(tiny_llama):
+    """Left-padded batched greedy decoding with the cache gives generate()'s greedy tokens for each
+    prompt alone; exact match compares normalised text, ROUGE-L is rouge-score's F-measure."""
+    from transformers import AutoModelForCausalLM
+
+    from raytune_ft.tasks.causal_lm import CausalLMMetrics, rouge_l
+
+    task = text_task(tiny_llama, format="prompt_response", max_new_tokens=6)
+    prompts = ["the drug was", "football goal team match the"]
+    batch = task.collate(task.preprocess({"prompt": np.array(prompts, dtype=object), "response": np.array(["great", "bread"], dtype=object)}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    answers = task.generate(model, batch)
+    tokenizer = task.tokenizer()
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([tokenizer(prompt + "\n")["input_ids"]])
+        reference = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        expected = reference[0, ids.shape[1]:].tolist()
+        assert answer.tolist() == expected[: expected.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in expected else None]
+    metrics = CausalLMMetrics(tokenizer, generating=True)
+    metrics.add("p", "The cat sat.", "the cat  sat")
+    metrics.add("p", "the cat sat on the mat", "a cat sat")
+    result = metrics.compute(metrics.state())
+    assert result["exact_match"] == 0.5 and result["rouge_l"] == pytest.approx((1.0 + rouge_l("the cat sat on the mat", "a cat sat")) / 2)
+    assert rouge_l("the cat sat on the mat", "a cat sat") == pytest.approx(2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3))
+
+
+def sentiment_chat_rows(count: int, seed: int) -> list[dict]:
+    """A conversation per sentiment row: the assistant answers with the row's sentiment word."""
+    rows = []
+    for row in sentiment_rows(count, seed):
+        word = next(w for w in row["sentence"].split() if w in POSITIVE + NEGATIVE)
+        rows.append({"messages": [{"role": "user", "content": row["sentence"]}, {"role": "assistant", "content": word}]})
+    return rows
+
+
+def trivia_rows(count: int, seed: int) -> list[dict]:
+    """Multiple choice: which topic a text is about, the choices the topics' first words."""
+    topics = sorted(TOPICS)
+    return [{"question": row["text"], "choices": [TOPICS[t][0] for t in topics], "answer": topics.index(row["topic"])}
+            for row in topic_rows(count, seed)]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_a_chat_run_reports_generation_metrics_and_the_language_model_references(backend, tiny_llama, tmp_path, local_ray):
+    """Conversations, packed, with every language-model reference and replay of general text into
+    the loss: exact match and ROUGE-L in metrics.jsonl and summary.json, drift / choice / task
+    references before and after, generations.md with answers before and after; under DDP and
+    under ZeRO-3 (generation and reference scoring in lockstep)."""
+    from raytune_ft import run
+    from raytune_ft.recipe import validate_recipe
+
+    data = write_splits(tmp_path, sentiment_chat_rows, (("train", 160, 1), ("test", 24, 2)))
+    general = write_splits(tmp_path, topic_rows, (("general_train", 48, 4), ("general_test", 24, 5)))
+    trivia = write_splits(tmp_path, trivia_rows, (("trivia", 30, 6),))["trivia"]
+    run_dir = tmp_path / "run"
+    recipe = {
+        "name": "tiny_chat",
+        "task": {"type": "causal_lm", "format": "messages", "max_length": 48, "packing": True, "max_new_tokens": 4},
+        "model": {"path": str(tiny_llama)},
+        "data": {"train": str(data["train"]), "test": str(data["test"]), "validation_fraction": 0.2, "columns": {"messages": "messages"}},
+        "strategy": {"method": "lora", "rank": 4, "alpha": 8, "target_modules": LINEAR_LAYERS},
+        "train": {"lr": 3e-2, "epochs": 2, "batch_size": 4, "weight_decay": 0.0, "schedule": "constant", "seed": 3},
+        "scaling": {"workers": 2},
+        "baseline": {"enabled": False},
+        "post": {"report": False},
+        "output": {"dir": str(run_dir)},
+        "replay": {"reference": "general", "fraction": 0.25},
+        "retention": {"references": [
+            {"name": "chat", "kind": "task", "data": {"train": str(data["test"]), "columns": {"messages": "messages"}}},
+            {"name": "general", "kind": "task", "data": {"train": str(general["general_train"]), "test": str(general["general_test"]),
+                                                         "columns": {"text": "text"}}},
+            {"name": "drift", "kind": "drift", "data": {"train": str(general["general_test"]), "max_rows": 10, "columns": {"prompt": "text"}}},
+            {"name": "trivia", "kind": "choice", "data": {"train": str(trivia), "columns": {"prompt": "question", "choices": "choices", "answer": "answer"}}},
+        ]},
+    }
+    if backend == "zero3":
+        recipe["train"]["backend"] = "deepspeed"
+        recipe["deepspeed"] = {"zero_stage": 3}
+    summary = run(validate_recipe(recipe))
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"eval/exact_match", "eval/rouge_l", "ref/drift/answer_likelihood", "ref/trivia/accuracy"} <= set(history[0])
+    assert {"exact_match", "rouge_l"} <= set(summary["test"]) and summary["test"]["count"] == 24
+    retention = summary["retention"]
+    assert retention["after"]["ref/chat/perplexity"] < 0.5 * retention["before"]["ref/chat/perplexity"]  # the answers are being learned
+    assert retention["after"]["ref/chat/exact_match"] == pytest.approx(summary["test"]["exact_match"])  # the same rows
+    assert retention["before"]["ref/drift/answer_likelihood"] > retention["after"]["ref/drift/answer_likelihood"]  # answers moved
+    assert 0 <= retention["before"]["ref/trivia/accuracy"] <= 1
+    assert {"retention/drift/answer_likelihood", "retention/trivia/accuracy", "retention/general/inverse_perplexity"} <= set(retention["retention"])
+    generations = (run_dir / "generations.md").read_text()
+    assert "## test split" in generations and "## chat" in generations and "## drift" in generations
+    assert "- before:" in generations and "- after:" in generations and "- expected:" in generations

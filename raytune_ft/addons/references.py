@@ -15,6 +15,13 @@ head. Replay and EWC use it as they use the original probe.
 ASR), with the model as it is; nothing is fitted. Retention compares the metrics the task's
 Metrics declare ``retained`` (higher is better: accuracy; for speech word_accuracy = max(0, 1 - WER)).
 
+``drift`` (language models): prompts the base model answers greedily before training (the task's
+``generate``); at every evaluation, the likelihood of those answers under the current model,
+``answer_likelihood`` = exp(-mean token NLL): how far the model's answers to general prompts have
+moved from the base model's. ``choice``: questions with choices (a knowledge set), each choice
+scored as the answer by its mean token log-likelihood; ``accuracy`` is the share of questions whose
+likeliest choice is the right one.
+
 Driver side, ``plan`` checks every reference's data and label set and ``datasets`` prepares its
 splits (materialised: small, and read at every evaluation).
 """
@@ -22,6 +29,7 @@ splits (materialised: small, and read at every evaluation).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +41,7 @@ import torch.distributed as dist
 from raytune_ft.addons import AddOn, register
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError
-from raytune_ft.evaluation import Collate, distributed, evaluate, gather_rows, in_lockstep
+from raytune_ft.evaluation import Collate, all_reduce_sum, distributed, evaluate, gather_rows, in_lockstep
 from raytune_ft.schema import Recipe
 from raytune_ft.tasks import ClassificationMetrics, build_task
 
@@ -146,13 +154,112 @@ class Reference:
         return ("accuracy", "macro_f1")
 
     def local_rows(self) -> dict[str, np.ndarray]:
-        """This rank's preprocessed rows of the train split, read once by the caller and kept (small)."""
-        parts = list(self.shards["train"].iter_batches(batch_size=256, batch_format="numpy"))
-        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
+        return local_rows(self.shards["train"])
+
+
+def local_rows(shard) -> dict[str, np.ndarray]:
+    """This rank's preprocessed rows of ``shard``, read once by the caller and kept (small)."""
+    parts = list(shard.iter_batches(batch_size=256, batch_format="numpy"))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
+
+
+def joined_samples(before: list[dict[str, str]], after: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Answers to the same prompts before and after training, side by side."""
+    later = {sample["prompt"]: sample["answer"] for sample in after}
+    return [{"prompt": s["prompt"], **({"expected": s["expected"]} if s.get("expected") else {}), "before": s["answer"],
+             "after": later.get(s["prompt"], "")} for s in before]
 
 
 class TaskReference:
-    """The task's own metrics on a reference set (its ``test`` shard), reduced over ranks."""
+    """The task's own metrics on a reference set (its ``test`` shard), reduced over ranks; its
+    ``train`` shard, when replay reads it, is the rows replayed."""
+
+    original_probe = None
+
+    def __init__(self, name: str, task, shards: dict[str, Any], batch_size: int):
+        self.name, self.task, self.shards, self.batch_size = name, task, shards, batch_size
+        self.before: dict[str, float] = {}
+        self.answers: list[dict[str, str]] = []  # the last score's generated answers (rank 0's first rows)
+        self.answers_before: list[dict[str, str]] = []  # the base model's
+
+    def score(self, backend) -> tuple[dict[str, float], None]:
+        result = evaluate(self.task, backend.module, self.shards["test"], self.batch_size, backend)
+        self.answers = result.get("samples", [])
+        return {key: value for key, value in result.items() if isinstance(value, float)}, None
+
+    def retained(self) -> tuple[str, ...]:
+        return self.task.new_metrics().retained
+
+    def local_rows(self) -> dict[str, np.ndarray]:
+        return local_rows(self.shards["train"])
+
+
+class DriftReference:
+    """Prompts the base model answered greedily (this rank's share, answered at the first score:
+    the base model's); scored by the likelihood of those answers under the current model."""
+
+    original_probe = None
+
+    def __init__(self, name: str, task, shard, batch_size: int):
+        self.name, self.task, self.shard, self.batch_size = name, task, shard, batch_size
+        self.before: dict[str, float] = {}
+        self.rows: dict[str, np.ndarray] | None = None
+        self.answers: list[dict[str, str]] = []
+
+    def answer(self, backend) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+        """This rank's prompts with the current model's greedy answers (scored: the answers), and
+        the first of them as text."""
+        module, tokenizer = backend.module, self.task.tokenizer()
+        ids, scored, samples = [], [], []
+        was_training = module.training
+        module.eval()
+        batches = self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task))
+        with torch.no_grad(), backend.autocast():
+            for batch, counts in in_lockstep(batches, backend.partitioned):
+                batch = {key: value.to(backend.device) for key, value in batch.items()}
+                answers = self.task.generate(module, batch)
+                if not counts:
+                    continue
+                for row, answer in enumerate(answers):  # every row of a drift set is a prompt
+                    prompt = batch["input_ids"][row, : int(batch["prompt_length"][row])].cpu().numpy()
+                    ids.append(np.concatenate([prompt, answer]).astype(np.int32))
+                    scored.append(np.concatenate([np.zeros(len(prompt), np.int8), np.ones(len(answer), np.int8)]))
+                    if len(samples) < 24:
+                        samples.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(),
+                                        "answer": tokenizer.decode(answer, skip_special_tokens=True).strip()})
+        module.train(was_training)
+        rows = {"input_ids": np.empty(len(ids), dtype=object), "scored": np.empty(len(ids), dtype=object),
+                "prompt_length": np.zeros(len(ids), dtype=np.int64)}
+        rows["input_ids"][:], rows["scored"][:] = ids, scored
+        return rows, samples
+
+    def score(self, backend) -> tuple[dict[str, float], None]:
+        if self.rows is None:  # the first score is the base model's: its answers are the set
+            self.rows, self.answers = self.answer(backend)
+        module, sums = backend.module, torch.zeros(2, dtype=torch.float64)
+        was_training = module.training
+        module.eval()
+        count = len(self.rows["input_ids"])
+        batches = (self.task.collate({key: values[start: start + self.batch_size] for key, values in self.rows.items()})
+                   for start in range(0, count, self.batch_size))
+        with torch.no_grad(), backend.autocast():
+            for batch, counts in in_lockstep(batches, backend.partitioned):
+                batch = {key: value.to(backend.device) for key, value in batch.items()}
+                nll, tokens = self.task.sequence_nll(module, batch)
+                if counts:
+                    sums += torch.tensor([float(nll.sum()), float(tokens.sum())], dtype=torch.float64)
+        module.train(was_training)
+        nll, tokens = all_reduce_sum(sums).tolist()
+        mean = nll / max(tokens, 1)
+        return {"answer_nll": mean, "answer_likelihood": math.exp(-mean)}, None
+
+    def retained(self) -> tuple[str, ...]:
+        return ("answer_likelihood",)
+
+
+class ChoiceReference:
+    """Questions with choices: each choice scored as the answer by its mean token NLL (gathered
+    from every rank: a question's choices may sit on different ranks); accuracy of the likeliest."""
 
     original_probe = None
 
@@ -161,11 +268,30 @@ class TaskReference:
         self.before: dict[str, float] = {}
 
     def score(self, backend) -> tuple[dict[str, float], None]:
-        result = evaluate(self.task, backend.module, self.shard, self.batch_size, backend)
-        return {key: value for key, value in result.items() if isinstance(value, float)}, None
+        module, rows = backend.module, []
+        was_training = module.training
+        module.eval()
+        batches = self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task))
+        with torch.no_grad(), backend.autocast():
+            for batch, counts in in_lockstep(batches, backend.partitioned):
+                batch = {key: value.to(backend.device) for key, value in batch.items()}
+                nll, tokens = self.task.sequence_nll(module, batch)
+                if counts:
+                    rows.append(torch.stack([batch["question"].double().cpu(), batch["correct"].double().cpu(),
+                                             (nll / tokens.clamp(min=1)).double().cpu()], 1))
+        module.train(was_training)
+        scores = gather_rows(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64))
+        best: dict[float, tuple[float, float]] = {}  # question -> (mean NLL, right) of its likeliest choice so far
+        for question, right, nll in scores.tolist():
+            if question not in best or nll < best[question][0]:
+                best[question] = (nll, right)
+        return {"accuracy": sum(right for _, right in best.values()) / max(len(best), 1)}, None
 
     def retained(self) -> tuple[str, ...]:
-        return self.task.new_metrics().retained
+        return ("accuracy",)
+
+
+KINDS = {"task": TaskReference, "drift": DriftReference, "choice": ChoiceReference}  # the kinds that fit nothing
 
 
 def retention_ratio(before: float, after: float) -> float:
@@ -188,6 +314,8 @@ class References:
     def score_base(self, backend) -> None:
         for reference in self.references:
             reference.before, reference.original_probe = reference.score(backend)
+            if isinstance(reference, TaskReference):
+                reference.answers_before = reference.answers
 
     def evaluate(self, backend) -> dict[str, float]:
         """``ref/<name>/<metric>`` now, ``ref_before/...``, ``retention/<name>/<metric>``,
@@ -204,6 +332,17 @@ class References:
             record["retention/min"] = min(v for k, v in record.items() if k.startswith("retention/"))
         record["ref/time_s"] = time.perf_counter() - started
         return record
+
+    def generations(self, backend) -> dict[str, list[dict[str, str]]]:
+        """Rank 0's first prompts of each reference that generates, with the answers before
+        training and now (after the last ``evaluate``); a drift reference answers them again."""
+        found = {}
+        for reference in self.references:
+            if isinstance(reference, DriftReference):
+                found[reference.name] = joined_samples(reference.answers, reference.answer(backend)[1])
+            elif isinstance(reference, TaskReference) and reference.answers_before:
+                found[reference.name] = joined_samples(reference.answers_before, reference.answers)
+        return found
 
     def before(self) -> dict[str, float]:
         return {f"ref/{r.name}/{metric}": value for r in self.references for metric, value in r.before.items()}
@@ -259,11 +398,15 @@ class RetentionReferences(AddOn):
                 data = data.model_copy(update={"labels": original_head_labels(recipe, data.labels, f"retention.references.{i}")})
             splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
             by_name = {split.name: split for split in splits}
-            if reference.kind == "task":  # the task's own metrics on the whole set, nothing fitted
+            if reference.kind in ("task", "drift", "choice"):  # the whole set scored, nothing fitted
                 train = by_name["train"]
                 test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, "all", train.field, train.rows)
                 labels = recipe.data.labels  # the run's label set: its model scores these rows
-                planned.append(PlannedReference(reference.name, "task", labels, ["test"], data, build_task(recipe, labels or []), {"test": test}))
+                # Replay reads a task reference's train rows (the schema made sure they are not the test rows).
+                replayed = recipe.replay is not None and (recipe.replay.reference or recipe.retention.references[0].name) == reference.name
+                splits = {"test": test, **({"train": tabular.Split("train", train.path, train.fmt)} if replayed else {})}
+                planned.append(PlannedReference(reference.name, reference.kind, labels, list(splits), data,
+                                                build_task(recipe, labels or []), splits))
                 continue
             if labels is None:
                 raise UserError(f"retention.references.{i}.data.columns", "a probe reference needs a label column")
@@ -302,8 +445,8 @@ class RetentionReferences(AddOn):
         references = []
         for spec in loop.plan.addons["retention"]:
             shards = {split: loop.shards[reference_split(spec.name, split)] for split in spec.split_names}
-            if spec.kind == "task":
-                references.append(TaskReference(spec.name, loop.task, shards["test"], loop.eval_batch))
+            if spec.kind in KINDS:
+                references.append(KINDS[spec.kind](spec.name, loop.task, shards if spec.kind == "task" else shards["test"], loop.eval_batch))
             else:
                 reference_task = build_task(loop.recipe, spec.labels)
                 head = Probe.from_head(*reference_task.original_head()[1:]) if spec.kind == "head" else None
@@ -323,3 +466,4 @@ class RetentionReferences(AddOn):
     def final(self, state):
         state["ref_before"] = self.references.before()
         state["ref_final"] = self.references.evaluate(self.loop.backend)
+        state["generations"] = self.references.generations(self.loop.backend)

@@ -1,8 +1,9 @@
 """The ``replay`` add-on: reference rows mixed into every training batch.
 
-Fraction f of the combined batch is replayed rows of a retention reference, scored by that
-reference's original readout (the probe fitted on the base model, or the base model's own head),
-weighted by ``loss_weight``. The replay order is seeded per (seed, epoch, rank), so a resumed run
+Fraction f of the combined batch is replayed rows of a retention reference, weighted by
+``loss_weight``: a probe or head reference's rows scored by its original readout (the probe fitted
+on the base model, or the base model's own head); a task reference's train rows by the task's own
+loss (a language model keeps modelling general text). The replay order is seeded per (seed, epoch, rank), so a resumed run
 replays the same rows. Their forward leaves batch-norm statistics to the target batches.
 """
 
@@ -42,10 +43,11 @@ class Replay(AddOn):
         self.weight = spec.loss_weight
         self.size = max(1, round(batch_size * spec.fraction / (1 - spec.fraction)))
         self.rows = self.reference.local_rows()
-        self.order = np.arange(len(self.rows["labels"]))
+        self.count = len(next(iter(self.rows.values())))
+        self.order = np.arange(self.count)
 
     def start_epoch(self, epoch, seed):
-        self.order = np.random.default_rng(seed).permutation(len(self.rows["labels"]))
+        self.order = np.random.default_rng(seed).permutation(self.count)
 
     def objective(self, objective, step):
         start = (step.index * self.size) % len(self.order)
@@ -54,5 +56,7 @@ class Replay(AddOn):
         batch = {key: value.to(self.loop.backend.device) for key, value in batch.items()}
         model = self.loop.backend.model
         with running_statistics_kept(model):
+            if self.reference.original_probe is None:  # a task reference: the task's own loss
+                return objective + self.weight * self.loop.task.forward(model, batch)[0]
             logits = self.reference.original_probe.logits(self.loop.task.embed(model, batch).double())
         return objective + self.weight * torch.nn.functional.cross_entropy(logits, batch["labels"]).float()

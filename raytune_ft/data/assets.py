@@ -327,6 +327,70 @@ def easy_vqa_shapes(split: str) -> Path:
     return target
 
 
+# chatterbot-corpus's English topics: the knowledge one (trivia: questions with short factual
+# answers) is a retention reference; the rest are conversations, the chat data.
+CHATTERBOT_KNOWLEDGE = "trivia"
+CHATTERBOT_CHOICES = 4
+
+
+def _chatterbot_conversations() -> dict[str, list[list[str]]]:
+    """Each English topic's conversations (lists of statements, each answering the one before),
+    duplicates dropped, in file order."""
+    import yaml
+
+    folder = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    topics = {}
+    for path in sorted(folder.glob("*.yml")):
+        conversations = yaml.safe_load(path.read_text())["conversations"]
+        topics[path.stem] = list(dict.fromkeys(tuple(str(s).strip() for s in c) for c in conversations if len(c) >= 2))
+    return topics
+
+
+def chatterbot(split: str) -> Path:
+    """chatterbot-corpus's English conversations as chat: column messages (a list of {role,
+    content}, user and assistant taking turns, ending on the assistant; 1-13 exchanges) and topic;
+    every 5th conversation of a topic is test. The trivia topic is left out (see chatterbot_trivia)."""
+    import pyarrow as pa
+
+    target = cache_dir() / "chatterbot" / split
+    if target.is_dir():
+        return target
+    rows = []
+    for topic, conversations in _chatterbot_conversations().items():
+        if topic == CHATTERBOT_KNOWLEDGE:
+            continue
+        for i, statements in enumerate(conversations):
+            if (i % 5 == 4) != (split == "test"):
+                continue
+            turns = statements[: len(statements) // 2 * 2]  # ends on an answer
+            rows.append({"messages": [{"role": "user" if j % 2 == 0 else "assistant", "content": text} for j, text in enumerate(turns)],
+                         "topic": topic})
+    order = random.Random(0).sample(range(len(rows)), len(rows))  # topics mixed, so max_rows keeps every topic
+    _write_shards(pa.Table.from_pylist([rows[i] for i in order]), target, shards=2)
+    return target
+
+
+def chatterbot_trivia() -> Path:
+    """chatterbot-corpus's trivia as a multiple-choice knowledge set: columns question, choices
+    (the answer and 3 other questions' answers, in a seeded order), answer (the index of the right
+    one) and answer_text; 260 questions."""
+    import pyarrow as pa
+
+    target = cache_dir() / "chatterbot_trivia"
+    if target.is_dir():
+        return target
+    pairs = [c for c in _chatterbot_conversations()[CHATTERBOT_KNOWLEDGE] if len(c) == 2]
+    answers = list(dict.fromkeys(answer for _, answer in pairs))
+    rng = random.Random(0)
+    rows = []
+    for question, answer in pairs:
+        choices = [answer, *rng.sample([a for a in answers if a.lower() != answer.lower()], CHATTERBOT_CHOICES - 1)]
+        rng.shuffle(choices)
+        rows.append({"question": question, "choices": choices, "answer": choices.index(answer), "answer_text": answer})
+    _write_shards(pa.Table.from_pylist(rows), target, shards=1)
+    return target
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
     "minilm-l6": minilm_l6,
     "efficientnet-lite0": efficientnet_lite0,
@@ -345,6 +409,9 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "easy-vqa/test": lambda: easy_vqa("test"),
     "easy-vqa-shapes/train": lambda: easy_vqa_shapes("train"),
     "easy-vqa-shapes/test": lambda: easy_vqa_shapes("test"),
+    "chatterbot/train": lambda: chatterbot("train"),
+    "chatterbot/test": lambda: chatterbot("test"),
+    "chatterbot-trivia": chatterbot_trivia,
 }
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,18 @@ def holdout_bucket(values: np.ndarray) -> np.ndarray:
     return np.array([int.from_bytes(d, "little") / 2**64 for d in digests])
 
 
+def as_lists(values: np.ndarray) -> np.ndarray:
+    """A column of list cells with Python lists in them (a question's choices), and lists of records
+    (a conversation's [{role, content}, ...]) as JSON text: Ray Data turns neither numpy arrays
+    inside a column nor lists of dicts back into Arrow (it would pickle them, and warn)."""
+    if values.dtype != object or not any(isinstance(value, np.ndarray) for value in values):
+        return values
+    out = np.empty(len(values), dtype=object)
+    out[:] = [value if not isinstance(value, np.ndarray) else
+              json.dumps([dict(item) for item in value]) if len(value) and isinstance(value[0], dict) else value.tolist() for value in values]
+    return out
+
+
 class SelectRows:
     """map_batches step: rename columns to roles, encode labels, keep this split's rows. A null
     or empty label becomes ``BAD_LABEL`` (for ``DropBadRows``)."""
@@ -291,7 +304,7 @@ class SelectRows:
         return ids[key] if other is None else ids.get(key, other)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {role: batch[column] for role, column in self.columns.items()}
+        out = {role: as_lists(batch[column]) for role, column in self.columns.items()}
         if "path" in batch:  # image folders: the file, for errors that name it
             out["path"] = batch["path"]
         for role in self.label_ids:

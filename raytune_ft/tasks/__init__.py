@@ -15,7 +15,13 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
 
 - ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
   must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
-  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips).
+  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips). Optional
+  ``pack(batch) -> batch`` with a true ``packing``: a train-only ``map_batches`` before caching
+  that puts several examples in a row (a language model's sequence packing).
+- Optional ``reference_roles(options, kind)``: the role sets a retention reference of each kind
+  may map, when they are not the defaults (see ``task_reference_roles``); a task offering the
+  ``drift`` and ``choice`` kinds gives ``generate(model, batch)`` (greedy answers to the rows'
+  prompts) and ``sequence_nll(model, batch)`` (each row's summed NLL and scored tokens).
 - ``collate(batch) -> dict[str, Tensor]``: numpy batch from the shard iterator to model inputs.
 - ``build_model() -> nn.Module`` and ``head_names()``: module-name prefixes of the newly
   initialised head (what ``head_only`` trains); ``skeleton()``: the model on the meta device.
@@ -177,6 +183,19 @@ def check_positions(field: str, wanted: int, limit: int | None, what: str = "pos
         raise UserError(field, f"{wanted}{f' (+ {added} added tokens)' if added else ''} exceeds the model's {limit} {what}")
 
 
+def all_ranks_finished(finished: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether decoding may stop. Under ZeRO-3 every forward gathers parameters from every rank,
+    so a rank stops only when every rank's sequences have ended (ranks decode different rows)."""
+    import torch.distributed as dist
+
+    done = bool(finished.all())
+    if not (dist.is_available() and dist.is_initialized()) or not hasattr(next(model.parameters()), "ds_id"):
+        return done
+    pending = torch.tensor([0 if done else 1], device=finished.device)
+    dist.all_reduce(pending)
+    return int(pending) == 0
+
+
 def register(cls):
     """Class decorator: make a task available to recipes as ``task.type: <cls.name>``."""
     TASKS[cls.name] = cls
@@ -184,13 +203,25 @@ def register(cls):
 
 
 def task_roles(task_cls, options) -> tuple[str, ...]:
-    """The data roles a task needs (``options``: its validated Options)."""
+    """The data roles a task needs (``options``: its validated Options); one ending in ``?`` is optional."""
     return tuple(task_cls.roles(options)) if hasattr(task_cls, "roles") else tuple(task_cls.columns)
 
 
 def task_probe_roles(task_cls, options) -> tuple[str, ...]:
     """The data roles of a probe reference: the task's own unless it declares ``probe_columns``."""
     return tuple(getattr(task_cls, "probe_columns", None) or task_roles(task_cls, options))
+
+
+def task_reference_roles(task_cls, options, kind: str) -> list[tuple[str, ...]]:
+    """The role sets a retention reference of ``kind`` may map (a role ending in ``?`` is
+    optional); none: the task has no reference of that kind. A task may declare its own
+    (``reference_roles(options, kind)``); by default a task reference maps the task's roles, a
+    probe or head reference its probe roles."""
+    if hasattr(task_cls, "reference_roles"):
+        return [tuple(roles) for roles in task_cls.reference_roles(options, kind)]
+    if kind == "task":
+        return [task_roles(task_cls, options)]
+    return [task_probe_roles(task_cls, options)] if kind in ("probe", "head") else []
 
 
 def task_label_roles(task_cls, options) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field
 
 from raytune_ft.errors import UserError
 from raytune_ft.schema import Recipe, TaskOptions
-from raytune_ft.tasks import check_positions, check_pretrained_weights, load_dtype, register
+from raytune_ft.tasks import all_ranks_finished, check_positions, check_pretrained_weights, load_dtype, register
 
 SAMPLING_RATE = 16000
 HOP_LENGTH = 160  # Whisper's mel frames are 10 ms apart; its encoder halves them (conv stride 2)
@@ -85,19 +85,6 @@ class SpeechMetrics:
             "word_accuracy": max(0.0, 1.0 - wer),
             "count": int(state[6]),
         }
-
-
-def all_ranks_finished(finished: torch.Tensor, model: torch.nn.Module) -> bool:
-    """Whether decoding may stop. Under ZeRO-3 every forward gathers parameters from every rank,
-    so a rank stops only when all ranks' transcripts have ended (ranks decode different clips)."""
-    import torch.distributed as dist
-
-    done = bool(finished.all())
-    if not (dist.is_available() and dist.is_initialized()) or not hasattr(next(model.parameters()), "ds_id"):
-        return done
-    pending = torch.tensor([0 if done else 1], device=finished.device)
-    dist.all_reduce(pending)
-    return int(pending) == 0
 
 
 @register

@@ -74,6 +74,8 @@ def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any]
     for split in planned.splits:
         rows = tabular.rows_dataset(split, data, planned.labels)
         dataset = tabular.without_bad_rows(rows, split, data, planned.labels).map_batches(task.preprocess, batch_format="numpy")
+        if split.name == "train" and getattr(task, "packing", False):  # several examples a row (before counting: rows are packs)
+            dataset = dataset.map_batches(task.pack, batch_format="numpy")
         with data_errors(split):
             if tabular.should_cache(split, data.cache):
                 # Evaluation shards are split by blocks: enough blocks that every worker gets a share.

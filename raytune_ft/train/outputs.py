@@ -44,7 +44,25 @@ def write_outputs(run_dir: Path, recipe: Recipe, state: dict[str, Any], baseline
                     **({"adapter": str(run_dir / run_folder.ADAPTER)} if (run_dir / run_folder.ADAPTER).is_dir() else {}),
                     "checkpoints": run_folder.shared_run_dir(recipe, run_dir) or str(run_dir)},
     }
+    tested = [{"prompt": s["prompt"], "expected": s["expected"], "after": s["answer"]} for s in state.get("test", {}).get("samples", [])]
+    generations = {**({"test split": tested} if tested else {}), **state.get("generations", {})}
+    if generations:
+        run_folder.write_text_atomic(run_dir / run_folder.GENERATIONS, generations_text(recipe, generations))
+        summary["outputs"]["generations"] = str(run_dir / run_folder.GENERATIONS)
     plot_files = plots.write_run_plots(run_dir / run_folder.PLOTS, state, recipe, baseline)
     summary["outputs"]["plots"] = [str(p) for p in plot_files]
     run_folder.write_text_atomic(run_dir / run_folder.SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+def generations_text(recipe: Recipe, generations: dict[str, list[dict[str, str]]]) -> str:
+    """Markdown: per evaluated set, each prompt with the expected answer (if any) and the model's
+    answers before and after training (the test split is scored after training only)."""
+    lines = [f"# {recipe.name}: answers to held-out prompts", "",
+             "Greedy answers of the base model (before) and the fine-tuned one (after); the first rows of each set."]
+    for name, samples in generations.items():
+        lines += ["", f"## {name}"]
+        for i, sample in enumerate(samples, 1):
+            lines += ["", f"**{i}. prompt:** {sample['prompt']}"]
+            lines += [f"- {key}: {sample[key]}" for key in ("expected", "before", "after") if key in sample]
+    return "\n".join(lines) + "\n"
