@@ -1,14 +1,21 @@
-"""The reference for the overhead benchmark: a plain torchrun DDP script, no Ray.
+"""The reference for the overhead benchmarks: a plain torchrun DDP script, no Ray.
 
-Same model, tokenizer, padding, batch size, optimizer and rows as ``raytune-ft run`` on the text
-recipe; data is pre-tokenised in memory (the cheapest possible input pipeline).
-Run: torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --rows N --epochs E --batch-size B
+It reads the same recipe as ``raytune-ft run`` and does the same work: the same model and dtype,
+tokenizer, padding, rows (the train split less the validation holdout, ``data.max_rows`` of
+them), batch size, optimizer groups, schedule, clipping and precision. Data is pre-tokenised in
+memory (the cheapest possible input pipeline). With ``scaling.use_gpu``: NCCL, one GPU per process,
+batches copied from pinned memory like the loop's. Like the DDP backend, one process trains the
+bare model (DDP's all-reduce over a world of one would be work the other side does not do).
+Prints one JSON line: samples/s per epoch, the rows, the parameter count and attention kernel.
+
+Run: torchrun --nproc_per_node N benchmarks/plain_ddp.py RECIPE [--set field=value ...]
 """
 
 import argparse
+import contextlib
 import json
+import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,56 +23,81 @@ import torch
 import torch.distributed as dist
 
 from raytune_ft import load_recipe
-from raytune_ft.data import assets
-from raytune_ft.data.tabular import holdout_bucket
-from raytune_ft.tasks.text_classification import TextClassification
+from raytune_ft.backends.optim import build_optimizer, build_scheduler, param_groups
+from raytune_ft.data.tabular import SelectRows
+from raytune_ft.tasks import TORCH_DTYPES
+from raytune_ft.train.planning import plan_run
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def train_rows(recipe, planned) -> dict[str, np.ndarray]:
+    """The rows the run trains on, by task role, in file order: the holdout and ``max_rows`` as Ray Data applies them."""
+    split = planned.splits[0]
+    columns = list(dict.fromkeys(recipe.data.columns.values()))
+    table = pq.read_table(split.path, columns=columns).to_pydict()
+    select = SelectRows(recipe.data.columns, planned.labels, split.holdout, recipe.data.validation_fraction, recipe.data.other_label)
+    rows = select({column: np.array(values) for column, values in table.items()})
+    return {role: values[: recipe.data.max_rows] for role, values in rows.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, required=True)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("recipe")
+    parser.add_argument("--set", action="append", default=[], help="a recipe override, as raytune-ft run takes it")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    recipe = load_recipe(args.recipe, args.set)
+    train = recipe.train
+    if train.grad_accum != 1 or train.precision == "fp16":
+        raise SystemExit("plain_ddp.py: train.grad_accum 1 and fp32 or bf16 only")
+    gpu = recipe.scaling.use_gpu
+    dist.init_process_group("nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(recipe.scaling.resources_per_worker.get("CPU", 1))))  # as the loop does
+    torch.manual_seed(train.seed)
 
-    labels = ["negative", "neutral", "positive"]
-    recipe = load_recipe(ROOT / "jobs" / "text_classification.yaml", [f"model.path={assets.minilm_l6()}", f"task.max_length={args.max_length}"])
-    task = TextClassification(recipe, labels)
-    table = pq.read_table(assets.drug_reviews("train")).to_pydict()
-    keep = holdout_bucket(np.array(table["review"])) >= 0.15  # the recipe's validation holdout
-    texts = np.array(table["review"])[keep][: args.rows]
-    targets = np.array([labels.index(v) for v in np.array(table["rating"])[keep][: args.rows]])
-    encoded = task.preprocess({"text": texts, "label": targets})
-    per_worker = len(texts) // world
+    planned = plan_run(recipe)
+    task = planned.task
+    rows = train_rows(recipe, planned)
+    encoded = task.preprocess(rows)
+    count = len(next(iter(rows.values())))
+    per_worker = count // world
     mine = slice(rank * per_worker, (rank + 1) * per_worker)
-    ids, ys = encoded["input_ids"][mine], encoded["labels"][mine]
+    encoded = {key: values[mine] for key, values in encoded.items()}
 
-    model = torch.nn.parallel.DistributedDataParallel(task.build_model())
-    model.train()  # from_pretrained returns eval mode; fine-tuning trains with the model's dropout
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    model = task.build_model()
+    if recipe.model.dtype:
+        model.to(TORCH_DTYPES[recipe.model.dtype])
+    model.to(device).train()  # from_pretrained returns eval mode; fine-tuning trains with the model's dropout
+    params = sum(p.numel() for p in model.parameters())
+    attention = getattr(model.config, "_attn_implementation", None)
+    optimizer = build_optimizer(param_groups(model, train), train)
+    scheduler = build_scheduler(optimizer, train, train.epochs * -(-per_worker // train.batch_size))
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if gpu else None, gradient_as_bucket_view=True)
+    autocast = {"bf16": torch.bfloat16}.get(train.precision)
     rates = []
-    for epoch in range(args.epochs):
+    for epoch in range(train.epochs):
         order = np.random.default_rng(epoch).permutation(per_worker)
         started = time.perf_counter()
-        for start in range(0, per_worker, args.batch_size):
-            index = order[start : start + args.batch_size]
-            batch = task.collate({"input_ids": ids[index], "labels": ys[index]})
-            loss, _ = task.forward(model, batch)
+        for start in range(0, per_worker, train.batch_size):
+            index = order[start : start + train.batch_size]
+            batch = task.collate({key: values[index] for key, values in encoded.items()})
+            batch = {key: (value.pin_memory() if gpu else value).to(device, non_blocking=True) for key, value in batch.items()}
+            with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                loss, _ = task.forward(model, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if train.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        if gpu:
+            torch.cuda.synchronize()  # the epoch ends when its last step has run, not when it was queued
         rates.append(per_worker * world / (time.perf_counter() - started))
     if rank == 0:
-        print(json.dumps({"samples_per_s_by_epoch": rates}))
+        print(json.dumps({"samples_per_s_by_epoch": rates, "train_rows": count, "params": params, "attention": attention}))
     dist.destroy_process_group()
 
 
