@@ -18,9 +18,10 @@ Models are Llama configs with random weights saved as a model directory, with a 
 tokenizer built here; the rows are random words, each longer than the sequence, so every row is
 exactly ``seq_len`` tokens and both sides do identical work. Nothing is downloaded.
 
-Writes ``gpu_overhead.json``, ``gpu_mfu.json``, ``gpu_zero3_memory.json`` and ``gpu_env.json``
-(versions, nvidia-smi, seconds per part) into ``--output-dir`` as each part ends, and copies
-them with the log tails to ``$OUT`` when that is set (the device tool brings back only $OUT).
+Writes ``gpu_overhead.json``, ``gpu_zero3_memory.json``, ``gpu_mfu.json`` (in the order the
+parts run) and ``gpu_env.json`` (versions, nvidia-smi, seconds per part) into ``--output-dir`` as
+each part ends, and copies them with the log tails to ``$OUT`` when that is set (the device tool
+brings back only $OUT). A failed part, or side of a comparison, leaves its error and the rest runs.
 ``--dry-run`` (or ``GPU_CHECK_DRY=1``): every part on the CPU with tiny models, to exercise the
 logic; its files say ``"dry_run": true``.
 
@@ -119,6 +120,13 @@ class Check:
 
     def header(self) -> dict[str, Any]:
         return {"dry_run": self.dry, "device": self.device, "gpu_name": self.gpu.get("name")}
+
+    def write(self, name: str, content: dict[str, Any]) -> None:
+        """Write one result file, and copy it to $OUT at once (a run cut short still brings back what it finished)."""
+        path = self.output / name
+        path.write_text(json.dumps({**self.header(), **content}, indent=2))
+        if self.out:
+            shutil.copy(path, self.out / name)
 
 
 def workloads(dry: bool) -> dict[str, tuple[Workload, Callable]]:
@@ -227,24 +235,55 @@ def compare(check: Check, name: str) -> dict[str, Any]:
     return check.compared[name]
 
 
+def failure(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))[-3000:]
+
+
 def run_both(check: Check, name: str) -> dict[str, Any]:
+    """Both sides on one workload. A side that fails leaves its error and the other still runs:
+    a GPU is lent for minutes, so each run should bring back what it can."""
+    from transformers import AutoModelForCausalLM
+
     workload, make_config = workloads(check.dry)[name]
     config = make_config(check.dry)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())  # tied weights once
     recipe = prepare(check, workload, config)
     logs = check.work / "logs"
-    ours = overhead.raytune_ft(recipe, [], recipe.parent / "run", log=logs / f"{name}_raytune_ft.log", timeout=check.timeout_s)
-    plain = overhead.plain(recipe, [], workers=1, threads=check.threads, log=logs / f"{name}_torchrun.log", timeout=check.timeout_s)
-    if ours["train_rows"] != plain["train_rows"]:
+    sides = {  # the plain side first: it is the quicker (no checkpoints), so a call cut short has it
+        "plain_torchrun": lambda: overhead.plain(recipe, [], workers=1, threads=check.threads, log=logs / f"{name}_torchrun.log",
+                                                 timeout=check.timeout_s),
+        "raytune_ft": lambda: overhead.raytune_ft(recipe, [], recipe.parent / "run", log=logs / f"{name}_raytune_ft.log",
+                                                  timeout=check.timeout_s),
+    }
+    results = {}
+    try:
+        for side, measure in sides.items():
+            try:
+                results[side] = measure()
+            except Exception as error:
+                results[side] = {"error": failure(error)}
+    finally:
+        shutil.rmtree(recipe.parent, ignore_errors=True)  # a 1B run leaves tens of GB of checkpoints
+    ours, plain = results["raytune_ft"], results["plain_torchrun"]
+    both = "error" not in ours and "error" not in plain
+    if both and ours["train_rows"] != plain["train_rows"]:
         raise RuntimeError(f"{name}: raytune-ft trained on {ours['train_rows']} rows, torchrun on {plain['train_rows']}")
-    shutil.rmtree(recipe.parent, ignore_errors=True)  # a 1B run leaves ~16 GB of checkpoints
-    return {"workload": asdict(workload), "layers": config.num_hidden_layers, "hidden": config.hidden_size, "params": plain["params"],
-            "attention": plain["attention"], "raytune_ft": ours, "plain_torchrun": plain,
-            "ratio": ours["steady_samples_per_s"] / plain["steady_samples_per_s"]}
+    return {"workload": asdict(workload), "layers": config.num_hidden_layers, "hidden": config.hidden_size, "params": params,
+            "attention": plain.get("attention"), "raytune_ft": ours, "plain_torchrun": plain,
+            "ratio": ours["steady_samples_per_s"] / plain["steady_samples_per_s"] if both else None}
+
+
+def failures(sides: dict[str, dict]) -> list[str]:
+    """Each failed side, named, with the last line of its error (the exception)."""
+    return [f"{side}: {result['error'].strip().splitlines()[-1]}" for side, result in sides.items() if "error" in result]
 
 
 def overhead_part(check: Check) -> dict[str, Any]:
     result = compare(check, "smollm2_135m")
-    return {"target": f">= {OVERHEAD_TARGET}", "ratio": result["ratio"], "meets_target": result["ratio"] >= OVERHEAD_TARGET,
+    ratio = result["ratio"]
+    return {"target": f">= {OVERHEAD_TARGET}", "ratio": ratio, "meets_target": None if ratio is None else ratio >= OVERHEAD_TARGET,
+            "failures": failures({side: result[side] for side in ("raytune_ft", "plain_torchrun")}),
             "raytune_ft": result["raytune_ft"], "plain_torchrun": result["plain_torchrun"],
             "setup": {"model": "SmolLM2-135M architecture, random weights" + (" (tiny in the dry run)" if check.dry else ""),
                       "params": result["params"], **result["workload"], "workers": 1, "cpus_per_worker": check.threads,
@@ -269,25 +308,30 @@ def utilisation(samples_per_s: float, seq_len: int, flops_per_token: float, peak
 
 def mfu_part(check: Check) -> dict[str, Any]:
     peak, peak_source = dense_bf16_peak(check.gpu.get("name"))
-    models = {}
+    models, problems = {}, []
+    summary = {"target": f"mfu >= {MFU_TARGET}", "failures": problems, "peak_flop_per_s": peak, "peak_source": peak_source,
+               "flops_per_token": "6 x parameters (tied embeddings once) + 12 x layers x hidden x sequence length",
+               "step": "forward + backward + clip + AdamW, bf16 autocast on fp32 weights, steady state (every epoch but the first)",
+               "models": models}
     for name in workloads(check.dry):
         try:
             result = compare(check, name)
         except Exception as error:  # the other model is still measured
-            models[name] = {"error": "".join(traceback.format_exception(error))[-3000:]}
+            models[name] = {"error": failure(error)}
+            problems.append(f"{name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
             continue
         seq_len = result["workload"]["seq_len"]
         per_token = 6 * result["params"] + 12 * result["layers"] * result["hidden"] * seq_len
-        ours = utilisation(result["raytune_ft"]["steady_samples_per_s"], seq_len, per_token, peak)
-        plain = utilisation(result["plain_torchrun"]["steady_samples_per_s"], seq_len, per_token, peak)
+        sides = {side: result[side] if "error" in result[side] else utilisation(result[side]["steady_samples_per_s"], seq_len, per_token, peak)
+                 for side in ("raytune_ft", "plain_torchrun")}
+        problems += [f"{name} {problem}" for problem in failures(sides)]
+        ours = sides["raytune_ft"]
         models[name] = {"params": result["params"], "layers": result["layers"], "hidden": result["hidden"], **result["workload"],
-                        "attention": result["attention"], "flops_per_token": per_token, "raytune_ft": ours, "plain_torch": plain,
-                        "raytune_ft_over_plain": result["ratio"],
-                        "meets_target": None if ours["mfu"] is None else ours["mfu"] >= MFU_TARGET}
-    return {"target": f"mfu >= {MFU_TARGET}", "peak_flop_per_s": peak, "peak_source": peak_source,
-            "flops_per_token": "6 x parameters (tied embeddings once) + 12 x layers x hidden x sequence length",
-            "step": "forward + backward + clip + AdamW, bf16 autocast on fp32 weights, steady state (every epoch but the first)",
-            "models": models}
+                        "attention": result["attention"], "flops_per_token": per_token, "raytune_ft": ours,
+                        "plain_torch": sides["plain_torchrun"], "raytune_ft_over_plain": result["ratio"],
+                        "meets_target": None if ours.get("mfu") is None else ours["mfu"] >= MFU_TARGET}
+        check.write(RESULT_FILES["mfu"], {**summary, "unfinished": True})  # SmolLM2's figures, should the 1B runs outlast the call
+    return summary
 
 
 def zero3_part(check: Check) -> dict[str, Any]:
@@ -302,10 +346,14 @@ def zero3_part(check: Check) -> dict[str, Any]:
     rows = {}
     try:
         for label, (kind, options) in ZERO3_BACKENDS.items():
-            rows[label] = {"backend": kind, "deepspeed": options, **train_size(
-                setup["size"], kind, options, f"gpu_zero3_{label}", str(check.work / "zero3"), workers=1, steps=setup["steps"],
-                seq_len=setup["seq_len"], batch_size=setup["batch_size"], precision="bf16", use_gpu=not check.dry, threads=setup["threads"])}
-            print(f"[gpu-check] zero3 {label}: {json.dumps(rows[label])}", flush=True)
+            try:
+                row = train_size(setup["size"], kind, options, f"gpu_zero3_{label}", str(check.work / "zero3"), workers=1,
+                                 steps=setup["steps"], seq_len=setup["seq_len"], batch_size=setup["batch_size"], precision="bf16",
+                                 use_gpu=not check.dry, threads=setup["threads"])
+            except Exception as error:  # the next backend still runs
+                row = {"completed": False, "error": failure(error)}
+            rows[label] = {"backend": kind, "deepspeed": options, **row}
+            print(f"[gpu-check] zero3 {label}: {json.dumps(rows[label])[:1000]}", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(check.work / "zero3", ignore_errors=True)
@@ -313,7 +361,8 @@ def zero3_part(check: Check) -> dict[str, Any]:
     ddp = rows["ddp"]
     ratios = {label: row[measure] / ddp[measure] for label, row in rows.items() if row["completed"] and ddp["completed"] and label != "ddp"}
     hidden, layers = setup["size"]
-    return {"model": {"architecture": "Llama, random weights", "hidden": hidden, "layers": layers, "params": ddp.get("params")},
+    return {"failures": [f"{label}: {row['error'].strip().splitlines()[-1]}" for label, row in rows.items() if not row["completed"]],
+            "model": {"architecture": "Llama, random weights", "hidden": hidden, "layers": layers, "params": ddp.get("params")},
             **{key: setup[key] for key in ("batch_size", "seq_len", "steps")}, "workers": 1, "cpus_per_worker": setup["threads"],
             "precision": "train.precision bf16: DDP autocasts on fp32 weights; DeepSpeed holds bf16 weights, fp32 masters with the optimizer",
             "measure": measure, "ratio_to_ddp": ratios, "rows": rows,
@@ -321,7 +370,8 @@ def zero3_part(check: Check) -> dict[str, Any]:
                        "storage and CPU offload; the 1/N partitioning needs N GPUs (measured on CPUs by benchmarks/scale.py)"}
 
 
-PARTS = {"overhead": overhead_part, "mfu": mfu_part, "zero3": zero3_part}
+# The 1B runs (in mfu) come last: the longest, and the likeliest to outrun a device call.
+PARTS = {"overhead": overhead_part, "zero3": zero3_part, "mfu": mfu_part}
 
 
 # --- the environment and the files --------------------------------------------------------
@@ -349,17 +399,10 @@ def versions() -> dict[str, str | None]:
 def environment(check: Check, seconds: dict[str, float], status: dict[str, str]) -> dict[str, Any]:
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     commit = git.stdout.strip() if git and git.returncode == 0 else None  # the GPU machine's copy may have no .git
-    return {**check.header(), "gpu": check.gpu, "python": platform.python_version(), "versions": versions(),
+    return {"gpu": check.gpu, "python": platform.python_version(), "versions": versions(),
             "cuda": torch.version.cuda, "cpus": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "disk_free_bytes": shutil.disk_usage(check.work).free,  # a 1B run's checkpoints take tens of GB for a while
             "commit": commit, "seconds": seconds, "parts": status}
-
-
-def write(check: Check, name: str, content: dict[str, Any]) -> None:
-    """Write one result file, and copy it to $OUT at once (a run cut short still brings back what it finished)."""
-    path = check.output / name
-    path.write_text(json.dumps(content, indent=2))
-    if check.out:
-        shutil.copy(path, check.out / name)
 
 
 def save_log_tails(check: Check) -> None:
@@ -396,15 +439,15 @@ def main() -> None:
         began = time.perf_counter()
         print(f"[gpu-check] {part} ({'dry run, CPU' if check.dry else check.gpu.get('name')})", flush=True)
         try:
-            result = {**check.header(), **PARTS[part](check)}
-            status[part] = "completed"
+            result = PARTS[part](check)
+            status[part] = f"incomplete: {'; '.join(result['failures'])[:300]}" if result["failures"] else "completed"
         except Exception as error:  # the other parts still run; the file says what broke
-            result = {**check.header(), "completed": False, "error": "".join(traceback.format_exception(error))[-4000:]}
+            result = {"failures": [str(error)[:300]], "error": failure(error)}
             status[part] = f"failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}"
         seconds[part] = time.perf_counter() - began
-        write(check, RESULT_FILES[part], result)
+        check.write(RESULT_FILES[part], result)
         seconds["total"] = time.perf_counter() - started
-        write(check, "gpu_env.json", environment(check, seconds, status))
+        check.write("gpu_env.json", environment(check, seconds, status))
         save_log_tails(check)
         print(f"[gpu-check] {part}: {status[part]} in {seconds[part]:.0f} s", flush=True)
     print(json.dumps({"seconds": seconds, "parts": status}, indent=2))

@@ -2,7 +2,7 @@
 # The GPU check (issue 39, item 7; benchmarks/gpu_check.py says what it measures): raytune-ft vs
 # plain torchrun on one GPU, bf16 MFU of SmolLM2-135M and a 1B Llama, ZeRO-3 memory on the GPU.
 # About 6-7 minutes on one H100 (an estimate: it has not run on a GPU yet); writes
-# benchmarks/results/gpu_*.json and copies them, with the commands' log tails, to $OUT.
+# benchmarks/results/gpu_*.json and copies them, with its output and the commands' log tails, to $OUT.
 #
 # On a lent GPU machine (the device tool), from the session's own checkout (only that one
 # travels), after `benchmarks/gpu_wheels.sh` has filled .whl/ here (Ray, DeepSpeed and what they
@@ -32,4 +32,8 @@ if [ -e "$SITE/.installed" ]; then
 fi
 # The project from this checkout; no hub, no usage reports (the GPU machine has no network).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+if [ -n "${OUT:-}" ]; then  # the whole output comes back too (the device tool returns only its tail)
+  "$PYTHON" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check_output.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 exec "$PYTHON" benchmarks/gpu_check.py "$@"

@@ -7,6 +7,7 @@ both). Target: raytune-ft / plain >= 0.95; data wait <= 5%.
 Run: make bench   (writes benchmarks/results/overhead.json)
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -24,15 +25,31 @@ def set_flags(settings: list[str]) -> list[str]:
     return [flag for setting in settings for flag in ("--set", setting)]
 
 
+def kill_tree(pid: int) -> None:
+    """Kill a process and everything it started: its process group, and descendants that left it
+    (torchrun starts each worker in a session of its own)."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for process in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def run_logged(command: list[str], log: Path | None = None, timeout: float | None = None, env: dict | None = None) -> str:
     """Run ``command`` in the repository and return its stdout; both streams go to ``log`` too.
-    Past ``timeout`` its whole process group is killed (a run's Ray with it)."""
+    Past ``timeout`` it is killed with everything it started (a run's Ray, torchrun's workers)."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
-    except BaseException as error:  # past the timeout, or interrupted: the command and its Ray go
-        os.killpg(process.pid, signal.SIGKILL)
+    except BaseException as error:  # past the timeout, or interrupted: the command and all it started go
+        kill_tree(process.pid)
         stdout, stderr = process.communicate()
         if not isinstance(error, subprocess.TimeoutExpired):
             raise

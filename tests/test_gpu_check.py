@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,14 @@ def test_every_part_completes_and_comes_back_through_out(dry_run):
     env = read(dry_run, "gpu_env.json")
     assert env["parts"] == {"overhead": "completed", "mfu": "completed", "zero3": "completed"}
     assert set(env["seconds"]) == {"overhead", "mfu", "zero3", "total"}
-    assert env["versions"]["ray"] and env["versions"]["deepspeed"] and env["versions"]["torch"]
+    assert env["versions"]["ray"] and env["versions"]["deepspeed"] and env["versions"]["torch"] and env["disk_free_bytes"] > 0
     for name in FILES:
         content = read(dry_run, name)
         assert content["dry_run"] is True and content["device"] == "cpu" and content["gpu_name"] is None
+        assert content.get("failures", []) == []
         assert (dry_run["out"] / name).read_text() == (dry_run["results"] / name).read_text()
     assert "==> smollm2_135m_raytune_ft.log <==" in (dry_run["out"] / "gpu_check_logs.txt").read_text()
+    assert "[gpu-check] zero3: completed" in (dry_run["out"] / "gpu_check_output.txt").read_text()
     assert not any((dry_run["work"] / folder).exists() for folder in ("smollm2_135m", "llama_1b", "zero3"))  # models and runs removed
 
 
@@ -84,16 +87,48 @@ def test_zero3_memory_rows_through_the_backends(dry_run):
     assert set(zero3["ratio_to_ddp"]) == {"zero3_offload_optimizer", "zero3_offload_optimizer_and_params"}
 
 
-def test_peaks_and_model_sizes_of_the_gpu_run():
-    """What the GPU run computes without a GPU: the peak it divides by, and the sizes it claims."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def import_gpu_check():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_check
+
+
+def test_a_command_past_its_timeout_goes_with_all_it_started(tmp_path):
+    """A run that outlasts its limit on the GPU machine must not leave a worker holding the GPU:
+    torchrun starts its workers in sessions of their own, out of reach of the process group."""
+    import psutil
+
+    overhead = import_gpu_check().overhead
+    started = tmp_path / "worker.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+                "open(sys.argv[1], 'w').write(str(worker.pid))\n"
+                "time.sleep(300)\n")
+    with pytest.raises(RuntimeError, match="killed after 20 s"):
+        overhead.run_logged([sys.executable, "-c", launcher, str(started)], timeout=20)
+    worker = int(started.read_text())
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(worker).status() != psutil.STATUS_ZOMBIE  # killed, not yet reaped by its new parent
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+
+
+def test_peaks_and_model_sizes_of_the_gpu_run():
+    """What the GPU run computes without a GPU: the peak it divides by, and the sizes it claims."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gpu_check = import_gpu_check()
     assert gpu_check.dense_bf16_peak("NVIDIA H100 80GB HBM3")[0] == 989e12  # the SXM part, as the lent machine reports it
     assert gpu_check.dense_bf16_peak("NVIDIA H100 PCIe")[0] == 756e12
     assert gpu_check.dense_bf16_peak("NVIDIA H200")[0] == 989e12
@@ -106,6 +141,37 @@ def test_peaks_and_model_sizes_of_the_gpu_run():
 
     assert params(gpu_check.smollm2_135m_config(dry=False)) == 134_515_008  # SmolLM2-135M's count
     assert 0.95e9 < params(gpu_check.llama_1b_config(dry=False)) < 1.05e9
+
+
+def test_a_failed_side_leaves_its_error_and_the_other_side_still_counts(tmp_path, monkeypatch):
+    """A GPU is lent for minutes: when raytune-ft's run fails, torchrun's still runs and its MFU is
+    still computed, the failure is named, and the workload's files are removed."""
+    gpu_check = import_gpu_check()
+    work = tmp_path / "work"
+
+    def prepare(check, workload, config) -> Path:
+        (work / workload.name).mkdir(parents=True)
+        return work / workload.name / "recipe.yaml"
+
+    def raytune_ft(*_, **__):
+        raise RuntimeError("-m raytune_ft.cli run ... exited 1; its last lines:\ntorch.OutOfMemoryError: CUDA out of memory")
+
+    plain = {"samples_per_s_by_epoch": [1.0, 2.0], "steady_samples_per_s": 2.0, "train_rows": 24, "attention": "sdpa"}
+    monkeypatch.setattr(gpu_check, "prepare", prepare)
+    monkeypatch.setattr(gpu_check.overhead, "raytune_ft", raytune_ft)
+    monkeypatch.setattr(gpu_check.overhead, "plain", lambda *_, **__: dict(plain))
+    check = gpu_check.Check(dry=True, work=work, output=tmp_path, out=None, threads=1, timeout_s=10, gpu={})
+
+    overhead = gpu_check.overhead_part(check)
+    assert overhead["ratio"] is None and overhead["meets_target"] is None
+    assert overhead["failures"] == ["raytune_ft: torch.OutOfMemoryError: CUDA out of memory"]
+    assert overhead["plain_torchrun"]["steady_samples_per_s"] == 2.0
+    mfu = gpu_check.mfu_part(check)
+    assert len(mfu["failures"]) == 2 and all("CUDA out of memory" in line for line in mfu["failures"])
+    for name, model in mfu["models"].items():
+        assert "error" in model["raytune_ft"] and model["raytune_ft_over_plain"] is None
+        assert model["plain_torch"]["tokens_per_s"] == 2.0 * model["seq_len"]
+        assert not (work / name).exists()
 
 
 def test_the_run_path_imports_nothing_the_gpu_machine_lacks():
