@@ -342,9 +342,9 @@ def zero3_part(check: Check) -> dict[str, Any]:
     setup = zero3_setup(check.dry)
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
-    start_local_ray(num_cpus=max(os.cpu_count() or 1, setup["threads"] + 1), logging_level="WARNING")  # the embedded Ray a run starts
     rows = {}
     try:
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, setup["threads"] + 1), logging_level="WARNING")  # the embedded Ray a run starts
         for label, (kind, options) in ZERO3_BACKENDS.items():
             try:
                 row = train_size(setup["size"], kind, options, f"gpu_zero3_{label}", str(check.work / "zero3"), workers=1,

@@ -67,6 +67,7 @@ def test_overhead_compares_both_sides_on_the_same_rows(dry_run):
 def test_mfu_counts_the_flops_of_each_model(dry_run):
     mfu = read(dry_run, "gpu_mfu.json")
     assert mfu["peak_flop_per_s"] is None and "no dense bf16 peak" in mfu["peak_source"]  # a CPU has none on record
+    assert "unfinished" not in mfu  # the file written after SmolLM2 alone was replaced
     assert set(mfu["models"]) == {"smollm2_135m", "llama_1b"}
     for model in mfu["models"].values():
         assert model["flops_per_token"] == 6 * model["params"] + 12 * model["layers"] * model["hidden"] * model["seq_len"]
