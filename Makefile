@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-up cluster-down
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-up cluster-down gpu-wheels gpu-check-dry
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -106,6 +106,14 @@ bench-deepspeed: $(STAMP)
 # shipped text and SmolLM2-135M recipes under DDP and ZeRO-3 (benchmarks/results/scale.json, scale.png).
 bench-scale: $(STAMP)
 	$(PY) benchmarks/scale.py
+
+# The GPU check (docs/gpu.md): gpu-wheels fills .whl/ with what the lent GPU machine lacks, for
+# the one device call that runs benchmarks/gpu_check.sh; gpu-check-dry runs it here on the CPU.
+gpu-wheels: $(STAMP)
+	PY=$(PY) benchmarks/gpu_wheels.sh
+
+gpu-check-dry: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu_check.sh --dry-run
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,25 +7,65 @@ both). Target: raytune-ft / plain >= 0.95; data wait <= 5%.
 Run: make bench   (writes benchmarks/results/overhead.json)
 """
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from statistics import mean
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "jobs" / "text_classification.yaml"
 ROWS, EPOCHS, BATCH, ROUNDS = 320, 3, 16, 2
 
 
-def raytune_ft() -> dict:
-    run_dir = ROOT / "runs" / "bench_overhead"
-    command = [
-        sys.executable, "-m", "raytune_ft.cli", "run", "jobs/text_classification.yaml", "--force", "--output", str(run_dir),
-        "--set", f"data.max_rows={ROWS}", "--set", f"train.epochs={EPOCHS}", "--set", f"train.batch_size={BATCH}",
-        "--set", "baseline.enabled=false", "--set", "train.early_stopping=null",
-    ]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+def set_flags(settings: list[str]) -> list[str]:
+    return [flag for setting in settings for flag in ("--set", setting)]
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process and everything it started: its process group, and descendants that left it
+    (torchrun starts each worker in a session of its own)."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for process in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_logged(command: list[str], log: Path | None = None, timeout: float | None = None, env: dict | None = None) -> str:
+    """Run ``command`` in the repository and return its stdout; both streams go to ``log`` too.
+    Past ``timeout`` it is killed with everything it started (a run's Ray, torchrun's workers)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException as error:  # past the timeout, or interrupted: the command and all it started go
+        kill_tree(process.pid)
+        stdout, stderr = process.communicate()
+        if not isinstance(error, subprocess.TimeoutExpired):
+            raise
+        stderr += f"\n[killed after {timeout} s]"
+    if log:
+        log.write_text(stdout + stderr)
+    if process.returncode:
+        tail = "\n".join((stdout + stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(command[1:4])} ... exited {process.returncode}; its last lines:\n{tail}")
+    return stdout
+
+
+def raytune_ft(recipe: Path, settings: list[str], run_dir: Path, log: Path | None = None, timeout: float | None = None) -> dict:
+    """``raytune-ft run RECIPE --set ...`` into ``run_dir``: samples/s per epoch and the steady state (every epoch but the first)."""
+    command = [sys.executable, "-m", "raytune_ft.cli", "run", str(recipe), "--force", "--output", str(run_dir), *set_flags(settings)]
+    run_logged(command, log, timeout)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     rates = [row["train/samples_per_s"] for row in rows if "train/samples_per_s" in row]
@@ -35,11 +75,11 @@ def raytune_ft() -> dict:
             "train_rows": summary["plan"]["train_rows"]}
 
 
-def plain(rows: int) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "benchmarks/plain_ddp.py",
-               "--rows", str(rows), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)]
-    output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+def plain(recipe: Path, settings: list[str], workers: int, threads: int = 1, log: Path | None = None, timeout: float | None = None) -> dict:
+    """``benchmarks/plain_ddp.py`` on the same recipe under ``torchrun --nproc_per_node workers``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers), "benchmarks/plain_ddp.py",
+               str(recipe), *set_flags(settings)]
+    output = run_logged(command, log, timeout, env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # Ray sets a worker's to its CPUs
     result = json.loads(output.strip().splitlines()[-1])
     result["steady_samples_per_s"] = mean(result["samples_per_s_by_epoch"][1:])
     return result
@@ -48,10 +88,11 @@ def plain(rows: int) -> dict:
 def main() -> None:
     # Alternate the two (ours, plain, ours, plain) and keep each one's best round: the machine is
     # shared and noisy, and a slow round says more about the neighbours than about either side.
+    settings = [f"data.max_rows={ROWS}", f"train.epochs={EPOCHS}", f"train.batch_size={BATCH}",
+                "baseline.enabled=false", "train.early_stopping=null"]
     rounds = []
     for _ in range(ROUNDS):
-        ours = raytune_ft()
-        rounds.append((ours, plain(ours["train_rows"])))
+        rounds.append((raytune_ft(RECIPE, settings, ROOT / "runs" / "bench_overhead"), plain(RECIPE, settings, workers=2)))
     ours = max((r[0] for r in rounds), key=lambda r: r["steady_samples_per_s"])
     reference = max((r[1] for r in rounds), key=lambda r: r["steady_samples_per_s"])
     ratio = ours["steady_samples_per_s"] / reference["steady_samples_per_s"]

@@ -1,18 +1,23 @@
-"""The reference for the overhead and start-up benchmarks: a plain torchrun DDP script, no Ray.
+"""The reference for the overhead benchmarks: a plain torchrun DDP script, no Ray.
 
-Same model, tokenizer, padding, batch size, optimizer and rows as ``raytune-ft run`` on the text
-recipe; data is pre-tokenised in memory (the cheapest possible input pipeline). With
-``--max-steps`` it does what a short run of the recipe does around its training steps too: it
-evaluates the test rows and exports the model (rank 0), so the start-up benchmark compares the
-same work.
+It reads the same recipe as ``raytune-ft run`` and does the same work: the same model and dtype,
+tokenizer, padding, rows (the train split less the validation holdout, ``data.max_rows`` of
+them), batch size, optimizer groups, schedule, clipping and precision. Data is pre-tokenised in
+memory (the cheapest possible input pipeline). With ``scaling.use_gpu``: NCCL, one GPU per process,
+batches copied from pinned memory like the loop's. Like the DDP backend, one process trains the
+bare model (DDP's all-reduce over a world of one would be work the other side does not do).
+Prints one JSON line: samples/s per epoch, training seconds, steps, the rows, the parameter count
+and attention kernel. With ``train.max_steps`` it stops there and, with ``--export DIR``, does what
+a short run does after training too: scores the test rows and exports the model (rank 0), so the
+start-up benchmark compares the same work.
 
-Run: torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --rows N --epochs E --batch-size B
-     torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --rows 128 --max-steps 4 --export DIR
+Run: torchrun --nproc_per_node N benchmarks/plain_ddp.py RECIPE [--set field=value ...] [--export DIR]
 """
 
 import argparse
+import contextlib
 import json
-import tempfile
+import os
 import time
 
 import numpy as np
@@ -20,82 +25,112 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from raytune_ft.data import assets
-from raytune_ft.data.tabular import holdout_bucket
-from raytune_ft.schema import Recipe
-from raytune_ft.tasks.text_classification import TextClassification
+from raytune_ft import load_recipe
+from raytune_ft.backends.optim import build_optimizer, build_scheduler, param_groups
+from raytune_ft.data.tabular import SelectRows
+from raytune_ft.tasks import TORCH_DTYPES
+from raytune_ft.train.planning import plan_run
 
-LABELS = ["negative", "neutral", "positive"]
+
+def split_rows(recipe, planned, name: str = "train") -> dict[str, np.ndarray]:
+    """A split's rows by task role, in file order: the holdout and ``max_rows`` as Ray Data applies them."""
+    split = next(split for split in planned.splits if split.name == name)
+    columns = list(dict.fromkeys(recipe.data.columns.values()))
+    table = pq.read_table(split.path, columns=columns).to_pydict()
+    select = SelectRows(recipe.data.columns, planned.labels, split.holdout, recipe.data.validation_fraction, recipe.data.other_label)
+    rows = select({column: np.array(values) for column, values in table.items()})
+    return {role: values[: recipe.data.max_rows] for role, values in rows.items()}
 
 
-def encoded_rows(task, split: str, rows: int, keep_holdout: bool):
-    table = pq.read_table(assets.drug_reviews(split)).to_pydict()
-    texts = np.array(table["review"])
-    keep = holdout_bucket(texts) >= 0.15 if keep_holdout else np.ones(len(texts), dtype=bool)  # the recipe's validation holdout
-    targets = np.array([LABELS.index(v) for v in np.array(table["rating"])[keep][:rows]])
-    return task.preprocess({"text": texts[keep][:rows], "label": targets})
+def export(task, model, rows: dict[str, np.ndarray], batch_size: int, device: torch.device, directory: str) -> None:
+    """Every rank scores its share of the test rows, the states are summed, rank 0 saves the model."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    encoded = task.preprocess(rows)
+    count = len(next(iter(encoded.values())))
+    bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    metrics = task.new_metrics()
+    bare.eval()
+    with torch.no_grad():
+        for start in range(rank * batch_size, count, world * batch_size):
+            batch = task.collate({key: values[start : start + batch_size] for key, values in encoded.items()})
+            batch = {key: value.to(device) for key, value in batch.items()}
+            metrics.update(task.forward(bare, batch)[1], batch)
+    dist.all_reduce(metrics.state())
+    if rank == 0:
+        task.save_pretrained(bare, directory)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, required=True)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, then evaluate the test rows and export")
-    parser.add_argument("--export", default=None, help="with --max-steps: the directory rank 0 exports the model to")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("recipe")
+    parser.add_argument("--set", action="append", default=[], help="a recipe override, as raytune-ft run takes it")
+    parser.add_argument("--export", default=None, help="after training: score the test rows and export the model here (rank 0)")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    recipe = load_recipe(args.recipe, args.set)
+    train = recipe.train
+    if train.grad_accum != 1 or train.precision == "fp16":
+        raise SystemExit("plain_ddp.py: train.grad_accum 1 and fp32 or bf16 only")
+    gpu = recipe.scaling.use_gpu
+    dist.init_process_group("nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(recipe.scaling.resources_per_worker.get("CPU", 1))))  # as the loop does
+    torch.manual_seed(train.seed)
 
-    recipe = Recipe(name="plain", task=TextClassification.Options(type="text_classification", max_length=args.max_length),
-                    model={"path": str(assets.minilm_l6())}, data={"train": "unused"})
-    task = TextClassification(recipe, LABELS)
-    encoded = encoded_rows(task, "train", args.rows, keep_holdout=True)
-    per_worker = len(encoded["labels"]) // world
+    planned = plan_run(recipe)
+    task = planned.task
+    rows = split_rows(recipe, planned)
+    encoded = task.preprocess(rows)
+    count = len(next(iter(rows.values())))
+    per_worker = count // world
     mine = slice(rank * per_worker, (rank + 1) * per_worker)
-    ids, ys = encoded["input_ids"][mine], encoded["labels"][mine]
+    encoded = {key: values[mine] for key, values in encoded.items()}
 
-    model = torch.nn.parallel.DistributedDataParallel(task.build_model())
-    model.train()  # from_pretrained returns eval mode; fine-tuning trains with the model's dropout
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    model = task.build_model()
+    if recipe.model.dtype:
+        model.to(TORCH_DTYPES[recipe.model.dtype])
+    model.to(device).train()  # from_pretrained returns eval mode; fine-tuning trains with the model's dropout
+    params = sum(p.numel() for p in model.parameters())
+    attention = getattr(model.config, "_attn_implementation", None)
+    optimizer = build_optimizer(param_groups(model, train), train)
+    steps_per_epoch = -(-per_worker // train.batch_size)
+    epochs = train.epochs or -(-train.max_steps // steps_per_epoch)
+    scheduler = build_scheduler(optimizer, train, min(epochs * steps_per_epoch, train.max_steps or epochs * steps_per_epoch))
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if gpu else None, gradient_as_bucket_view=True)
+    autocast = {"bf16": torch.bfloat16}.get(train.precision)
     rates, steps, train_s = [], 0, 0.0
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(per_worker)
         started = time.perf_counter()
-        for start in range(0, per_worker, args.batch_size):
-            index = order[start : start + args.batch_size]
-            batch = task.collate({"input_ids": ids[index], "labels": ys[index]})
-            loss, _ = task.forward(model, batch)
+        for start in range(0, per_worker, train.batch_size):
+            index = order[start : start + train.batch_size]
+            batch = task.collate({key: values[index] for key, values in encoded.items()})
+            batch = {key: (value.pin_memory() if gpu else value).to(device, non_blocking=True) for key, value in batch.items()}
+            with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                loss, _ = task.forward(model, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if train.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            if steps == args.max_steps:
+            if steps == train.max_steps:
                 break
+        if gpu:
+            torch.cuda.synchronize()  # the epoch ends when its last step has run, not when it was queued
         train_s += time.perf_counter() - started
         rates.append(per_worker * world / (time.perf_counter() - started))
-        if steps == args.max_steps:
+        if steps == train.max_steps:
             break
-    if args.max_steps:  # what a run does after training: the test rows scored, the model exported
-        test = encoded_rows(task, "test", args.rows, keep_holdout=False)
-        metrics = task.new_metrics()
-        model.eval()
-        with torch.no_grad():
-            for start in range(rank * 2 * args.batch_size, len(test["labels"]), world * 2 * args.batch_size):
-                rows = slice(start, start + 2 * args.batch_size)
-                batch = task.collate({"input_ids": test["input_ids"][rows], "labels": test["labels"][rows]})
-                metrics.update(task.forward(model.module, batch)[1], batch)
-        state = metrics.state()
-        dist.all_reduce(state)
-        if rank == 0:
-            task.save_pretrained(model.module, args.export or tempfile.mkdtemp(prefix="plain_ddp_export_"))
+    if args.export:  # what a run does after training: the test rows scored, the model exported
+        export(task, model, split_rows(recipe, planned, "test"), train.eval_batch_size or train.batch_size, device, args.export)
     if rank == 0:
-        print(json.dumps({"samples_per_s_by_epoch": rates, "train_s": train_s, "steps": steps}))
+        print(json.dumps({"samples_per_s_by_epoch": rates, "train_s": train_s, "steps": steps, "train_rows": count,
+                          "params": params, "attention": attention}))
     dist.destroy_process_group()
 
 

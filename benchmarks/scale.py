@@ -12,6 +12,8 @@ project's own backends: under ZeRO-3 the model is created straight into its part
   all-reduce buckets (``gradient_as_bucket_view``), so counting them counts the buckets: the
   figure is DDP's whole model state.
 - ``peak_rss_bytes``: the worker process's peak resident memory (everything).
+- ``peak_gpu_bytes``: on a GPU, ``torch.cuda.max_memory_allocated`` (None here; ``gpu_check.py``
+  runs this worker on a GPU).
 - ``seconds_per_step``: the mean of the steps after the first.
 
 Sizes run smallest first; a backend's first size that fails (Ray's memory monitor kills a worker
@@ -26,6 +28,7 @@ a quick look).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -55,34 +58,41 @@ def llama_config(hidden: int, layers: int):
 def scale_worker(config: dict) -> None:
     """One size under one backend on one worker: build, step, measure, gather to rank 0."""
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from raytune_ft.backends import BACKENDS as REGISTRY
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     recipe = config["recipe"]
     backend = REGISTRY[recipe.train.backend](recipe)
-    with backend.model_building():
+    device = ray.train.torch.get_device()
+    # A whole model is built where it trains (initialising billions of weights on one CPU core
+    # takes minutes); ZeRO-3 places its partitions itself.
+    with backend.model_building(), contextlib.nullcontext() if backend.partitioned else device:
         model = AutoModelForCausalLM.from_config(llama_config(*config["size"]), dtype=torch.float32)
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     backend.setup(model, total_steps=config["steps"] + 1)
     generator = torch.Generator().manual_seed(ray.train.get_context().get_world_rank())
-    tokens = torch.randint(0, 32_000, (1, config["seq_len"]), generator=generator)
+    tokens = torch.randint(0, 32_000, (config["batch_size"], config["seq_len"]), generator=generator).to(device)
 
     seconds, held = [], None
     for step in range(config["steps"]):
         started = time.perf_counter()
-        with backend.accumulating(True):
+        with backend.accumulating(True), backend.autocast():
             loss = backend.model(input_ids=tokens, labels=tokens).loss
         backend.backward(loss)
         if step == config["steps"] - 1:  # between backward and step: gradients and optimizer state both alive
             held = held_bytes([list(backend.module.parameters()), getattr(backend, "optimizer", None), getattr(backend.model, "optimizer", None)])
         backend.step(True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
     mine = {"model_state_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "load_peak_rss_bytes": loaded_rss, "seconds_per_step": sum(seconds[1:]) / max(1, len(seconds) - 1)}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -94,22 +104,26 @@ def scale_worker(config: dict) -> None:
         ray.train.report({"params": params}, checkpoint=checkpoint)
 
 
-def run_size(name: str, backend: str, args) -> dict:
+def train_size(size: tuple[int, int], kind: str, options: dict, run_name: str, storage: str, *, workers: int, steps: int,
+               seq_len: int, batch_size: int = 1, precision: str = "fp32", use_gpu: bool = False, threads: int = 1) -> dict:
+    """One Llama size (hidden, layers) under one backend (``kind``, its ``deepspeed`` options) on
+    Ray Train: whether it completed and, per worker at the worst rank, its memory and step time."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raytune_ft.recipe import validate_recipe
 
-    kind, options = BACKENDS[backend]
     recipe = validate_recipe(dict(
         name="scale", task={"type": "causal_lm"}, model={"path": "scratch"}, data={"train": "synthetic", "columns": {"text": "text"}},
-        train={"backend": kind, "batch_size": 1, "schedule": "constant", "clip_grad_norm": None}, baseline={"enabled": False},
-        scaling={"workers": args.workers}, deepspeed=options,
+        train={"backend": kind, "batch_size": batch_size, "schedule": "constant", "clip_grad_norm": None, "precision": precision},
+        baseline={"enabled": False}, scaling={"workers": workers, "use_gpu": use_gpu, "resources_per_worker": {"CPU": threads}},
+        deepspeed=options,
     ))
     trainer = TorchTrainer(
-        scale_worker, train_loop_config={"recipe": recipe, "size": SIZES[name], "steps": args.steps, "seq_len": args.seq_len},
-        scaling_config=ray.train.ScalingConfig(num_workers=args.workers),
-        run_config=ray.train.RunConfig(name=f"scale_{backend}_{name}", storage_path=str(Path(args.storage).resolve()),
+        scale_worker, train_loop_config={"recipe": recipe, "size": size, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
+                                         "threads": threads},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
+        run_config=ray.train.RunConfig(name=run_name, storage_path=str(Path(storage).resolve()),
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
     )
     started = time.perf_counter()
@@ -117,12 +131,19 @@ def run_size(name: str, backend: str, args) -> dict:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         cause = str(error).strip().splitlines()
-        return {"size": name, "backend": backend, "completed": False, "error": next((line for line in cause if "OutOfMemory" in line or "memory" in line.lower()), cause[-1])[:300]}
+        return {"completed": False, "error": next((line for line in cause if "OutOfMemory" in line or "memory" in line.lower()), cause[-1])[:300]}
     with result.checkpoint.as_directory() as directory:
         metrics = json.loads(Path(directory, "result.json").read_text())
     ranks = metrics["ranks"]
-    return {"size": name, "backend": backend, "completed": True, "params": metrics["params"], "wall_s": time.perf_counter() - started,
-            **{key: max(rank[key] for rank in ranks) for key in ("model_state_bytes", "peak_rss_bytes", "load_peak_rss_bytes", "seconds_per_step")}}
+    measures = ("model_state_bytes", "peak_rss_bytes", "peak_gpu_bytes", "load_peak_rss_bytes", "seconds_per_step")
+    worst = {key: None if ranks[0][key] is None else max(rank[key] for rank in ranks) for key in measures}  # GPU memory: None on CPU
+    return {"completed": True, "params": metrics["params"], "wall_s": time.perf_counter() - started, **worst}
+
+
+def run_size(name: str, backend: str, args) -> dict:
+    kind, options = BACKENDS[backend]
+    return {"size": name, "backend": backend, **train_size(SIZES[name], kind, options, f"scale_{backend}_{name}", args.storage,
+                                                           workers=args.workers, steps=args.steps, seq_len=args.seq_len)}
 
 
 def recipes_side_by_side(storage: Path) -> dict:

@@ -4,7 +4,7 @@ workers, imports, the model) and wrap-up (the test split scored, the model expor
 
 Fixed cost = the process's wall time minus its training time (the steps themselves), for:
 
-- ``torchrun_cold``: ``torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --max-steps 4``: the same
+- ``torchrun_cold``: ``torchrun --nproc_per_node 2 benchmarks/plain_ddp.py RECIPE ... --export DIR``: the same recipe,
   model, rows, batch and steps, pre-tokenised in memory, the test rows scored and the model
   exported;
 - ``raytune_ft_cold``: ``raytune-ft run`` with its embedded Ray (started and stopped by the run);
@@ -40,7 +40,7 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float,
 
 def torchrun() -> dict[str, float]:
     process_s, output = timed([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "benchmarks/plain_ddp.py",
-                               "--rows", str(ROWS), "--max-steps", str(STEPS), "--export", str(ROOT / "runs" / "bench_startup_plain")],
+                               "jobs/text_classification.yaml", *RUN, "--export", str(ROOT / "runs" / "bench_startup_plain")],
                               {"OMP_NUM_THREADS": "1"})
     result = json.loads(output.strip().splitlines()[-1])
     return {"process_s": process_s, "train_s": result["train_s"], "fixed_s": process_s - result["train_s"]}
