@@ -20,7 +20,7 @@ import psutil
 
 from raytune_ft import load_recipe, run
 from raytune_ft.train.ray_start import init_ray
-from raytune_ft.tune.experiment import run_experiment
+from raytune_ft.search.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from raytune_ft import load_recipe
-    from raytune_ft.tune.experiment import run_experiment
+    from raytune_ft.search.experiment import run_experiment
 
     work = Path(tempfile.mkdtemp(prefix="bench_tune_"))
     recipe_file, lrs, sizing = RECIPES[args.recipe]

@@ -50,7 +50,7 @@ def tune(recipe: "Recipe", *, resume: bool = False, force: bool = False, address
     experiment's summary (every trial's row, the best trial, the Pareto front with two metrics).
 
     Example: ``tune(load_recipe("jobs/text_classification.yaml", ["tune.num_samples=4"]))["best"]``."""
-    from raytune_ft.tune.experiment import run_experiment
+    from raytune_ft.search.experiment import run_experiment
 
     return run_experiment(recipe, resume=resume, force=force, address=address)
 

@@ -187,7 +187,7 @@ def tune(
 
     Example: raytune-ft tune jobs/text_classification.yaml --set tune.num_samples=12 --output runs/search
     """
-    from raytune_ft.tune.experiment import run_experiment
+    from raytune_ft.search.experiment import run_experiment
 
     loaded = _load(recipe, set_, output=output)
     summary = run_experiment(loaded, resume=resume, force=force, address=address)

@@ -22,7 +22,7 @@ LAYERS = [
     ("post",),
     ("addons",),  # the loop's add-ons
     ("train",),  # the loop and the driver that runs it
-    ("tune",),
+    ("search",),
     ("jobs", "cli", "docs_reference"),
 ]
 

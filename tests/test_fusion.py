@@ -18,7 +18,7 @@ from raytune_ft.post.fusion import average_weights, fuse, majority_vote
 @pytest.fixture(scope="module")
 def experiment(tiny_bert, sentiment_data, tmp_path_factory, local_ray) -> Path:
     from raytune_ft.recipe import validate_recipe
-    from raytune_ft.tune.experiment import run_experiment
+    from raytune_ft.search.experiment import run_experiment
 
     directory = tmp_path_factory.mktemp("fusion") / "experiment"
     recipe = tiny_recipe_dict(tiny_bert, sentiment_data, directory)

@@ -18,8 +18,8 @@ from conftest import ROOT, run_in_fixture, tiny_recipe_dict, with_topic_referenc
 from tracking_checks import assert_same_as_metrics_jsonl
 from raytune_ft.recipe import load_recipe, validate_recipe
 from raytune_ft.report.tracking import mlflow_client
-from raytune_ft.tune.experiment import run_experiment
-from raytune_ft.tune.pareto import hypervolume, pareto_front
+from raytune_ft.search.experiment import run_experiment
+from raytune_ft.search.pareto import hypervolume, pareto_front
 
 
 def with_search(recipe: dict, tmp_path, **tune) -> dict:
@@ -101,7 +101,7 @@ def test_random_search_samples_the_declared_space_with_both_bounds(tiny_recipe, 
 
     import numpy as np
 
-    from raytune_ft.tune.space import param_space
+    from raytune_ft.search.space import param_space
 
     with_search(tiny_recipe, tmp_path, searcher="random", space={
         "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"randint": [8, 12]},

@@ -31,9 +31,9 @@ from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.planning import plan_run
 from raytune_ft.train.ray_start import check_ray_address, init_ray
 from raytune_ft.train.resources import experiment_demand
-from raytune_ft.tune import pareto
-from raytune_ft.tune.space import mutations, param_space
-from raytune_ft.tune.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
+from raytune_ft.search import pareto
+from raytune_ft.search.space import mutations, param_space
+from raytune_ft.search.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
 
 TRIALS = run_folder.TRIALS
 # A trial's Tune actor only waits on its TorchTrainer; the worker group reserves the real resources.
