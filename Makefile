@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-up cluster-down gpu-wheels gpu-check-dry
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -48,7 +48,7 @@ test: $(STAMP)
 	# past 420 s is interrupted and rerun on a fresh Ray (tests/conftest.py); a test process that
 	# dies is not replaced (--max-worker-restart 0: xdist's loadfile can hang replacing it). Files
 	# go out costliest first (tests/conftest.py), not by xdist's default of most tests first.
-	$(PY) -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --reruns 1 --max-worker-restart 0 --durations=25 tests
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --reruns 1 --max-worker-restart 0 --durations=25 -m "not gpu_check" tests
 
 # The documentation site (mkdocs.yml, docs/) into site/, strictly (a broken link or a page
 # missing from the nav fails it), after regenerating docs/recipe-reference.md from the schema.
@@ -59,7 +59,7 @@ docs: $(STAMP)
 # The quick tier to run while working: every test that starts no Ray of its own, and one
 # end-to-end run of the command line (tests marked `ray` left out, see tests/conftest.py).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not ray or e2e" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "(not ray or e2e) and not gpu_check" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
@@ -114,6 +114,10 @@ gpu-wheels: $(STAMP)
 
 gpu-check-dry: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_check.sh --dry-run
+
+# The dry run's test (tests/test_gpu_check.py): run it before a session spends its GPU time.
+test-gpu-check: $(STAMP)
+	$(PY) -m pytest -q -m gpu_check tests/test_gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -314,10 +314,9 @@ def run_in_fixture(start):
 # runs with `--no-loadscope-reorder`, so xdist hands the files out in this order and the two test
 # processes end together; by its default order (most tests first) the 196 s training file came
 # last, and one process ran it alone for 100 s while the other had finished. Files not named here
-# follow in collection order. test_gpu_check.py (the GPU check's dry run: 2 raytune-ft runs, 2
-# torchruns, 3 Ray Train runs) is placed by an estimate, not yet timed in a `make test`.
+# follow in collection order.
 COSTLIEST_FILES_FIRST = [
-    "test_jobs.py", "test_tune.py", "test_zero3_features.py", "test_deepspeed.py", "test_training.py", "test_gpu_check.py", "test_retention.py", "test_multitask.py",
+    "test_jobs.py", "test_tune.py", "test_zero3_features.py", "test_deepspeed.py", "test_training.py", "test_retention.py", "test_multitask.py",
     "test_precision.py",
     "test_compression.py", "test_fusion.py", "test_image.py", "test_speech.py", "test_causal_lm.py", "test_vqa.py",
     "test_distill.py", "test_explain.py",

@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("gpu_overhead.json", "gpu_mfu.json", "gpu_zero3_memory.json", "gpu_env.json")
 
-pytestmark = pytest.mark.slow  # several Ray runs
+# Several Ray runs and torchruns (minutes): `make test-gpu-check`, before a session spends its GPU time.
+pytestmark = [pytest.mark.slow, pytest.mark.gpu_check]
 
 
 @pytest.fixture(scope="module")
