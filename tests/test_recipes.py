@@ -20,6 +20,13 @@ def test_shipped_recipe_validates(path):
     assert recipe.name and recipe.task.type
 
 
+def test_chat_recipe_validates_packed_and_with_full_fine_tuning():
+    for overrides in (["task.packing=true"], ["strategy={method: full}", "train.lr=1e-4"]):
+        recipe = load_recipe(ROOT / "jobs" / "chat_sft.yaml", overrides)
+        assert recipe.task.format == "messages" and recipe.retention.references
+    assert load_recipe(ROOT / "jobs" / "chat_sft.yaml", ["task.packing=true"]).task.packing
+
+
 def test_validate_command_accepts_shipped_recipe():
     result = cli("validate", "jobs/text_classification.yaml", "--set", "train.lr=3e-5")
     assert result.returncode == 0, result.stderr
