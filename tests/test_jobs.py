@@ -622,6 +622,9 @@ def test_kuberay_manifests_autoscale_with_token_auth_and_no_public_service():
             assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     job = kuberay_documents("rayjob.yaml")["RayJob"]["spec"]
     assert job["entrypoint"].startswith("python -m raytune_ft.cli run jobs/") and job["shutdownAfterJobFinishes"] is True
+    # A failed driver is retried on a new cluster, and resumes from the storage the last one wrote.
+    assert job["backoffLimit"] >= 1
+    assert "--resume-or-start" in job["entrypoint"].split() and "output.storage_path=s3://" in job["entrypoint"]
     runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
     assert runtime_env == {"working_dir": runtime_env["working_dir"]} and runtime_env["working_dir"].endswith(".zip")
 
