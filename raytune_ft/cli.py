@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -103,26 +104,93 @@ def run(
 ADDRESS_HELP = "The head's dashboard address, e.g. http://127.0.0.1:8265; default RAY_API_SERVER_ADDRESS or RAY_ADDRESS."
 
 
-@app.command()
+class JobCommand(str, Enum):
+    run = "run"
+    tune = "tune"
+    post = "post"
+    fuse = "fuse"
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
 def submit(
-    recipe: Path,
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    ctx: typer.Context,
+    args: list[str] = typer.Argument(..., metavar="ARGS", help="The command's own arguments and options, as for `raytune-ft COMMAND ARGS`."),
+    command: JobCommand = typer.Option(JobCommand.run, help="What the job runs: run or tune a recipe (validated here first), "
+                                                            "or post or fuse runs on the storage the cluster's nodes share."),
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
-    working_dir: Path = typer.Option(Path("."), help="Shipped with the job as its current directory; must hold the recipe."),
+    working_dir: Path = typer.Option(Path("."), help="Shipped with the job as its current directory (at most 512 MiB zipped); "
+                                                     "must hold the recipe and the local data it names."),
     pip: list[str] = typer.Option([], help="A package the cluster lacks, installed for this job (repeatable)."),
     wait: bool = typer.Option(False, help="Stream the job's logs and exit with its status (0: SUCCEEDED)."),
 ):
-    """Validate a recipe here, then run it on a Ray cluster as a job; prints the job id.
+    """Check a command here, then run it on a Ray cluster as a job; prints the job id.
 
     Example: raytune-ft submit jobs/text_classification.yaml --address http://127.0.0.1:8265 --wait
+
+    A search: raytune-ft submit --command tune jobs/text_classification.yaml --set tune.num_samples=8 --address ...
+
+    After it: raytune-ft submit --command post /mnt/shared/raytune-ft/text_classification --step quantize --address ...
     """
     from raytune_ft import jobs
+    from raytune_ft.search import require_search
 
-    address, job_id = jobs.submit(recipe, set_, address, working_dir, pip)
+    working_dir = jobs.working_directory(working_dir)
+    given = _parse(ctx, command.value, args)
+    if command in (JobCommand.run, JobCommand.tune):
+        recipe = _load(given["recipe"], given.get("set_", []), given.get("workers"), given.get("output"))
+        if command is JobCommand.tune:
+            require_search(recipe)
+        given.update(recipe=jobs.recipe_in_working_dir(given["recipe"], working_dir),
+                     set_=[*given.get("set_", []), *jobs.shipped_paths(recipe, working_dir)])
+    else:
+        jobs.check_cluster_paths(_given_paths(ctx, command.value, given), working_dir)
+    address, job_id = jobs.submit(_arguments(ctx, command.value, given), address, working_dir, pip)
     typer.echo(f"submitted {job_id} to {address}")
     if wait:
         jobs.stream_logs(address, job_id)
         typer.echo(f"{job_id} {jobs.final_status(address, job_id)}")
+
+
+def _subcommand(ctx: typer.Context, name: str):
+    return ctx.parent.command.get_command(ctx.parent, name)
+
+
+def _parse(ctx: typer.Context, name: str, args: list[str]) -> dict:
+    """What ``raytune-ft NAME ARGS`` would be given, parsed by that command's own parser (so a
+    usage error shows here, before anything is sent): its arguments, and the options ARGS name."""
+    command = _subcommand(ctx, name)
+    with command.make_context(name, list(args), parent=ctx.parent) as parsed:
+        return {param.name: parsed.params[param.name] for param in command.params
+                if param.param_type_name == "argument" or parsed.get_parameter_source(param.name).name == "COMMANDLINE"}
+
+
+def _given_paths(ctx: typer.Context, name: str, given: dict) -> dict[str, list[Path]]:
+    """The paths among ``given`` by how NAME calls them (RUN_DIR, --output)."""
+    paths = {}
+    for param in _subcommand(ctx, name).params:
+        values = given.get(param.name)
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        if values and all(isinstance(value, Path) for value in values):
+            paths[param.name.upper() if param.param_type_name == "argument" else param.opts[0]] = values
+    return paths
+
+
+def _arguments(ctx: typer.Context, name: str, given: dict) -> list[str]:
+    """``raytune-ft NAME ...`` arguments that give ``given`` back to NAME's parser."""
+    arguments, options = [name], []
+    for param in _subcommand(ctx, name).params:
+        if param.name not in given or given[param.name] is None:
+            continue
+        value = given[param.name]
+        values = [str(item) for item in (value if isinstance(value, (list, tuple)) else [value])]
+        if param.param_type_name == "argument":
+            arguments += values
+        elif param.is_flag:
+            options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in values:
+                options += [param.opts[0], item]
+    return arguments + options
 
 
 @app.command()

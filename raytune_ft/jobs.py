@@ -1,14 +1,17 @@
-"""The job layer: ship a recipe to a Ray cluster through the Job Submission SDK, and follow it.
+"""The job layer: ship a command to a Ray cluster through the Job Submission SDK, and follow it.
 
-A submitted job runs the same ``raytune-ft run`` as a laptop does; this module adds only packaging
-(the working directory as the job's runtime environment) and submission. The cluster's token is
-read the way Ray reads it (``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH``,
-``~/.ray/auth_token``) and sent as a header; it is never printed, logged or put in the job.
+A submitted job runs the same ``raytune-ft run`` (or ``tune``, ``post``, ``fuse``) as a laptop
+does; this module adds only packaging (the working directory as the job's runtime environment),
+the checks that what the job reads will be there, and submission. The cluster's token is read the
+way Ray reads it (``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``)
+and sent as a header, never over plain HTTP to another machine; it is never printed, logged or put
+in the job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import shlex
@@ -16,11 +19,16 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+from urllib.parse import urlsplit
 
 import tenacity
 
+from raytune_ft import ray_compat
 from raytune_ft.errors import UserError
+
+if TYPE_CHECKING:
+    from raytune_ft.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,7 @@ TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token, RAY_AUTH_TOKEN_PATH to
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 NO_AGENT = "No available agent to submit job"  # the head's answer while its job agent is not up
 AGENT_WAIT_S = 90.0
+WORKING_DIR_LIMIT = "Ray uploads a working directory of at most 512 MiB zipped"
 
 
 class JobFailed(UserError):
@@ -52,11 +61,25 @@ def auth_token() -> str | None:
 
 
 def resolve_address(address: str | None) -> str:
+    """The dashboard address to use; plain HTTP only to this machine (an SSH tunnel or kubectl
+    port-forward ends here), since the token and the job would cross the network readable."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UserError("--address", "give the head's dashboard address, e.g. http://127.0.0.1:8265 "
                                      "(through an SSH tunnel: ray dashboard cluster.yaml), or set RAY_API_SERVER_ADDRESS")
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise UserError("--address", f"{address} is plain HTTP to another machine, which would carry the cluster's token "
+                                     "readable; reach the dashboard through an SSH tunnel (ray dashboard cluster.yaml) or "
+                                     "kubectl port-forward and give http://127.0.0.1:8265, or an https:// address (docs/clusters.md)")
     return address
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextmanager
@@ -91,20 +114,27 @@ def job_client(address: str | None):
         yield JobSubmissionClient(address, headers=headers)
 
 
-def entrypoint(recipe: Path, overrides: list[str], command: str = "run") -> str:
-    """The shell command the job runs; ``python -m`` works whether the cluster installed the
-    project or only has it in the uploaded working directory."""
-    words = ["python", "-m", "raytune_ft.cli", command, recipe.as_posix()]
-    for override in overrides:
-        words += ["--set", override]
-    return shlex.join(words)
+def entrypoint(arguments: list[str]) -> str:
+    """The shell command the job runs (``arguments``: ``raytune-ft``'s); ``python -m`` runs the
+    shipped code where the working directory holds the project, the installed project elsewhere."""
+    return shlex.join(["python", "-m", "raytune_ft.cli", *arguments])
 
 
 def runtime_env(working_dir: Path, pip: list[str]) -> dict:
-    env: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES}
+    # Ray Train and Tune move their workers into the run's folder by default; the job's paths into
+    # its shipped working directory are relative to it, so every process stays there.
+    env: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES,
+                 "env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
     if pip:
         env["pip"] = pip
     return env
+
+
+def working_directory(path: Path) -> Path:
+    working_dir = path.expanduser().resolve()
+    if not working_dir.is_dir():
+        raise UserError("--working-dir", f"{working_dir} is not a directory")
+    return working_dir
 
 
 def recipe_in_working_dir(recipe: Path, working_dir: Path) -> Path:
@@ -116,23 +146,51 @@ def recipe_in_working_dir(recipe: Path, working_dir: Path) -> Path:
                                      "pass --working-dir") from None
 
 
-def submit(recipe: Path, overrides: list[str], address: str | None, working_dir: Path, pip: list[str]) -> tuple[str, str]:
-    """Validate locally, then submit; returns (address, job id). Nothing reaches the cluster
-    when the recipe is invalid. A path this machine does not have may be the cluster's own (a
-    shared filesystem): it is named as not checked here, and the job's run checks it first."""
-    from raytune_ft.recipe import load_recipe, read_paths
+def shipped_paths(recipe: Recipe, working_dir: Path) -> list[str]:
+    """``--set`` overrides that point the job at the shipped copies of the local paths the run
+    reads. A path that exists here outside the working directory, or inside it but left out of
+    what ships (.gitignore, .rayignore, the excludes), is refused: the cluster would not find it.
+    A relative path is the job's (from the working directory); one that does not exist here is
+    left for the cluster (a mount only its nodes have, a hub id)."""
+    from raytune_ft.recipe import read_paths
 
-    loaded = load_recipe(recipe, overrides)
-    for field, path in read_paths(loaded):
-        if not Path(path).expanduser().exists():
-            print(f"not checked here: {field} {path} (not on this machine; the job checks it on the cluster before it starts Ray work)")
-    working_dir = working_dir.expanduser().resolve()
-    if not working_dir.is_dir():
-        raise UserError("--working-dir", f"{working_dir} is not a directory")
-    relative = recipe_in_working_dir(recipe, working_dir)
+    overrides = []
+    for field, text in read_paths(recipe):
+        if field == "the recipe":  # shipped as the job's argument
+            continue
+        given = Path(text).expanduser()
+        path = (given if given.is_absolute() else working_dir / given).resolve()
+        if not path.is_relative_to(working_dir):
+            if path.exists():
+                raise UserError(field, f"{text} is on this machine only, outside the working directory {working_dir} that "
+                                       f"ships with the job; move it into the working directory ({WORKING_DIR_LIMIT}) "
+                                       "or onto storage every node reads (s3://, gs://, a shared mount)")
+            continue
+        if path.exists() and not ray_compat.ships_with_working_dir(path, working_dir, WORKING_DIR_EXCLUDES):
+            raise UserError(field, f"{text} is in the working directory but left out of what ships with the job "
+                                   "(.gitignore, .rayignore or raytune-ft's excludes: .venv, runs, .cache, ...)")
+        if given.is_absolute():  # the job's copy of the working directory lies elsewhere
+            overrides.append(f"{field}={path.relative_to(working_dir).as_posix()}")
+    return overrides
+
+
+def check_cluster_paths(paths: dict[str, list[Path]], working_dir: Path) -> None:
+    """Run folders that ``post`` and ``fuse`` read and write must be the cluster's own: absolute
+    paths on the storage its nodes share, never the job's copy of the working directory, which
+    goes when the job ends."""
+    for where, values in paths.items():
+        for path in values:
+            if not path.is_absolute() or path.resolve().is_relative_to(working_dir):
+                raise UserError(where, f"{path} would be in the job's copy of the working directory, gone when the job ends; "
+                                       "give an absolute path on the storage the cluster's nodes share")
+
+
+def submit(arguments: list[str], address: str | None, working_dir: Path, pip: list[str]) -> tuple[str, str]:
+    """Submit ``raytune-ft ARGUMENTS`` as a job, with ``working_dir`` as its current directory;
+    returns (address, job id). The caller has checked what the job reads."""
     with job_client(address) as client:
-        job_id = submit_when_the_agent_is_up(client, entrypoint=entrypoint(relative, overrides),
-                                             runtime_env=runtime_env(working_dir, pip), metadata={"recipe": relative.as_posix()})
+        job_id = submit_when_the_agent_is_up(client, entrypoint=entrypoint(arguments), runtime_env=runtime_env(working_dir, pip),
+                                             metadata={"command": arguments[0]})
     return resolve_address(address), job_id
 
 

