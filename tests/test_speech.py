@@ -158,13 +158,18 @@ def test_lora_whisper_evaluates_through_the_peft_wrapper(tiny_whisper, tmp_path)
     torch.testing.assert_close(adapted_loss, base_loss)
 
 
-def test_replay_or_ewc_on_a_task_reference_is_refused(tiny_whisper, tmp_path):
+def test_ewc_on_a_task_reference_and_replay_of_its_scored_rows_are_refused(tiny_whisper, tmp_path):
     from raytune_ft.errors import RecipeError
     from raytune_ft.recipe import validate_recipe
 
     recipe = tiny_recipe(tiny_whisper, tmp_path / "run")
-    recipe["replay"] = {"fraction": 0.2}
+    recipe["regularizer"] = {"method": "ewc", "strength": 1.0}
     with pytest.raises(RecipeError, match="needs a probe or head reference"):
+        validate_recipe(recipe)
+    # Replay mixes a task reference's data.train into the loss: refused while those are the rows it scores.
+    del recipe["regularizer"]
+    recipe["replay"] = {"fraction": 0.2}
+    with pytest.raises(RecipeError, match="give it a data.test to score"):
         validate_recipe(recipe)
 
 
