@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak clean cluster-up cluster-down
+.PHONY: install demo test docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-data clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	# Debian's fortunes (the text retention reference set) and Fashion-MNIST (the image recipe's data).
@@ -62,6 +62,11 @@ bench: $(STAMP)
 # The fixed cost of a run (start-up and wrap-up): raytune-ft's embedded-Ray settings vs Ray's defaults.
 bench-startup: $(STAMP)
 	$(PY) benchmarks/startup.py
+
+# Each shipped recipe's input pipeline alone (rows/s per core, cold and warm) and the data wait of
+# 2-worker runs per epoch (benchmarks/results/data.json, data.png); ~15 min on 2 cores.
+bench-data: $(STAMP)
+	$(PY) benchmarks/data.py
 
 # Distillation: the 3-layer student with and without the demo's model as teacher (run `make demo` first).
 bench-distill: $(STAMP)
