@@ -77,12 +77,13 @@ def iterate(dataset, recipe, task, epoch: int) -> int:
     import torch
 
     from raytune_ft.evaluation import Collate
+    from raytune_ft.train.loop import PREFETCH_BATCHES
 
     train = recipe.train
     torch.manual_seed(train.seed * 1000 + epoch * 16)
     augment = getattr(task, "augment", None)
     rows = 0
-    for batch in dataset.iter_torch_batches(batch_size=train.batch_size, collate_fn=Collate(task),
+    for batch in dataset.iter_torch_batches(batch_size=train.batch_size, collate_fn=Collate(task), prefetch_batches=PREFETCH_BATCHES,
                                             local_shuffle_buffer_size=recipe.data.shuffle_buffer or None,
                                             local_shuffle_seed=train.seed * 1000 + epoch):
         if augment:
@@ -197,12 +198,13 @@ def plot(recipes: dict[str, Any], path: Path) -> None:
 
 def measure(name: str) -> dict[str, Any]:
     """One recipe: its pipeline alone, then its run; a failed run is recorded, not raised."""
-    entry: dict[str, Any] = {"pipeline": pipeline(name)}
+    entry: dict[str, Any] = {}
     try:
+        entry["pipeline"] = pipeline(name)
         entry["run"] = run(name, ROOT / "runs" / "bench_data" / name)
     except Exception as error:  # the other recipes still count
-        entry["run_failed"] = f"{type(error).__name__}: {str(error)[-2000:]}"
-        print(f"[run] {name} failed: {entry['run_failed']}", flush=True)
+        entry["failed"] = f"{type(error).__name__}: {str(error)[-2000:]}"
+        print(f"[{name}] failed: {entry['failed']}", flush=True)
         return entry
     waits, rates = entry["run"]["data_wait_fraction"], entry["run"]["samples_per_s"]
     per_core = entry["pipeline"]["warm"]["rows_per_cpu_s"]
@@ -219,6 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="*", default=list(RUN_ROWS), help="shipped recipes (jobs/NAME.yaml)")
     parser.add_argument("--output", type=Path, default=RESULTS / "data.json")
+    parser.add_argument("--budget-min", type=float, help="start no recipe that the last one's time says would end past this")
     args = parser.parse_args()
 
     import ray
@@ -244,8 +247,8 @@ def main() -> None:
     ray.data.range(8).map_batches(lambda batch: batch).materialize()  # Ray Data's first start-up is no recipe's cost
     (ROOT / "runs" / "bench_data").mkdir(parents=True, exist_ok=True)
     recipes: dict[str, Any] = {}
-    for name in names:  # written after each recipe: an interrupted benchmark keeps what it measured
-        recipes[name] = measure(name)
+
+    def write() -> None:
         measured = [entry for entry in recipes.values() if "run" in entry]
         args.output.write_text(json.dumps({
             "setup": setup, "recipes": recipes,
@@ -253,6 +256,18 @@ def main() -> None:
         }, indent=2) + "\n")
         if measured:
             plot(recipes, args.output.with_suffix(".png"))
+
+    started, last = time.perf_counter(), 0.0
+    for name in names:  # written after each recipe: an interrupted benchmark keeps what it measured
+        if args.budget_min and time.perf_counter() - started + last > 60 * args.budget_min:
+            setup["not_measured"] = f"{', '.join(names[names.index(name):])}: past the {args.budget_min} min budget"
+            print(f"[budget] {setup['not_measured']}", flush=True)
+            break
+        recipe_started = time.perf_counter()
+        recipes[name] = measure(name)
+        last = time.perf_counter() - recipe_started
+        write()
+    write()
     for name, entry in recipes.items():
         if "run" in entry:
             print(f"{name:22s} pipeline {entry['pipeline_rows_per_s_per_core']:8.0f} rows/s/core (cold {entry['pipeline_rows_per_s_per_core_cold']:6.0f})  "
