@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs clean cluster-token cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs bench-data clean cluster-token cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
 
 $(STAMP): pyproject.toml raytune_ft/data/assets.py
 	# Headless Chromium: the report test opens report.html in a real browser.
@@ -65,6 +65,11 @@ bench-startup: $(STAMP)
 # Bad inputs kept apart from the tests: each through the real command line (issue 43).
 bench-bad-inputs: $(STAMP)
 	$(PY) benchmarks/bad_inputs.py
+
+# Each shipped recipe's input pipeline alone (rows/s per core, cold and warm) and the data wait of
+# 2-worker runs per epoch (benchmarks/results/data.json, data.png); ~15 min on 2 cores.
+bench-data: $(STAMP)
+	$(PY) benchmarks/data.py
 
 # Distillation: the 3-layer student with and without the demo's model as teacher (run `make demo` first).
 bench-distill: $(STAMP)

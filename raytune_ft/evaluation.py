@@ -36,6 +36,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    if distributed():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows (counts differ, and a rank may hold none), on every rank, in
     rank order."""

@@ -99,6 +99,49 @@ def test_frozen_body_keeps_batch_norm_statistics(tiny_efficientnet):
     assert model.classifier.weight.grad is not None and model._conv_stem.weight.grad is None
 
 
+def test_augmentation_on_the_device_is_seeded_and_train_only(tiny_efficientnet):
+    """The loop augments each train batch after collate, drawing from torch's generator, which it
+    reseeds per (seed, epoch, rank): the same seed moves the same pixels, another seed others, and
+    a batch keeps its shape and layout; options that augment nothing leave it as it was."""
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")))
+    task = build_task(recipe, [str(i) for i in range(10)])
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    batch = task.collate({"pixels": pixels, "labels": np.arange(6)})
+
+    def augmented(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return task.augment(dict(batch))["pixels"]
+
+    first = augmented(1)
+    assert first.shape == batch["pixels"].shape and first.is_contiguous()
+    assert torch.equal(first, augmented(1)) and not torch.equal(first, augmented(2))
+    assert not torch.equal(first, batch["pixels"])
+    plain = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")) | {
+        "task": {"type": "image_classification", "image_size": 32, "crop_scale": 1, "flip": False, "rotation": 0}})
+    assert build_task(plain, [str(i) for i in range(10)]).augment(batch)["pixels"] is batch["pixels"]
+
+
+def test_gradients_have_the_layout_of_their_ddp_buckets(tiny_efficientnet):
+    """DDP's gradient buckets take each parameter's strides, and DDP compares each new gradient's
+    strides with its bucket's: a gradient in another layout is copied over every step, with
+    PyTorch's "Grad strides do not match bucket view strides" warning. The image batches arrive in
+    the weights' own (contiguous) layout, augmented or not, so every gradient has its weight's
+    strides, size-1 dimensions included (autograd alone would let those differ)."""
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")))
+    task = build_task(recipe, [str(i) for i in range(10)])
+    model = task.build_model()
+    batch = task.collate({"pixels": np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), "labels": np.arange(4)})
+    for inputs in (batch, task.augment(dict(batch))):
+        model.zero_grad(set_to_none=True)  # as the backends do: every step's gradients are new tensors
+        loss, _ = task.forward(model, inputs)
+        loss.backward()
+        assert [name for name, p in model.named_parameters() if p.grad.stride() != p.stride()] == []
+
+
 def test_replay_forward_leaves_batch_norm_statistics_to_the_target_batches(tiny_efficientnet):
     """A replay batch (a few rows of another distribution) is normalised with the running
     statistics and does not move them; the model stays in train mode and still gets gradients."""

@@ -25,11 +25,24 @@ def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
     return (np.fft.irfft(spectrum, n=length) * (length / len(samples))).astype(np.float32)
 
 
+def read_file(path: str) -> bytes:
+    """A file's bytes from a local path or a URI (s3://, gs://, hdfs://, file://: pyarrow's
+    filesystems). The preprocessing that reads it may run on any node of a cluster: a URI, or a
+    path every node mounts, reads the same everywhere."""
+    if "://" not in path:
+        return Path(path).read_bytes()
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read()
+
+
 def decode(data: bytes | str, rate: int) -> np.ndarray:
-    """Audio file bytes (or a path) -> mono float32 samples in [-1, 1] at ``rate`` Hz.
+    """Audio file bytes (or a path or URI) -> mono float32 samples in [-1, 1] at ``rate`` Hz.
     Raises on anything it cannot decode."""
     if isinstance(data, str):
-        data = Path(data).read_bytes()
+        data = read_file(data)
     if data[:4] == b"RIFF":
         with wave.open(io.BytesIO(data)) as clip:
             width, channels, source_rate = clip.getsampwidth(), clip.getnchannels(), clip.getframerate()

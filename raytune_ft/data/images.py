@@ -43,7 +43,17 @@ def with_label(batch):
     return batch
 
 
+def folder_table(root: str):
+    """A folder's images read here: columns image (the file's bytes), path and label."""
+    import pyarrow as pa
+
+    files = image_files(root)
+    return pa.table({"image": pa.array([f.read_bytes() for f in files], type=pa.binary()),
+                     "path": [str(f) for f in files], "label": [f.parent.name for f in files]})
+
+
 def read_folder(root: str):
+    """A folder's images, read by Ray Data's tasks (on a cluster: from a path every node mounts)."""
     import ray.data
 
     files = ray.data.read_binary_files(root, include_paths=True, file_extensions=[s[1:] for s in IMAGE_SUFFIXES])

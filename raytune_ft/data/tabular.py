@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ import numpy as np
 from raytune_ft.data import assets, images
 from raytune_ft.errors import UserError
 from raytune_ft.schema import DataSection
+
+logger = logging.getLogger(__name__)
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -352,6 +355,9 @@ class DropBadRows:
         return UserError(self.split.field or f"data.{self.split.name}", f"{where}: " + fix_or_skip(f"column {column!r} ({role}) is {problem}"))
 
 
+DRIVER_BLOCK_BYTES = 8 * 2**20  # blocks of a split read on the driver: several, so its preprocessing runs in parallel
+
+
 def should_cache(split: Split, policy: str) -> bool:
     """Streaming re-reads and re-preprocesses every epoch; small data is cheaper to keep."""
     if policy != "auto":
@@ -359,26 +365,46 @@ def should_cache(split: Split, policy: str) -> bool:
     return is_small(split.path)
 
 
-def read_ray(split: Split):
+def driver_table(split: Split, columns: list[str]):
+    """A small local split's columns, read in this process (image folders: image bytes, path, label)."""
+    if split.fmt == "images":
+        return images.folder_table(split.path)
+    return arrow_dataset(split.path, split.fmt).to_table(columns=columns)
+
+
+def read_ray(split: Split, columns: list[str]):
+    """The split's columns as a Ray Dataset. A small local split is read here, on the driver, and
+    reaches Ray Data through the object store: the tasks that preprocess it may run on any node of
+    a cluster and need none of its files on their own disk. Larger local data and URIs (s3://,
+    gs://, ...) are read by Ray Data's tasks wherever they run, so on a cluster a local path must
+    be on a filesystem every node mounts (see docs/clusters.md)."""
     import pyarrow.csv as pacsv
     import ray.data
 
+    if is_small(split.path):
+        table = driver_table(split, columns)
+        rows_per_block = max(1, table.num_rows * DRIVER_BLOCK_BYTES // max(table.nbytes, 1))
+        return ray.data.from_arrow([table.slice(start, rows_per_block) for start in range(0, max(table.num_rows, 1), rows_per_block)])
+    if size is not None and sum(node["Alive"] for node in ray.nodes()) > 1:
+        logger.warning("%s is read by Ray Data's tasks on every node of this cluster: it must be a path they all mount", split.path)
     if split.fmt == "parquet":
-        return ray.data.read_parquet(split.path)
-    if split.fmt == "images":
-        return images.read_folder(split.path)
-    if split.fmt == "jsonl":
-        return ray.data.read_json(split.path, lines=True)
-    if split.fmt == "tsv":
-        return ray.data.read_csv(split.path, parse_options=pacsv.ParseOptions(delimiter="\t", newlines_in_values=True))
-    return ray.data.read_csv(split.path)
+        dataset = ray.data.read_parquet(split.path)
+    elif split.fmt == "images":
+        dataset = images.read_folder(split.path)
+    elif split.fmt == "jsonl":
+        dataset = ray.data.read_json(split.path, lines=True)
+    elif split.fmt == "tsv":
+        dataset = ray.data.read_csv(split.path, parse_options=pacsv.ParseOptions(delimiter="\t", newlines_in_values=True))
+    else:
+        dataset = ray.data.read_csv(split.path)
+    return dataset.select_columns(columns)
 
 
 def rows_dataset(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None):
     """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded;
     bad rows included (so that skipping them can count them): ``without_bad_rows`` drops them."""
     # A column mapped to two roles is read once.
-    dataset = read_ray(split).select_columns(list(dict.fromkeys(data.columns.values())) + (["path"] if split.fmt == "images" else []))
+    dataset = read_ray(split, list(dict.fromkeys(data.columns.values())) + (["path"] if split.fmt == "images" else []))
     select = SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label)
     dataset = dataset.map_batches(select, batch_format="numpy")
     if data.max_rows:

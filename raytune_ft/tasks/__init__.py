@@ -13,16 +13,20 @@ needs (``columns``: role names the recipe maps to real columns), the metrics it 
   when they are not the task's own (a task without a label role: its input and ``label``; its
   ``collate`` then passes the class ids on as ``labels``).
 
-- ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (tokenise, featurise);
-  must be picklable and cheap to construct. Optional ``augment(batch) -> batch``: a train-only
-  ``map_batches`` after caching, so it draws anew every epoch (image crops, flips). Optional
-  ``pack(batch) -> batch`` with a true ``packing``: a train-only ``map_batches`` before caching
-  that puts several examples in a row (a language model's sequence packing).
+- ``preprocess(batch) -> batch``: runs inside Ray Data ``map_batches`` (decode, tokenise,
+  featurise), once per run for data small enough to cache; must be picklable and cheap to
+  construct. Optional ``pack(batch) -> batch`` with a true ``packing``: a train-only
+  ``map_batches`` before caching that puts several examples in a row (a language model's
+  sequence packing).
 - Optional ``reference_roles(options, kind)``: the role sets a retention reference of each kind
   may map, when they are not the defaults (see ``task_reference_roles``); a task offering the
   ``drift`` and ``choice`` kinds gives ``generate(model, batch)`` (greedy answers to the rows'
   prompts) and ``sequence_nll(model, batch)`` (each row's summed NLL and scored tokens).
 - ``collate(batch) -> dict[str, Tensor]``: numpy batch from the shard iterator to model inputs.
+- Optional ``augment(batch) -> batch``: the loop calls it on every training batch (never an
+  evaluation batch) once the batch is on the worker's device, so the random draws are batched
+  tensor ops there, drawn from torch's generator, which the loop reseeds per (seed, epoch, rank):
+  the same recipe and seed augment the same way (image crops, flips, rotations).
 - ``build_model() -> nn.Module`` and ``head_names()``: module-name prefixes of the newly
   initialised head (what ``head_only`` trains); ``skeleton()``: the model on the meta device.
 - ``embed(model, batch) -> [B, D]``: pooled features without the head (retention probes).

@@ -54,26 +54,44 @@ def decode_images(batch: dict[str, Any], size: int, skip_bad_rows: bool, row_nam
 
 def normalise(pixels) -> torch.Tensor:
     """uint8 pixels [B, S, S, 3] -> the model's input [B, 3, S, S]: scaled to [0, 1], ImageNet mean and std."""
-    images = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2).float() / 255
+    # Contiguous, the layout of the model's weights: a channels-last view of the [B, S, S, 3] pixels
+    # made the convolutions' weight gradients channels-last too, unlike the weights and so unlike
+    # their DDP buckets, and DDP copied them over every step ("Grad strides do not match bucket
+    # view strides"). One copy of the uint8 batch here is cheaper.
+    images = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2).contiguous().float() / 255
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
-def random_affine(count: int, rng: np.random.Generator, min_scale: float, flip: bool, degrees: float) -> torch.Tensor:
-    """[count, 2, 3] affine_grid matrices: a random crop of area min_scale..1 and aspect 3/4..4/3,
-    rotated by up to +-degrees, mirrored left-right with probability 1/2."""
-    area = rng.uniform(min_scale, 1.0, count)
-    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), count))
-    width, height = np.minimum(np.sqrt(area * aspect), 1.0), np.minimum(np.sqrt(area / aspect), 1.0)
-    shift_x, shift_y = rng.uniform(-1, 1, count) * (1 - width), rng.uniform(-1, 1, count) * (1 - height)
-    angle = np.radians(rng.uniform(-degrees, degrees, count))
-    mirror = np.where(rng.random(count) < 0.5, -1.0, 1.0) if flip else np.ones(count)
-    cos, sin = np.cos(angle), np.sin(angle)
-    theta = np.stack([
-        np.stack([cos * width * mirror, -sin * height, shift_x], 1),
-        np.stack([sin * width * mirror, cos * height, shift_y], 1),
+def random_affine(count: int, device: torch.device, min_scale: float, flip: bool, degrees: float) -> torch.Tensor:
+    """[count, 2, 3] affine_grid matrices drawn from torch's generator on ``device`` (the loop seeds
+    it per seed, epoch and rank): a random crop of area min_scale..1 and aspect 3/4..4/3, rotated by
+    up to +-degrees, mirrored left-right with probability 1/2."""
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(count, device=device) * (high - low) + low
+
+    area = uniform(min_scale, 1.0)
+    aspect = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+    width, height = torch.sqrt(area * aspect).clamp(max=1.0), torch.sqrt(area / aspect).clamp(max=1.0)
+    shift_x, shift_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
+    angle = torch.deg2rad(uniform(-degrees, degrees))
+    mirror = torch.where(torch.rand(count, device=device) < 0.5, -1.0, 1.0) if flip else torch.ones(count, device=device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([
+        torch.stack([cos * width * mirror, -sin * height, shift_x], 1),
+        torch.stack([sin * width * mirror, cos * height, shift_y], 1),
     ], 1)
-    return torch.from_numpy(theta).float()
+
+
+def augment_pixels(pixels: torch.Tensor, min_scale: float, flip: bool, degrees: float) -> torch.Tensor:
+    """Normalised images [B, 3, S, S] -> each randomly cropped, flipped and rotated: one affine_grid and
+    one grid_sample for the whole batch, on the images' device (edges repeat the border). The
+    normalisation is per channel and affine, so moving pixels after it equals moving them before."""
+    if not (min_scale < 1 or flip or degrees > 0) or not len(pixels):
+        return pixels
+    theta = random_affine(len(pixels), pixels.device, min_scale, flip, degrees)
+    grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def save_model(model: torch.nn.Module, directory: str | Path, config: dict[str, Any] | None = None) -> None:
@@ -177,22 +195,15 @@ class ImageClassification:
         return [HEAD]
 
     def preprocess(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Decode and resize (Ray Data map_batches): pixels [B, S, S, 3] uint8, labels [B]."""
+        """Decode and resize (Ray Data map_batches, once: the result is cached): pixels [B, S, S, 3]
+        uint8, labels [B]."""
         pixels, keep = decode_images(batch, self.options.image_size, self.skip_bad_rows)
         return {"pixels": pixels, "labels": np.asarray(batch["label"], dtype=np.int64)[keep]}
 
-    def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Train-only (Ray Data map_batches, drawn anew every epoch): random resized crop, flip, rotation."""
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Train batches on the worker's device: random resized crop, flip and rotation."""
         options = self.options
-        augments = options.crop_scale < 1 or options.flip or options.rotation > 0
-        if not augments or not len(batch["labels"]):
-            return batch
-        images = torch.from_numpy(np.array(batch["pixels"])).permute(0, 3, 1, 2).float()  # [B, 3, S, S]
-        theta = random_affine(len(images), np.random.default_rng(), options.crop_scale, options.flip, options.rotation)
-        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-        moved = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        batch["pixels"] = moved.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return batch
+        return {**batch, "pixels": augment_pixels(batch["pixels"], options.crop_scale, options.flip, options.rotation)}
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"pixels": normalise(batch["pixels"]), "labels": torch.tensor(batch["labels"])}

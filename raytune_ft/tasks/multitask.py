@@ -244,8 +244,9 @@ class Multitask:
             return {"pixels": pixels, "labels": labels[keep]}
         return {"input_ids": tokenize(self.model_path, batch["text"], self.options.max_length), "labels": labels}
 
-    def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Train-only: the image task's random resized crop, flip and rotation (text passes through)."""
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Train batches on the worker's device: the image task's random resized crop, flip and
+        rotation (text passes through)."""
         return self.image_task.augment(batch) if self.image else batch
 
     def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

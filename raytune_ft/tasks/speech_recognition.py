@@ -1,6 +1,6 @@
 """Speech recognition (ASR) with a pretrained Whisper encoder-decoder (``asset:whisper-tiny-en``).
 
-Rows have ``audio`` (WAV bytes, or a path; FLAC/OGG with the optional soundfile package) and
+Rows have ``audio`` (WAV bytes, or a path or URI; FLAC/OGG with the optional soundfile package) and
 ``text`` (the transcript). Preprocessing decodes to 16 kHz mono, computes Whisper's log-mel
 features (padded or cut to the model's window: 30 s for the real model) and tokenises
 ``<|startoftranscript|><|notimestamps|> text<|endoftext|>``. Training is teacher-forced

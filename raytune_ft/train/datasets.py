@@ -67,8 +67,9 @@ def count_bad_rows(split: tabular.Split, read: int, kept: int, max_fraction: flo
 
 
 def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any], int, dict[str, int]]:
-    """Every split as a preprocessed Ray Dataset (cached when small; train augmented anew each
-    epoch when the task augments), the train row count, and the bad rows skipped per split."""
+    """Every split as a preprocessed Ray Dataset (cached when small: read, decoded, tokenised or
+    featurised once per run; a task's augmentation runs later, in the loop, on the worker's
+    device), the train row count, and the bad rows skipped per split."""
     data, task = recipe.data, planned.task
     datasets, bad_rows = {}, {}
     for split in planned.splits:
@@ -85,8 +86,6 @@ def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any]
             if data.on_bad_rows == "skip":
                 kept = train_rows if split.name == "train" else dataset.count()
                 bad_rows[split.name] = count_bad_rows(split, rows.count(), kept, data.max_bad_fraction)
-        if split.name == "train" and hasattr(task, "augment"):
-            dataset = dataset.map_batches(task.augment, batch_format="numpy")
         datasets[split.name] = dataset
     return datasets, train_rows, bad_rows
 

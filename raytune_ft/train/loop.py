@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from raytune_ft import log, run_folder
 from raytune_ft.addons import LoopContext, Step, build_addons
 from raytune_ft.backends import BACKENDS
 from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.errors import Diverged
-from raytune_ft.evaluation import Collate, all_reduce_sum, average_running_statistics, evaluate, scalars
+from raytune_ft.evaluation import Collate, all_reduce_max, all_reduce_sum, average_running_statistics, evaluate, scalars
 from raytune_ft.strategies import build_strategy
 from raytune_ft.tasks import TORCH_DTYPES, build_task, enable_gradient_checkpointing, export_pretrained
 from raytune_ft.train.faults import maybe_fail
@@ -42,6 +41,7 @@ from raytune_ft.train.ray_start import WORKER_NICENESS
 logger = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best_weights.safetensors"  # in checkpoints while early stopping waits for an improvement
+PREFETCH_BATCHES = 4  # train batches prepared ahead of the step (Ray Data's default: 1); a few MB for the shipped recipes
 
 
 def worker_logging(level: int) -> None:
@@ -99,10 +99,8 @@ def build_model(task, recipe, backend) -> tuple[torch.nn.Module, dict[str, Any]]
 
 def worst_over_ranks(loading: dict[str, Any]) -> dict[str, Any]:
     """Each measure of model loading at its worst over the ranks (every rank gets the same)."""
-    values = torch.tensor([loading["seconds"], loading["rss_before_bytes"], loading["peak_rss_bytes"], not loading["partitioned"]],
-                          dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    values = all_reduce_max(torch.tensor([loading["seconds"], loading["rss_before_bytes"], loading["peak_rss_bytes"], not loading["partitioned"]],
+                                         dtype=torch.float64))
     return {"seconds": float(values[0]), "rss_before_bytes": int(values[1]), "peak_rss_bytes": int(values[2]), "partitioned": not bool(values[3])}
 
 
@@ -218,6 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state, best_weights = resume(checkpoint, backend, addons, rank)
     state["model_load"] = worst_over_ranks(loading)  # this attempt's
     stopping = train.early_stopping
+    augment = getattr(task, "augment", None)  # train batches only: evaluation sees the data as it is
     done = state["step"] >= steps.total_steps or state["stopped_early"]
 
     while not done:
@@ -233,8 +232,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         backend.model.train()
         loss_sum, wait, samples = torch.zeros(2, dtype=torch.float64), 0.0, 0
         started = time.perf_counter()
-        batches = iter(shards["train"].iter_torch_batches(  # pinned host memory: the copy to a GPU runs asynchronously
-            batch_size=train.batch_size, collate_fn=Collate(task), pin_memory=backend.device.type == "cuda",
+        # Pinned host memory: the copy to a GPU runs asynchronously. Batches ready ahead: several,
+        # so that a fetch thread late for one step (a busy host) still has the next batch waiting.
+        batches = iter(shards["train"].iter_torch_batches(
+            batch_size=train.batch_size, collate_fn=Collate(task), pin_memory=backend.device.type == "cuda", prefetch_batches=PREFETCH_BATCHES,
             local_shuffle_buffer_size=recipe.data.shuffle_buffer or None, local_shuffle_seed=train.seed * 1000 + epoch,
         ))
         for index in range(steps.micro_batches_per_epoch):
@@ -244,6 +245,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if batch is None:
                 raise RuntimeError(f"train shard ended after {index} of {steps.micro_batches_per_epoch} planned batches")
             batch = {key: value.to(backend.device, non_blocking=True) for key, value in batch.items()}
+            if augment:  # on the device, drawn from torch's generator as reseeded above
+                batch = augment(batch)
             boundary = (index + 1) % train.grad_accum == 0 or index + 1 == steps.micro_batches_per_epoch
             with backend.accumulating(boundary), backend.autocast():
                 loss, outputs = task.forward(backend.model, batch)
@@ -268,6 +271,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if state["step"] >= steps.total_steps:
                     break
         elapsed = time.perf_counter() - started
+        # The worst rank's wait: under DDP the others wait for it at the all-reduce, which their
+        # own clocks count as computing.
+        wait = float(all_reduce_max(torch.tensor([wait], dtype=torch.float64)))
         state["epoch"] = epoch
         state["train_time_s"] += elapsed
         state["data_wait_s"] += wait

@@ -29,6 +29,7 @@ EMBEDDED_RAY_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_idle_worker_killing_time_threshold_ms": "300000",
+    "RAY_prestart_worker_first_driver": "0",
 }
 WORKER_SETUP_HOOK = "raytune_ft.worker_setup.collect_garbage_less_often"
 QUIET_RAY = {
@@ -43,7 +44,7 @@ def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) ->
     first that they fit (``raytune_ft.train.resources``): this machine before an embedded Ray
     starts, the cluster (waiting for an autoscaler to grow it) once connected."""
     import ray
-    from ray.data import DataContext
+    from ray.data import DataContext, ExecutionResources
 
     need = need or run_demand(recipe)
 
@@ -70,6 +71,13 @@ def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) ->
         cpus = max(os.cpu_count() or 1, workers_cpus + 2)
         logger.debug("starting an embedded Ray with %d logical CPUs", cpus)
         start_local_ray(num_cpus=cpus, logging_level="WARNING", log_to_driver=True)
+        # Those extra logical CPUs are for training beside Data, not for more Data tasks at once:
+        # on more tasks than cores each new worker process imports the task's libraries for no
+        # speed-up, and with Data's and Train's actors a run started 8 processes on 2 cores,
+        # which Ray warns about (4x its start-up concurrency, the cores).
+        limits = DataContext.get_current().execution_options
+        if limits.is_resource_limits_default():
+            limits.resource_limits = ExecutionResources.for_limits(cpu=os.cpu_count() or 1)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
@@ -100,7 +108,10 @@ def start_local_ray(**kwargs: Any) -> None:
     # once there are more than num_cpus; kept for 5 minutes, processes that already imported torch
     # and transformers can serve a later run in the same driver (4 tiny runs in one process: ~13 s
     # a warm run instead of ~22 s on 2 cores; one `raytune-ft run`, with a handful of workers under
-    # num_cpus, gains nothing measurable). A value the user set wins.
+    # num_cpus, gains nothing measurable). Ray starts num_cpus worker processes when the first
+    # driver connects, but without the driver's runtime env (the setup hook below), so no task or
+    # actor of ours can use them (measured: none did): they only cost start-up CPU and count towards
+    # Ray's warning about too many worker processes. A value the user set wins.
     # Ray runs the Python threads of every worker process at nice 15 (its services and C++
     # threads at 0), so the training workers share the cores as equals with Train's and Data's
     # helper actors. The training workers take the driver's niceness instead (where the OS lets
