@@ -196,3 +196,29 @@ def pareto_plot(path: Path, points: list[tuple[float, float]], front: list[int],
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def floor_plot(path: Path, points: list[dict[str, Any]], front: list[int], floor: float, chosen: int | None,
+               x_label: str, title: str) -> Path:
+    """``retention.floor``: every setting explored (``points``: x, retention, label), its
+    gain-vs-retention front joined, the floor drawn, the delivered setting starred."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 5))
+    axis.scatter([p["x"] for p in points], [p["retention"] for p in points], color="tab:gray", s=25, label="settings explored")
+    members = sorted((points[i]["x"], points[i]["retention"], points[i]["label"]) for i in front)
+    axis.plot([m[0] for m in members], [m[1] for m in members], "o-", color="tab:blue", label="gain-vs-retention front")
+    for x, y, label in members:
+        axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"floor {floor:g}")
+    if chosen is not None:
+        axis.scatter([points[chosen]["x"]], [points[chosen]["retention"]], marker="*", s=250, color="tab:green", zorder=3,
+                     label="delivered")
+    axis.set_xlabel(x_label)
+    axis.set_ylabel("retention: min over references of after / before (validation, ratio)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
