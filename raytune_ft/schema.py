@@ -162,7 +162,8 @@ class RetentionSection(Section):
                                         "one fine-tuning first, then a Tune search within retention.budget (docs/retention.md)")
     target_metric: Optional[str] = Field(
         None, pattern=r"^eval/[A-Za-z0-9_]+$", description="floor: the target metric the gain is measured on (higher is better); "
-                                                           "default wise_ft.metric, else the task's first retained metric")
+                                                           "default wise_ft.metric, else the first of accuracy, word_accuracy, "
+                                                           "inverse_perplexity the task reports")
     budget: FloorBudget = Field(default_factory=FloorBudget, description="floor: what reaching it may spend")
 
     @model_validator(mode="after")

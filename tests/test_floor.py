@@ -8,7 +8,9 @@ import pytest
 
 from conftest import ROOT, write_recipe
 from raytune_ft import run
+from raytune_ft.errors import UserError
 from raytune_ft.recipe import load_recipe, validate_recipe
+from raytune_ft.train.planning import plan_run
 from raytune_ft.tune.floor import mitigation_space, search_reason
 
 
@@ -99,10 +101,17 @@ def test_a_floor_of_098_validates_on_every_shipped_recipe_with_references(path):
     assert recipe.retention.floor == 0.98 and recipe.retention.budget.trials >= 1
 
 
-def test_the_text_recipe_with_a_floor_passes_validate(cli_in_process):
-    """``raytune-ft validate`` plans the references' validation rows too (the probe needs a test file)."""
-    code, stderr = cli_in_process("validate", "jobs/text_classification.yaml", "--set", "retention.floor=0.98")
-    assert code == 0, stderr
+def test_a_floor_plans_validation_rows_for_every_reference(retention_recipe):
+    """The planning ``raytune-ft validate`` runs gives the probe reference validation rows held out
+    of its train file, apart from its test file; without a test file a probe cannot have both."""
+    retention_recipe["retention"]["floor"] = 0.98
+    reference = plan_run(validate_recipe(retention_recipe)).addons["retention"][0]
+    assert reference.split_names == ["test", "train", "validation"]
+    assert (reference.splits["validation"].holdout, reference.splits["train"].holdout) == ("validation", "train")
+    assert reference.splits["test"].field == "retention.references.0.data.test"
+    del retention_recipe["retention"]["references"][0]["data"]["test"]
+    with pytest.raises(UserError, match="retention.references.0.data.test: retention.floor chooses on this reference's validation"):
+        plan_run(validate_recipe(retention_recipe))
 
 
 def test_the_search_space_fits_the_model_and_the_references(retention_recipe, tiny_bert):

@@ -158,9 +158,9 @@ def floor(run_dir: Path, summary: dict[str, Any] | None) -> dict[str, Any] | Non
         return None
     path = run_dir / run_folder.FLOOR
     points = json.loads(path.read_text())["points"] if path.is_file() else []
-    chosen = (summary.get("chosen") or {}).get("label")
+    chosen, front = (summary.get("chosen") or {}).get("label"), {member["label"] for member in summary["front"]}
     rows = [{"setting": p["label"], "target": p[summary["metric"]], "gain": p["gain"], "retention": p["retention"],
-             "test_retention": p["test_retention"], "front": p["label"] in summary["front"], "chosen": p["label"] == chosen}
+             "test_retention": p["test_retention"], "front": p["label"] in front, "chosen": p["label"] == chosen}
             for p in points]
     return {"met": summary["met"], "message": summary["message"], "metric": summary["metric"], "rows": rows}
 

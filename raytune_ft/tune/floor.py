@@ -228,7 +228,8 @@ def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]]
     result = {"floor": floor, "metric": metric, "met": chosen is not None, "budget": first.retention.budget.model_dump(),
               "search_trials": trials, "search": str(run_dir / run_folder.SEARCH) if trials else None, "wall_time_s": wall_s,
               "chosen": delivered(chosen, metric, baseline) if chosen else None,
-              "front": [points[i]["label"] for i in sorted(front, key=lambda i: x_of(points[i], metric))],
+              "front": [{key: points[i][key] for key in ("label", "alpha", metric, "gain", "retention", "test_retention")}
+                        for i in sorted(front, key=lambda i: x_of(points[i], metric))],
               "points": points, "plot": str(plot)}
     if chosen:
         export(Path(chosen["run_dir"]), run_dir)
