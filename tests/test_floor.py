@@ -51,6 +51,7 @@ def test_a_floor_out_of_reach_is_one_line_exit_3_and_no_model(retention_recipe, 
     best retention reached and its gain over the baseline, exit code 3, and no model/ in the run folder."""
     retention_recipe["train"]["epochs"] = 1
     retention_recipe["data"]["max_rows"] = 160
+    retention_recipe["retention"]["references"][0]["data"]["max_rows"] = 120
     retention_recipe["retention"].update(floor=1.5, budget={"trials": 1})
     retention_recipe["baseline"] = {"enabled": True, "epochs": 1}
     retention_recipe["wise_ft"] = {"alphas": [0.5, 1.0]}
