@@ -210,14 +210,15 @@ def floor_plot(path: Path, points: list[dict[str, Any]], front: list[int], floor
     labels: dict[tuple[float, float], list[str]] = {}  # front members that land on one point share a label
     for i in front:
         labels.setdefault((points[i]["x"], points[i]["retention"]), []).append(points[i]["label"])
-    for (x, y), names in labels.items():
+    axis.margins(x=0.2, y=0.1)  # room for the labels at the edges
+    middle = sum(axis.get_xlim()) / 2
+    for (x, y), names in labels.items():  # a label on the right half reads leftwards, so it stays inside the figure
         axis.annotate(names[0] + (f" (+{len(names) - 1} more)" if len(names) > 1 else ""), (x, y), textcoords="offset points",
-                      xytext=(4, 4), fontsize=7)
+                      xytext=(4 if x <= middle else -4, 4), ha="left" if x <= middle else "right", fontsize=7)
     axis.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"floor {floor:g}")
     if chosen is not None:
         axis.scatter([points[chosen]["x"]], [points[chosen]["retention"]], marker="*", s=250, color="tab:green", zorder=3,
                      label="delivered")
-    axis.margins(x=0.2, y=0.1)  # room for the labels at the edges
     axis.set_xlabel(x_label)
     axis.set_ylabel("retention: min over references of after / before (validation, ratio)")
     axis.set_title(title, fontsize=10)
