@@ -39,8 +39,13 @@ def run(recipe: "Recipe", *, resume: bool = False, force: bool = False, address:
     its summary (``summary.json``): test metrics, gain over the baseline, retention, timings.
 
     Example: ``run(load_recipe("jobs/text_classification.yaml"), force=True)["gain"]``.
-    ``address``: a Ray cluster (default ``RAY_ADDRESS``, else an embedded local Ray)."""
-    from raytune_ft.train.runner import run as run_recipe
+    ``address``: a Ray cluster (default ``RAY_ADDRESS``, else an embedded local Ray).
+    With ``retention.floor`` set, the run meets the floor (``raytune_ft.search.floor``): the
+    summary's ``floor`` names the delivered setting; ``FloorNotMet`` when nothing met it."""
+    if recipe.retention and recipe.retention.floor is not None:
+        from raytune_ft.search.floor import run_floor as run_recipe
+    else:
+        from raytune_ft.train.runner import run as run_recipe
 
     return run_recipe(recipe, resume=resume, force=force, address=address)
 

@@ -89,14 +89,18 @@ def run(
     force: bool = typer.Option(False, help="Move an existing run in the output directory aside and start anew."),
     address: Optional[str] = typer.Option(None, help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
 ):
-    """Fine-tune: run a recipe on Ray Train and write metrics, summary, plots and the model.
+    """Fine-tune: run a recipe on Ray Train and write metrics, summary, plots and the model. With
+    retention.floor set, deliver the model with the most gain that keeps it (exit 3 when none does).
 
     Example: raytune-ft run jobs/text_classification.yaml --workers 2 --set train.epochs=1
     """
     from raytune_ft.report.tables import summary_table
-    from raytune_ft.train.runner import run as run_recipe
 
     loaded = _load(recipe, set_, workers, output)
+    if loaded.retention and loaded.retention.floor is not None:  # the best model that keeps the floor (docs/retention.md)
+        from raytune_ft.search.floor import run_floor as run_recipe
+    else:
+        from raytune_ft.train.runner import run as run_recipe
     summary = run_recipe(loaded, resume=resume, force=force, address=address, resume_or_start=resume_or_start)
     typer.echo(summary_table(summary))
 

@@ -1,5 +1,5 @@
-"""User-facing errors: one line, names the field or file, exit code 2 (1 for a failed training run),
-no traceback. Imports nothing heavy: every command line reaches this module."""
+"""User-facing errors: one line, names the field or file, exit code 2 (1 for a failed training run,
+3 for a retention floor not met), no traceback. Imports nothing heavy: every command line reaches this module."""
 
 
 class UserError(Exception):
@@ -55,6 +55,19 @@ class Diverged(UserError):
 
     def __reduce__(self):
         return type(self), (self.step, self.epoch, self.loss)
+
+
+class FloorNotMet(UserError):
+    """No setting reached ``retention.floor`` within its budget: the run's outputs say how close it
+    came, and no model is exported (exit code 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str):
+        super().__init__("retention.floor", message)
+
+    def __reduce__(self):
+        return type(self), (self.message,)
 
 
 class TrainingFailed(Exception):

@@ -29,6 +29,21 @@ from raytune_ft.tasks import TASKS, task_label_roles, task_metrics, task_referen
 SEARCHABLE = ("strategy", "train", "regularizer", "replay", "wise_ft")
 
 
+# A task's headline metric, higher is better: what retention.floor maximises unless told otherwise.
+FLOOR_METRICS = ("accuracy", "word_accuracy", "inverse_perplexity")
+
+
+def floor_metric(recipe: Recipe) -> str:
+    """The target metric ``retention.floor`` measures gain on: ``retention.target_metric``, else
+    ``wise_ft.metric``, else the first of ``FLOOR_METRICS`` the task reports."""
+    if recipe.retention.target_metric:
+        return recipe.retention.target_metric
+    if recipe.wise_ft:
+        return recipe.wise_ft.metric
+    reported = task_metrics(TASKS[recipe.task.type], recipe.task) if recipe.task.type in TASKS else ()
+    return next((f"eval/{name}" for name in FLOOR_METRICS if name in reported), "eval/accuracy")
+
+
 def eval_metric_fields(recipe: Recipe) -> list[tuple[str, str]]:
     """(dotted field, metric) for every field naming an evaluation metric."""
     fields = []
@@ -36,6 +51,8 @@ def eval_metric_fields(recipe: Recipe) -> list[tuple[str, str]]:
         fields.append(("train.early_stopping.metric", recipe.train.early_stopping.metric))
     if recipe.wise_ft:
         fields.append(("wise_ft.metric", recipe.wise_ft.metric))
+    if recipe.retention and recipe.retention.floor is not None:
+        fields.append(("retention.target_metric", floor_metric(recipe)))
     if recipe.tune:
         fields += [("tune.metric", metric) for metric in recipe.tune.metrics if metric.startswith("eval/")]
     return fields

@@ -34,6 +34,8 @@ POST = "post"  # one <step>.json per post-training step
 REPORT = "report.html"
 TRIALS = "trials"  # a tune experiment's trial run directories: trials/<trial>/run
 BASELINE = "baseline"  # the head-only baseline's own run folder
+FLOOR = "floor.json"  # retention.floor: the setting that met it, every setting explored, the front
+SEARCH = "search"  # retention.floor: its Tune search over mitigations, an experiment folder
 RESUMES = "resumes.jsonl"  # one line per resume: when, and the recipe changes it accepted
 
 

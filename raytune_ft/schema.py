@@ -143,14 +143,38 @@ class ReferenceSection(Section):
     data: DataSection = Field(description="the reference set (same fields as data:); probe: labelled")
 
 
+class FloorBudget(Section):
+    """What ``retention.floor`` may spend beyond the first fine-tuning (its WiSE-FT sweep costs no
+    training): Tune trials over mitigations and their strengths, and a wall-clock limit."""
+
+    trials: int = Field(4, ge=0, le=1000, description="Tune trials of the search over mitigations (LoRA rank, frozen depth, "
+                                                      "L2-SP/EWC strength, replay fraction); 0: WiSE-FT only")
+    time_s: Optional[float] = Field(None, gt=0, description="wall-clock seconds for the whole floor, the first fine-tuning "
+                                                            "included; the search gets what is left and stops when it runs out")
+    max_concurrent_trials: int = Field(1, ge=1, description="search trials at once, each with scaling.workers workers")
+
+
 class RetentionSection(Section):
     references: list[ReferenceSection] = Field(min_length=1)
+    floor: Optional[float] = Field(
+        None, gt=0, le=1.5, description="deliver the fine-tuned model with the most gain whose retention (the minimum over the "
+                                        "references, after / before) is at least this, chosen on validation splits: WiSE-FT of "
+                                        "one fine-tuning first, then a Tune search within retention.budget (docs/retention.md)")
+    target_metric: Optional[str] = Field(
+        None, pattern=r"^eval/[A-Za-z0-9_]+$", description="floor: the target metric the gain is measured on (higher is better); "
+                                                           "default wise_ft.metric, else the first of accuracy, word_accuracy, "
+                                                           "inverse_perplexity the task reports")
+    budget: FloorBudget = Field(default_factory=FloorBudget, description="floor: what reaching it may spend")
 
     @model_validator(mode="after")
     def _unique_names(self):
         names = [reference.name for reference in self.references]
         if len(set(names)) != len(names):
             raise ValueError("retention.references: names must be unique")
+        if self.floor is None:
+            for name in ("target_metric", "budget"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"retention.{name}: only with retention.floor (set a floor, e.g. 0.98)")
         return self
 
 
@@ -434,6 +458,7 @@ class TuneSection(Section):
     pbt: PbtSection = Field(default_factory=PbtSection)
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial, from its last checkpoint")
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="seeds the searcher, so the same trials are proposed again")
+    time_budget_s: Optional[float] = Field(None, gt=0, description="stop the search after this many seconds (running trials end unfinished)")
 
     @model_validator(mode="after")
     def _objectives(self):

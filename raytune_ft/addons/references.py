@@ -348,6 +348,16 @@ class References:
         return {f"ref/{r.name}/{metric}": value for r in self.references for metric, value in r.before.items()}
 
 
+def chosen_on_validation(record: dict[str, float]) -> dict[str, float]:
+    """A record scored on the references' validation rows, named apart from the test rows' own:
+    ``ref_val/<name>/<metric>``, ``retention_val/<name>/<metric>``, ``retention_val/min``."""
+    def renamed(key: str) -> str:
+        kind, _, rest = key.partition("/")
+        return f"{kind}_val/{rest}" if kind in ("ref", "retention") else key
+
+    return {renamed(key): value for key, value in record.items()}
+
+
 def reference_split(name: str, split: str) -> str:
     """The Ray Train dataset name of a reference split."""
     return f"ref_{name}_{split}"
@@ -390,30 +400,46 @@ class RetentionReferences(AddOn):
 
     @classmethod
     def plan(cls, recipe: Recipe, task, splits) -> list[PlannedReference]:
-        """Check every reference's data (driver side): its splits and label set."""
+        """Check every reference's data (driver side): its splits and label set. With a
+        ``retention.floor``, every reference also gets a validation split the floor chooses on,
+        apart from the test split it reports on (``chosen_on_validation``)."""
         planned = []
+        floor = recipe.retention.floor is not None
         for i, reference in enumerate(recipe.retention.references):
             data = reference.data
             if reference.kind == "head":  # rows are labelled in the base model's own labels, in its order
                 data = data.model_copy(update={"labels": original_head_labels(recipe, data.labels, f"retention.references.{i}")})
             splits, labels = tabular.plan_splits(data, prefix=f"retention.references.{i}.data")
             by_name = {split.name: split for split in splits}
+            if floor and by_name["validation"].expected_rows(data) == 0:
+                where = "validation" if data.validation else "validation_fraction"
+                raise UserError(f"retention.references.{i}.data.{where}", "leaves no rows for retention.floor to choose on; "
+                                "raise data.validation_fraction or give a data.validation file")
             if reference.kind in ("task", "drift", "choice"):  # the whole set scored, nothing fitted
                 train = by_name["train"]
-                test = by_name.get("test") or tabular.Split("train", train.path, train.fmt, "all", train.field, train.rows)
+                # Without a floor every row of data.train is scored; with one, the rows held out of it
+                # (or data.validation) are chosen on and the rest (or data.test) reported on.
+                whole = tabular.Split("train", train.path, train.fmt, "all", train.field, train.rows)
+                test = by_name.get("test") or (train if floor else whole)
                 labels = recipe.data.labels  # the run's label set: its model scores these rows
-                # Replay reads a task reference's train rows (the schema made sure they are not the test rows).
+                # Replay reads a task reference's train rows (the schema made sure they are not the test rows;
+                # with a floor, not the validation rows either).
                 replayed = recipe.replay is not None and (recipe.replay.reference or recipe.retention.references[0].name) == reference.name
-                splits = {"test": test, **({"train": tabular.Split("train", train.path, train.fmt)} if replayed else {})}
+                splits = {"test": test, **({"validation": by_name["validation"]} if floor else {}),
+                          **({"train": train if floor else tabular.Split("train", train.path, train.fmt)} if replayed else {})}
                 planned.append(PlannedReference(reference.name, reference.kind, labels, list(splits), data,
                                                 build_task(recipe, labels or []), splits))
                 continue
             if labels is None:
                 raise UserError(f"retention.references.{i}.data.columns", "a probe reference needs a label column")
+            if floor and "test" not in by_name:
+                raise UserError(f"retention.references.{i}.data.test", "retention.floor chooses on this reference's validation "
+                                "rows (held out of data.train, or data.validation) and reports on its test rows: give a test file")
             # The held-out part of train is the probe's test split when no test file is given.
             test = by_name.get("test") or by_name["validation"]
-            planned.append(PlannedReference(reference.name, reference.kind, labels, ["test", "train"], data,
-                                            build_task(recipe, labels), {"train": by_name["train"], "test": test}))
+            chosen = {"validation": by_name["validation"]} if floor else {}
+            planned.append(PlannedReference(reference.name, reference.kind, labels, ["test", "train", *chosen], data,
+                                            build_task(recipe, labels), {"train": by_name["train"], "test": test, **chosen}))
         return planned
 
     @classmethod
@@ -432,29 +458,53 @@ class RetentionReferences(AddOn):
         if "ref_final" not in state:
             return None
         final = state["ref_final"]
-        return {
+        summary = {
             "before": state["ref_before"],
             "after": {k: v for k, v in final.items() if k.startswith("ref/") and k != "ref/time_s"},
             "retention": {k: v for k, v in final.items() if k.startswith("retention/")},
             "worst_during_run": state.get("worst_retention"),
             "reference_eval_time_s": state.get("ref_time_s", 0.0),
         }
+        if "ref_val_final" in state:  # retention.floor: the same on the references' validation rows
+            chosen = state["ref_val_final"]
+            summary["validation"] = {"before": state["ref_val_before"],
+                                     "after": {k: v for k, v in chosen.items() if k.startswith("ref_val/") and k != "ref_val/time_s"},
+                                     "retention": {k: v for k, v in chosen.items() if k.startswith("retention_val/")}}
+        return summary
 
     def __init__(self, loop):
         super().__init__(loop)
-        references = []
+        references, chosen_on = [], []
         for spec in loop.plan.addons["retention"]:
             shards = {split: loop.shards[reference_split(spec.name, split)] for split in spec.split_names}
-            if spec.kind in KINDS:
-                references.append(KINDS[spec.kind](spec.name, loop.task, shards if spec.kind == "task" else shards["test"], loop.eval_batch))
-            else:
-                reference_task = build_task(loop.recipe, spec.labels)
-                head = Probe.from_head(*reference_task.original_head()[1:]) if spec.kind == "head" else None
-                references.append(Reference(spec.name, reference_task, len(spec.labels), shards, loop.eval_batch, head))
+            references.append(self.build(spec, shards))
+            if "validation" in shards:  # the same reference scored on its validation rows (retention.floor)
+                chosen_on.append(self.build(spec, {**shards, "test": shards["validation"]}))
         self.references = References(references)
         self.references.score_base(loop.backend)
+        # The validation rows are scored before training and at the end (and by WiSE-FT), not every epoch.
+        self.validation = References(chosen_on) if chosen_on else None
+        if self.validation:
+            self.validation.score_base(loop.backend)
         if loop.rank == 0:
             logger.info("reference before training: %s", ", ".join(f"{k} {v:.4f}" for k, v in self.references.before().items()))
+
+    def build(self, spec: PlannedReference, shards: dict[str, Any]):
+        """One reference object, scoring ``shards["test"]``."""
+        loop = self.loop
+        if spec.kind in KINDS:
+            return KINDS[spec.kind](spec.name, loop.task, shards if spec.kind == "task" else shards["test"], loop.eval_batch)
+        reference_task = build_task(loop.recipe, spec.labels)
+        head = Probe.from_head(*reference_task.original_head()[1:]) if spec.kind == "head" else None
+        return Reference(spec.name, reference_task, len(spec.labels), shards, loop.eval_batch, head)
+
+    def evaluate(self, backend) -> dict[str, float]:
+        """The references' record on their test rows and, with a floor, on their validation rows
+        (``ref_val/...``, ``retention_val/...``), without the time it took."""
+        record = {k: v for k, v in self.references.evaluate(backend).items() if k != "ref/time_s"}
+        if self.validation:
+            record.update(chosen_on_validation({k: v for k, v in self.validation.evaluate(backend).items() if k != "ref/time_s"}))
+        return record
 
     def end_epoch(self, record, state):
         reference = self.references.evaluate(self.loop.backend)
@@ -467,3 +517,6 @@ class RetentionReferences(AddOn):
         state["ref_before"] = self.references.before()
         state["ref_final"] = self.references.evaluate(self.loop.backend)
         state["generations"] = self.references.generations(self.loop.backend)
+        if self.validation:
+            state["ref_val_before"] = chosen_on_validation(self.validation.before())
+            state["ref_val_final"] = chosen_on_validation(self.validation.evaluate(self.loop.backend))

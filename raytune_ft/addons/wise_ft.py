@@ -37,11 +37,14 @@ def interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], a
 
 
 def choose(rows: list[dict[str, Any]], metric: str, min_retention: float) -> dict[str, Any]:
-    """The best target score among alphas whose retention is high enough; else the most retentive."""
-    eligible = [row for row in rows if row.get("retention/min", 1.0) >= min_retention]
+    """The best target score among alphas whose retention is high enough; else the most retentive.
+    Retention on the references' validation rows where they are scored (retention.floor), so
+    that their test rows only report."""
+    key = "retention_val/min" if any("retention_val/min" in row for row in rows) else "retention/min"
+    eligible = [row for row in rows if row.get(key, 1.0) >= min_retention]
     if eligible:
         return max(eligible, key=lambda row: (row[metric], row["alpha"]))
-    return max(rows, key=lambda row: (row.get("retention/min", 1.0), row[metric]))
+    return max(rows, key=lambda row: (row.get(key, 1.0), row[metric]))
 
 
 def body_trains(module: torch.nn.Module, heads: list[str]) -> bool:
@@ -86,7 +89,7 @@ class WiseFT(AddOn):
             backend.restore(interpolate(self.anchor, tuned, alpha))
             row = {"alpha": alpha, **scalars("eval", evaluate(loop.task, backend.module, loop.shards.get("validation"), loop.eval_batch, backend))}
             if references:
-                row.update({k: v for k, v in references.references.evaluate(backend).items() if k != "ref/time_s"})
+                row.update(references.evaluate(backend))
             rows.append(row)
         chosen = choose(rows, spec.metric, spec.min_retention)
         backend.restore(interpolate(self.anchor, tuned, chosen["alpha"]))

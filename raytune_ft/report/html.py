@@ -53,7 +53,7 @@ def write_report(run_dir: str | Path) -> Path:
         model=model_name(summary.get("model")), model_path=summary.get("model"), run_dir=run_dir.resolve(),
         strategy=summary.get("strategy"), workers=plural(summary.get("workers") or 1, "worker"), backend=summary.get("backend"),
         headline=headline(summary), retention=retention(summary.get("retention")), plots=plots(run_dir),
-        wise_ft=wise_ft(summary.get("wise_ft")),
+        wise_ft=wise_ft(summary.get("wise_ft")), floor=floor(run_dir, summary.get("floor")),
         post=[post_step(name, result, run_dir) for name, result in run_folder.post_results(run_dir).items()],
         timings=timings(summary), recipe_text=recipe.read_text() if recipe.is_file() else None,
     )
@@ -150,6 +150,19 @@ def wise_ft(summary: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     keys = [key for key in dict.fromkeys(k for row in summary["rows"] for k in row) if key != "alpha"]
     return {"alpha": summary["alpha"], "metrics": keys, "rows": [{key: row.get(key) for key in ["alpha", *keys]} for row in summary["rows"]]}
+
+
+def floor(run_dir: Path, summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``retention.floor``: the one-line outcome, and every setting explored (``floor.json``)."""
+    if not summary:
+        return None
+    path = run_dir / run_folder.FLOOR
+    points = json.loads(path.read_text())["points"] if path.is_file() else []
+    chosen, front = (summary.get("chosen") or {}).get("label"), {member["label"] for member in summary["front"]}
+    rows = [{"setting": p["label"], "target": p[summary["metric"]], "gain": p["gain"], "retention": p["retention"],
+             "test_retention": p["test_retention"], "front": p["label"] in front, "chosen": p["label"] == chosen}
+            for p in points]
+    return {"met": summary["met"], "message": summary["message"], "metric": summary["metric"], "rows": rows}
 
 
 def timings(summary: dict[str, Any]) -> list[tuple[str, str]]:

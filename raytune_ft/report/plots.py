@@ -196,3 +196,35 @@ def pareto_plot(path: Path, points: list[tuple[float, float]], front: list[int],
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def floor_plot(path: Path, points: list[dict[str, Any]], front: list[int], floor: float, chosen: int | None,
+               x_label: str, title: str) -> Path:
+    """``retention.floor``: every setting explored (``points``: x, retention, label), its
+    gain-vs-retention front joined, the floor drawn, the delivered setting starred."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 5))
+    axis.scatter([p["x"] for p in points], [p["retention"] for p in points], color="tab:gray", s=25, label="settings explored")
+    members = sorted((points[i]["x"], points[i]["retention"]) for i in front)
+    axis.plot([m[0] for m in members], [m[1] for m in members], "o-", color="tab:blue", label="gain-vs-retention front")
+    labels: dict[tuple[float, float], list[str]] = {}  # front members that land on one point share a label
+    for i in front:
+        labels.setdefault((points[i]["x"], points[i]["retention"]), []).append(points[i]["label"])
+    axis.margins(x=0.2, y=0.1)  # room for the labels at the edges
+    middle = sum(axis.get_xlim()) / 2
+    for (x, y), names in labels.items():  # a label on the right half reads leftwards, so it stays inside the figure
+        axis.annotate(names[0] + (f" (+{len(names) - 1} more)" if len(names) > 1 else ""), (x, y), textcoords="offset points",
+                      xytext=(4 if x <= middle else -4, 4), ha="left" if x <= middle else "right", fontsize=7)
+    axis.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"floor {floor:g}")
+    if chosen is not None:
+        axis.scatter([points[chosen]["x"]], [points[chosen]["retention"]], marker="*", s=250, color="tab:green", zorder=3,
+                     label="delivered")
+    axis.set_xlabel(x_label)
+    axis.set_ylabel("retention: min over references of after / before (validation, ratio)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

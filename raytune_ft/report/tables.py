@@ -68,6 +68,8 @@ def retention_lines(summary: dict[str, Any]) -> list[str]:
                      f"reference evaluation {retention['reference_eval_time_s']:.0f} s")
     if wise:
         lines.append(f"WiSE-FT: exported alpha {wise['alpha']} of {[row['alpha'] for row in wise['rows']]}")
+    if summary.get("floor"):
+        lines.append(f"retention floor {summary['floor']['message']} (the front: floor.json, plots/floor.png)")
     return lines
 
 

@@ -117,6 +117,7 @@ def build_tuner(recipe: Recipe, experiment_dir: Path, trainable, resume: bool):
         param_space=param_space(tune_section),
         tune_config=tune.TuneConfig(
             search_alg=searcher(tune_section), scheduler=scheduler(recipe), num_samples=tune_section.num_samples,
+            time_budget_s=tune_section.time_budget_s,
             trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(

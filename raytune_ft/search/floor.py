@@ -1,0 +1,294 @@
+"""``retention.floor``: deliver the fine-tuned model with the most gain whose retention (the
+minimum over the run's references, after / before) meets the floor, within ``retention.budget``.
+
+Cheap steps first: one fine-tuning of the recipe as written (``raytune-ft run``'s own run, into the
+run folder), swept by WiSE-FT: theta(alpha) between the base and the tuned weights, no new training.
+When no alpha meets the floor, or only one that gives up validation score does, a Ray Tune search
+(``raytune-ft tune``'s own experiment, in ``search/``) tries mitigations and their strengths (LoRA
+rank, frozen depth, L2-SP / EWC strength, replay fraction), each trial swept by WiSE-FT too.
+
+Honest selection: every setting is judged on validation rows (the task's validation split, each
+reference's validation rows) and the delivered one reported on test rows. The run folder gets
+``floor.json`` (the delivered setting, every point explored, the gain-vs-retention front),
+``plots/floor.png`` and a ``floor`` part in ``summary.json``; ``model/`` is the delivered model,
+and is absent when nothing met the floor: then ``FloorNotMet`` (exit code 3) says how close it came.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from raytune_ft import run_folder
+from raytune_ft.errors import FloorNotMet, UserError
+from raytune_ft.recipe import derived_recipe, floor_metric, given_fields
+from raytune_ft.report import plots
+from raytune_ft.report.tables import plural
+from raytune_ft.schema import Recipe
+from raytune_ft.strategies import layer_stack
+from raytune_ft.tasks import build_task
+from raytune_ft.train import runner
+from raytune_ft.train.planning import check_strategy, plan_run
+from raytune_ft.search import pareto
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALPHAS = [0.25, 0.5, 0.75, 1.0]  # alpha 0 would be the pretrained body again, not a fine-tuning of it
+LORA_RANKS = (4, 16)
+L2SP_STRENGTHS = (0.01, 0.1, 1.0)
+EWC_STRENGTHS = (10.0, 100.0, 1000.0)
+REPLAY_FRACTIONS = (0.1, 0.3)
+SEARCHED = ("strategy", "regularizer", "replay")  # the sections a search trial sets
+SOURCE = "retention.floor"
+
+
+def run_floor(recipe: Recipe, *, resume: bool = False, force: bool = False, address: str | None = None,
+              resume_or_start: bool = False) -> dict[str, Any]:
+    """Meet ``recipe.retention.floor`` (see the module's docstring); returns the run's summary,
+    whose ``floor`` part names the delivered setting. Raises ``FloorNotMet`` when nothing met it."""
+    started = time.perf_counter()
+    metric, budget = floor_metric(recipe), recipe.retention.budget
+    first = swept(recipe, metric)
+    summary = runner.run(first, resume=resume, force=force, address=address, resume_or_start=resume_or_start)
+    run_dir = first.run_dir()
+    if summary.get("floor"):  # a resumed floor that had finished
+        return done(summary)
+    baseline = run_folder.finished_summary(run_dir / run_folder.BASELINE)
+    points = run_points("fine-tuned", {}, run_dir, summary, metric, baseline)
+    reason = search_reason(points, recipe.retention.floor, metric)
+    left = None if budget.time_s is None else budget.time_s - (time.perf_counter() - started)
+    trials = 0
+    if reason and budget.trials and (left is None or left > 0):
+        logger.info("retention floor %g: %s; searching mitigations (%d trials%s)", recipe.retention.floor, reason, budget.trials,
+                    f", {left:.0f} s left" if left is not None else "")
+        experiment = search(first, run_dir / run_folder.SEARCH, metric, left, resume, address)
+        for row in experiment["rows"]:
+            trial_dir = run_dir / run_folder.SEARCH / run_folder.TRIALS / row["trial"] / "run"
+            trial = run_folder.finished_summary(trial_dir)
+            if trial:
+                points += run_points(row["trial"], {path: row.get(path) for path in SEARCHED}, trial_dir, trial, metric, baseline)
+        trials = len(experiment["rows"])
+    elif reason:
+        logger.info("retention floor %g: %s; no search (budget: %d trials%s)", recipe.retention.floor, reason, budget.trials,
+                    ", no time left" if left is not None and left <= 0 else "")
+    summary = deliver(first, summary, points, metric, baseline, trials, time.perf_counter() - started)
+    return done(summary)
+
+
+def done(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary, or ``FloorNotMet`` when its floor was not met."""
+    floor = summary["floor"]
+    if not floor["met"]:
+        raise FloorNotMet(floor["message"])
+    return summary
+
+
+def swept(recipe: Recipe, metric: str) -> Recipe:
+    """The recipe with a WiSE-FT sweep that picks the best ``metric`` meeting the floor."""
+    wise_ft = dict(given_fields(recipe).get("wise_ft") or {"alphas": DEFAULT_ALPHAS})
+    wise_ft.update(metric=metric, min_retention=recipe.retention.floor)
+    first = derived_recipe(recipe, {"wise_ft": wise_ft}, SOURCE)
+    first._file = recipe.file
+    return first
+
+
+def run_points(setting: str, values: dict[str, Any], run_dir: Path, summary: dict[str, Any], metric: str,
+               baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The points a finished run adds, scored on validation rows: one per WiSE-FT alpha (the
+    exported one marked), or the run itself when it swept nothing (a body that never trained)."""
+    name = metric.removeprefix("eval/")
+    base = ((baseline or {}).get("eval") or {}).get(name)
+    sweep = summary.get("wise_ft") or {}
+    retention = summary.get("retention") or {}
+    rows = sweep.get("rows") or [{"alpha": None, metric: (summary.get("eval") or {}).get(name),
+                                  **(retention.get("validation") or {}).get("retention", {}), **retention.get("retention", {})}]
+    points = []
+    for row in rows:
+        if row.get(metric) is None or row.get("retention_val/min") is None:
+            continue
+        points.append({"setting": setting, "values": values, "alpha": row["alpha"], metric: row[metric],
+                       "gain": None if base is None else row[metric] - base, "retention": row["retention_val/min"],
+                       "test_retention": row.get("retention/min"), "exported": row["alpha"] == sweep.get("alpha"),
+                       "run_dir": str(run_dir)})
+    return points
+
+
+def meeting(points: list[dict[str, Any]], floor: float) -> list[dict[str, Any]]:
+    """The points that were exported (so can be delivered) and meet the floor on validation rows."""
+    return [point for point in points if point["exported"] and point["retention"] >= floor]
+
+
+def best(points: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    return max(points, key=lambda point: (point[metric], 1.0 if point["alpha"] is None else point["alpha"])) if points else None
+
+
+def search_reason(points: list[dict[str, Any]], floor: float, metric: str) -> str | None:
+    """Why the first fine-tuning's sweep is not enough (None: it is): no alpha meets the floor, or
+    the one that does scores below the fine-tuned model itself, giving up gain a mitigation may keep."""
+    met = best(meeting(points, floor), metric)
+    if met is None:
+        return "no WiSE-FT alpha of the fine-tuned model meets it"
+    tuned = [point[metric] for point in points if point["alpha"] in (None, 1.0)]
+    if tuned and met[metric] < max(tuned):
+        return f"only WiSE-FT alpha {met['alpha']:g} meets it, at {met[metric]:.4f} against the fine-tuned model's {max(tuned):.4f}"
+    return None
+
+
+def mitigation_space(recipe: Recipe) -> dict[str, list[Any]]:
+    """The search's choices per section: the recipe's own and, as far as the model and the
+    references allow, frozen depths, LoRA ranks, L2-SP and EWC strengths and replay fractions."""
+    task = build_task(recipe, recipe.data.labels or [])
+    given = given_fields(recipe)
+    own = given.get("strategy") or {"method": "full"}
+    try:
+        depth = len(layer_stack(task.skeleton())[1])
+    except UserError:
+        depth = 0
+    targets = own.get("target_modules") if own.get("method") == "lora" else None
+    strategies = [own, *({"method": "freeze", "layers": k} for k in sorted({max(1, depth // 4), depth // 2, 3 * depth // 4}) if 0 < k < depth),
+                  *({"method": "lora", "rank": r, "alpha": 2 * r, **({"target_modules": targets} if targets else {})} for r in LORA_RANKS)]
+    references = recipe.retention.references
+    readout = next((r.name for r in references if r.kind in ("probe", "head")), None)  # EWC's Fisher, replay's targets
+    replayable = readout or next((r.name for r in references if r.kind == "task" and r.data.test), None)
+    regularizers = [None, given.get("regularizer"), *({"method": "l2sp", "strength": s} for s in L2SP_STRENGTHS),
+                    *({"method": "ewc", "strength": s, "reference": readout} for s in EWC_STRENGTHS if readout)]
+    replays = [None, given.get("replay"), *({"fraction": f, "reference": replayable} for f in REPLAY_FRACTIONS if replayable)]
+    space = {}
+    for path, values in (("strategy", strategies), ("regularizer", regularizers), ("replay", replays)):
+        kept = []
+        for value in values:
+            if value not in kept and (value is None or fits(recipe, path, value, task)):
+                kept.append(value)
+        space[path] = kept
+    return space
+
+
+def fits(recipe: Recipe, path: str, value: Any, task) -> bool:
+    """Whether the recipe with ``path`` set to ``value`` validates and, for a strategy, fits the model."""
+    try:
+        candidate = derived_recipe(recipe, {path: value}, SOURCE)
+        if path == "strategy":
+            check_strategy(candidate, task)
+    except UserError as error:
+        logger.debug("retention floor: leaving %s=%s out of the search: %s", path, value, error)
+        return False
+    return True
+
+
+def search(first: Recipe, search_dir: Path, metric: str, left: float | None, resume: bool, address: str | None) -> dict[str, Any]:
+    """The Tune experiment over ``mitigation_space``: random (seeded by train.seed), each trial the
+    first run's recipe with one choice per section; returns its summary."""
+    from raytune_ft.search.experiment import run_experiment
+
+    budget = first.retention.budget
+    if resume:  # a finished first run was read back, not planned: its labels and model path are not resolved yet
+        plan_run(first)
+    space = {path: {"choice": values} for path, values in mitigation_space(first).items()}
+    tune = {"space": space, "num_samples": budget.trials, "max_concurrent_trials": budget.max_concurrent_trials,
+            "workers_per_trial": first.scaling.workers, "metric": [metric, "retention/min"], "mode": ["max", "max"],
+            "searcher": "random", "seed": first.train.seed, **({"time_budget_s": max(left, 1.0)} if left is not None else {})}
+    recipe = derived_recipe(first, {"tune": tune, "baseline.enabled": False, "output.dir": str(search_dir),
+                                    "output.storage_path": None, "name": f"{first.name}-floor"}, SOURCE)
+    return run_experiment(recipe, resume=resume and (search_dir / run_folder.TRIALS).is_dir(), address=address)
+
+
+def describe(point: dict[str, Any]) -> str:
+    """A point's setting in a few words: ``freeze 2 layers + l2sp 0.1 + replay 0.3, alpha 0.5``."""
+    values, parts = point["values"], []
+    strategy = values.get("strategy") or {}
+    if strategy:
+        parts.append(strategy["method"] + (f" {strategy['layers']} layers" if "layers" in strategy else "")
+                     + (f" r{strategy['rank']}" if "rank" in strategy else ""))
+    if values.get("regularizer"):
+        parts.append(f"{values['regularizer']['method']} {values['regularizer']['strength']:g}")
+    if values.get("replay"):
+        parts.append(f"replay {values['replay']['fraction']:g}")
+    what = point["setting"] + (f" ({' + '.join(parts)})" if parts else "")
+    return what + (f", alpha {point['alpha']:g}" if point["alpha"] is not None else "")
+
+
+def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]], metric: str, baseline: dict[str, Any] | None,
+            trials: int, wall_s: float) -> dict[str, Any]:
+    """Write ``floor.json``, ``plots/floor.png`` and the summary's ``floor`` part; put the delivered
+    model in ``model/`` (none when nothing met the floor); rewrite the report."""
+    run_dir, floor, name = first.run_dir(), first.retention.floor, metric.removeprefix("eval/")
+    chosen = best(meeting(points, floor), metric)
+    for point in points:
+        point["label"] = describe(point)
+    front = pareto.pareto_front([(x_of(p, metric), p["retention"]) for p in points], ["max", "max"])
+    plot = plots.floor_plot(run_dir / run_folder.PLOTS / "floor.png",
+                            [{"x": x_of(p, metric), "retention": p["retention"], "label": p["label"]} for p in points], front, floor,
+                            points.index(chosen) if chosen else None,
+                            f"gain over the head-only baseline (validation {name}, absolute)" if baseline else f"validation {name}",
+                            f"{first.name}: retention floor {floor:g}, {len(points)} settings explored")
+    result = {"floor": floor, "metric": metric, "met": chosen is not None, "budget": first.retention.budget.model_dump(),
+              "search_trials": trials, "search": str(run_dir / run_folder.SEARCH) if trials else None, "wall_time_s": wall_s,
+              "chosen": delivered(chosen, metric, baseline) if chosen else None,
+              "front": [{key: points[i][key] for key in ("label", "alpha", metric, "gain", "retention", "test_retention")}
+                        for i in sorted(front, key=lambda i: x_of(points[i], metric))],
+              "points": points, "plot": str(plot)}
+    if chosen:
+        export(Path(chosen["run_dir"]), run_dir)
+        test = result["chosen"]["test"]
+        result["message"] = (f"{floor:g} met by {chosen['label']}: test {name} {test[name]:.4f}"
+                             + (f" (gain {test['gain']:+.4f})" if test.get("gain") is not None else "")
+                             + f", retention {test['retention']:.3f} on the references' test rows ({chosen['retention']:.3f} on "
+                               f"their validation rows, where it was chosen)")
+    else:
+        for folder in (run_folder.MODEL, run_folder.ADAPTER):  # nothing is exported as if it had met the floor
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        summary["outputs"]["model"] = None
+        summary["outputs"].pop("adapter", None)
+        closest = max(points, key=lambda p: (p["retention"], p[metric])) if points else None
+        result["closest"] = closest and {k: closest[k] for k in ("label", metric, "gain", "retention")}
+        result["message"] = (f"{floor:g} not met within the budget ({plural(trials, 'search trial')}, {wall_s:.0f} s): "
+                             + (f"the best retention reached is {closest['retention']:.3f} (validation rows, {closest['label']}), with "
+                                + (f"gain {closest['gain']:+.4f}" if closest["gain"] is not None else f"{name} {closest[metric]:.4f}")
+                                + f" on {metric}" if closest else "no setting was scored")
+                             + f"; no model exported; every setting tried: {run_dir / run_folder.FLOOR}")
+    run_folder.write_text_atomic(run_dir / run_folder.FLOOR, json.dumps(result, indent=2, default=str))
+    summary["floor"] = {key: value for key, value in result.items() if key != "points"}
+    summary["outputs"]["floor"] = str(run_dir / run_folder.FLOOR)
+    summary["outputs"].setdefault("plots", []).append(str(plot))
+    run_folder.write_text_atomic(run_dir / run_folder.SUMMARY, json.dumps(summary, indent=2))
+    if first.post.report:
+        from raytune_ft.report.html import write_report
+
+        write_report(run_dir)
+    logger.info("retention floor %s", result["message"])
+    return summary
+
+
+def x_of(point: dict[str, Any], metric: str) -> float:
+    """Where a point sits on the gain axis: its gain over the baseline, else its score."""
+    return point["gain"] if point["gain"] is not None else point[metric]
+
+
+def delivered(point: dict[str, Any], metric: str, baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """The delivered point with its run's test scores: the target, its gain over the baseline's
+    test score, and retention on the references' test rows."""
+    name = metric.removeprefix("eval/")
+    summary = run_folder.read_summary(Path(point["run_dir"]))
+    test = (summary.get("test") or {}).get(name)
+    base = ((baseline or {}).get("test") or {}).get(name)
+    ratios = (summary.get("retention") or {}).get("retention", {})
+    return {**point, "test": {name: test, "gain": None if test is None or base is None else test - base,
+                              "retention": ratios.get("retention/min"), "retention_by_reference": ratios}}
+
+
+def export(source: Path, run_dir: Path) -> None:
+    """The delivered run's model (and LoRA adapter) as the run folder's own, when it is a search trial's."""
+    if source == run_dir:
+        return
+    for folder in (run_folder.MODEL, run_folder.ADAPTER):
+        staging = run_dir / f"{folder}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        if (source / folder).is_dir():
+            shutil.copytree(source / folder, staging)
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+        if staging.is_dir():
+            staging.rename(run_dir / folder)
