@@ -316,7 +316,7 @@ def run_in_fixture(start):
 # last, and one process ran it alone for 100 s while the other had finished. Files not named here
 # follow in collection order.
 COSTLIEST_FILES_FIRST = [
-    "test_jobs.py", "test_tune.py", "test_zero3_features.py", "test_deepspeed.py", "test_training.py", "test_retention.py", "test_multitask.py",
+    "test_jobs.py", "test_tune.py", "test_zero3_features.py", "test_deepspeed.py", "test_training.py", "test_floor.py", "test_retention.py", "test_multitask.py",
     "test_precision.py",
     "test_compression.py", "test_fusion.py", "test_image.py", "test_speech.py", "test_causal_lm.py", "test_vqa.py",
     "test_distill.py", "test_explain.py",
@@ -336,17 +336,26 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
 
 
+def hang_limit(item) -> int:
+    """HANG_LIMIT_S, or a minute less than a longer pytest-timeout the test declares (one that
+    trains several runs, e.g. the floor's search): interrupted before pytest-timeout kills it."""
+    marker = item.get_closest_marker("timeout")
+    return max(HANG_LIMIT_S, int(marker.args[0]) - 60) if marker and marker.args else HANG_LIMIT_S
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
+    limit = hang_limit(item)
+
     def interrupt(signum, frame):
         _interrupted["ray_unusable"] = True
-        print(f"\n{item.nodeid} ran past {HANG_LIMIT_S} s; interrupting it. Its threads:", file=sys.stderr)
+        print(f"\n{item.nodeid} ran past {limit} s; interrupting it. Its threads:", file=sys.stderr)
         faulthandler.dump_traceback(sys.stderr)
         signal.alarm(60)  # a cleanup that blocks in turn is interrupted as well
-        raise RanPastLimit(f"{item.nodeid} ran past {HANG_LIMIT_S} s")
+        raise RanPastLimit(f"{item.nodeid} ran past {limit} s")
 
     signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(HANG_LIMIT_S)
+    signal.alarm(limit)
     if WATCH_DIR:
         (Path(WATCH_DIR) / str(os.getpid())).write_text(f"{item.nodeid} (since {time.strftime('%H:%M:%S')})")
     yield

@@ -46,6 +46,7 @@ def test_a_floor_met_by_wise_ft_alone_exports_the_chosen_alpha(retention_recipe,
     assert "Retention floor" in report and "met by fine-tuned, alpha 0" in report
 
 
+@pytest.mark.timeout(1200)  # a baseline, the fine-tuning, its WiSE-FT sweep and a search trial, in a subprocess
 def test_a_floor_out_of_reach_is_one_line_exit_3_and_no_model(retention_recipe, tmp_path, cli_on_test_ray):
     """Nothing keeps retention 1.5: WiSE-FT, then a search of one trial, then one line with the
     best retention reached and its gain over the baseline, exit code 3, and no model/ in the run folder."""
