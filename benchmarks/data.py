@@ -172,7 +172,7 @@ def plot(recipes: dict[str, Any], path: Path) -> None:
 
     plt = _pyplot()
     names = [name for name in recipes if "run" in recipes[name]]
-    figure, (rates, waits) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2), sharey=True)
+    figure, (rates, waits) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2.8), sharey=True)
     series = [("pipeline alone, warm (rows/s per core)", lambda r: r["pipeline"]["warm"]["rows_per_cpu_s"]),
               ("pipeline alone, cold (rows/s per core)", lambda r: r["pipeline"]["cold"]["rows_per_cpu_s"]),
               ("the model, per worker here (rows/s)", lambda r: r.get("model_rows_per_s_per_worker") or 0)]
@@ -183,13 +183,13 @@ def plot(recipes: dict[str, Any], path: Path) -> None:
     rates.set_xscale("log")
     rates.set_xlabel("rows per second (log)")
     rates.invert_yaxis()
-    rates.legend(loc="lower right", fontsize=8)
+    rates.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)  # below: bars reach every corner
     rates.set_title("Input pipeline alone vs what the model consumes")
     for index, (key, label) in enumerate([("data_wait_fraction_epoch1", "epoch 1"), ("data_wait_fraction_epoch2", "epoch 2")]):
         waits.barh([i + index * 0.4 for i in range(len(names))], [100 * recipes[n].get(key, 0) for n in names], 0.4, label=label)
     waits.axvline(2, color="black", linestyle="--", linewidth=1, label="target: 2% from epoch 2")
     waits.set_xlabel("data wait, % of training time (2 workers)")
-    waits.legend(loc="lower right", fontsize=8)
+    waits.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     waits.set_title("Data wait of real runs")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
