@@ -170,7 +170,8 @@ def test_submit_with_token_file_succeeds_and_never_shows_the_token(token_head, j
     status = cli("status", job_id, "--address", DASHBOARD, env=client_env(tmp_path, RAY_AUTH_TOKEN=token_head["token"]))
     assert status.returncode == 0 and f"{job_id}  SUCCEEDED  python -m raytune_ft.cli run tiny.yaml --set train.seed=3" in status.stdout
     # The model and data went with the working directory; the job read the shipped copies.
-    assert "--set model.path=model --set data.train=data/train.parquet --set data.test=data/test.parquet" in status.stdout
+    for shipped in ("model.path=model", "data.train=data/train.parquet", "data.test=data/test.parquet"):
+        assert f"--set {shipped}" in status.stdout  # absolute paths rewritten to the job's copies
     listing = cli("list", "--address", DASHBOARD, env=env)
     assert listing.returncode == 0 and job_id in listing.stdout
     logs = cli("logs", job_id, "--address", DASHBOARD, env=env)
