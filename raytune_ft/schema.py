@@ -171,9 +171,9 @@ class RetentionSection(Section):
         names = [reference.name for reference in self.references]
         if len(set(names)) != len(names):
             raise ValueError("retention.references: names must be unique")
-        if self.floor is None:
-            for name in ("target_metric", "budget"):
-                if name in self.model_fields_set:
+        if self.floor is None:  # compared with the defaults: a recipe written back (recipe.yaml) states them
+            for name, default in (("target_metric", None), ("budget", FloorBudget())):
+                if getattr(self, name) != default:
                     raise ValueError(f"retention.{name}: only with retention.floor (set a floor, e.g. 0.98)")
         return self
 

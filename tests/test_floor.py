@@ -94,6 +94,14 @@ def test_a_budget_without_a_floor_is_refused(retention_recipe, tmp_path, cli_in_
     assert code == 2 and "retention.budget: only with retention.floor" in stderr, stderr
 
 
+def test_a_recipe_written_back_without_a_floor_validates_again(retention_recipe):
+    """recipe.yaml states every default (target_metric null, the default budget): a teacher's or a
+    resumed run's recipe read back must not count them as set."""
+    retention_recipe["wise_ft"] = {"alphas": [0.5, 1.0]}
+    recipe = validate_recipe(retention_recipe)
+    assert recipe.retention.floor is None and validate_recipe(recipe.to_dict()).retention == recipe.retention
+
+
 SHIPPED = [path for path in sorted((ROOT / "jobs").glob("*.yaml")) if "\nretention:" in path.read_text()]
 
 
