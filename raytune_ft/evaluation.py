@@ -101,21 +101,30 @@ def in_lockstep(batches, partitioned: bool):
         yield stand_in, batch is not None
 
 
+def scoring_batches(batches, module, backend):
+    """Yield ``(batch on the backend's device, counts)`` of ``batches`` in lockstep
+    (``in_lockstep``), ``module`` in eval mode under no_grad and the backend's autocast; its
+    training mode comes back once the batches are done."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), backend.autocast():
+            for batch, counts in in_lockstep(batches, backend.partitioned):
+                yield {key: value.to(backend.device) for key, value in batch.items()}, counts
+    finally:
+        module.train(was_training)
+
+
 def evaluate(task, module, shard, batch_size: int, backend) -> dict[str, Any]:
     """Sharded evaluation: every rank scores its shard; the metric statistics are summed."""
     if shard is None:
         return {}
     metrics = task.new_metrics()
-    was_training = module.training
-    module.eval()
     batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=Collate(task))
-    with torch.no_grad(), backend.autocast():
-        for batch, counts in in_lockstep(batches, backend.partitioned):
-            batch = {key: value.to(backend.device) for key, value in batch.items()}
-            _, outputs = task.forward(module, batch)
-            if counts:
-                metrics.update(outputs, batch)
-    module.train(was_training)
+    for batch, counts in scoring_batches(batches, module, backend):
+        _, outputs = task.forward(module, batch)
+        if counts:
+            metrics.update(outputs, batch)
     return metrics.compute(all_reduce_sum(metrics.state()))
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from raytune_ft.addons import AddOn, register
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError
-from raytune_ft.evaluation import Collate, all_reduce_sum, distributed, evaluate, gather_rows, in_lockstep
+from raytune_ft.evaluation import Collate, all_reduce_sum, distributed, evaluate, gather_rows, in_lockstep, scoring_batches
 from raytune_ft.schema import Recipe
 from raytune_ft.tasks import ClassificationMetrics, build_task
 
@@ -209,25 +209,20 @@ class DriftReference:
     def answer(self, backend) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
         """This rank's prompts with the current model's greedy answers (scored: the answers), and
         the first of them as text."""
-        module, tokenizer = backend.module, self.task.tokenizer()
+        tokenizer = self.task.tokenizer()
         ids, scored, samples = [], [], []
-        was_training = module.training
-        module.eval()
         batches = self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task))
-        with torch.no_grad(), backend.autocast():
-            for batch, counts in in_lockstep(batches, backend.partitioned):
-                batch = {key: value.to(backend.device) for key, value in batch.items()}
-                answers = self.task.generate(module, batch)
-                if not counts:
-                    continue
-                for row, answer in enumerate(answers):  # every row of a drift set is a prompt
-                    prompt = batch["input_ids"][row, : int(batch["prompt_length"][row])].cpu().numpy()
-                    ids.append(np.concatenate([prompt, answer]).astype(np.int32))
-                    scored.append(np.concatenate([np.zeros(len(prompt), np.int8), np.ones(len(answer), np.int8)]))
-                    if len(samples) < 24:
-                        samples.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(),
-                                        "answer": tokenizer.decode(answer, skip_special_tokens=True).strip()})
-        module.train(was_training)
+        for batch, counts in scoring_batches(batches, backend.module, backend):
+            answers = self.task.generate(backend.module, batch)
+            if not counts:
+                continue
+            for row, answer in enumerate(answers):  # every row of a drift set is a prompt
+                prompt = batch["input_ids"][row, : int(batch["prompt_length"][row])].cpu().numpy()
+                ids.append(np.concatenate([prompt, answer]).astype(np.int32))
+                scored.append(np.concatenate([np.zeros(len(prompt), np.int8), np.ones(len(answer), np.int8)]))
+                if len(samples) < 24:
+                    samples.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(),
+                                    "answer": tokenizer.decode(answer, skip_special_tokens=True).strip()})
         rows = {"input_ids": np.empty(len(ids), dtype=object), "scored": np.empty(len(ids), dtype=object),
                 "prompt_length": np.zeros(len(ids), dtype=np.int64)}
         rows["input_ids"][:], rows["scored"][:] = ids, scored
@@ -236,19 +231,14 @@ class DriftReference:
     def score(self, backend) -> tuple[dict[str, float], None]:
         if self.rows is None:  # the first score is the base model's: its answers are the set
             self.rows, self.answers = self.answer(backend)
-        module, sums = backend.module, torch.zeros(2, dtype=torch.float64)
-        was_training = module.training
-        module.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
         count = len(self.rows["input_ids"])
         batches = (self.task.collate({key: values[start: start + self.batch_size] for key, values in self.rows.items()})
                    for start in range(0, count, self.batch_size))
-        with torch.no_grad(), backend.autocast():
-            for batch, counts in in_lockstep(batches, backend.partitioned):
-                batch = {key: value.to(backend.device) for key, value in batch.items()}
-                nll, tokens = self.task.sequence_nll(module, batch)
-                if counts:
-                    sums += torch.tensor([float(nll.sum()), float(tokens.sum())], dtype=torch.float64)
-        module.train(was_training)
+        for batch, counts in scoring_batches(batches, backend.module, backend):
+            nll, tokens = self.task.sequence_nll(backend.module, batch)
+            if counts:
+                sums += torch.tensor([float(nll.sum()), float(tokens.sum())], dtype=torch.float64)
         nll, tokens = all_reduce_sum(sums).tolist()
         mean = nll / max(tokens, 1)
         return {"answer_nll": mean, "answer_likelihood": math.exp(-mean)}, None
@@ -268,18 +258,13 @@ class ChoiceReference:
         self.before: dict[str, float] = {}
 
     def score(self, backend) -> tuple[dict[str, float], None]:
-        module, rows = backend.module, []
-        was_training = module.training
-        module.eval()
+        rows = []
         batches = self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=Collate(self.task))
-        with torch.no_grad(), backend.autocast():
-            for batch, counts in in_lockstep(batches, backend.partitioned):
-                batch = {key: value.to(backend.device) for key, value in batch.items()}
-                nll, tokens = self.task.sequence_nll(module, batch)
-                if counts:
-                    rows.append(torch.stack([batch["question"].double().cpu(), batch["correct"].double().cpu(),
-                                             (nll / tokens.clamp(min=1)).double().cpu()], 1))
-        module.train(was_training)
+        for batch, counts in scoring_batches(batches, backend.module, backend):
+            nll, tokens = self.task.sequence_nll(backend.module, batch)
+            if counts:
+                rows.append(torch.stack([batch["question"].double().cpu(), batch["correct"].double().cpu(),
+                                         (nll / tokens.clamp(min=1)).double().cpu()], 1))
         scores = gather_rows(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64))
         best: dict[float, tuple[float, float]] = {}  # question -> (mean NLL, right) of its likeliest choice so far
         for question, right, nll in scores.tolist():
