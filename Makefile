@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs bench-data clean cluster-token cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
+.PHONY: install demo test test-fast docs bench bench-retention bench-deepspeed bench-scale bench-startup bench-distill bench-tune bench-soak bench-bad-inputs bench-data bench-packing clean cluster-token cluster-up cluster-down gpu-wheels gpu-check-dry test-gpu-check
 
 $(STAMP): pyproject.toml raytune_ft/data/assets.py
 	# Headless Chromium: the report test opens report.html in a real browser.
@@ -58,7 +58,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
-# The fixed cost of a run (start-up and wrap-up): raytune-ft's embedded-Ray settings vs Ray's defaults.
+# The fixed cost of a run (start-up and wrap-up), cold and on a warm local Ray, beside plain torchrun's.
 bench-startup: $(STAMP)
 	$(PY) benchmarks/startup.py
 
@@ -70,6 +70,10 @@ bench-bad-inputs: $(STAMP)
 # 2-worker runs per epoch (benchmarks/results/data.json, data.png); ~15 min on 2 cores.
 bench-data: $(STAMP)
 	$(PY) benchmarks/data.py
+
+# Sequence packing against padding on the chat recipe: training tokens/s side by side (packing.json).
+bench-packing: $(STAMP)
+	$(PY) benchmarks/packing.py
 
 # Distillation: the 3-layer student with and without the demo's model as teacher (run `make demo` first).
 bench-distill: $(STAMP)
@@ -129,6 +133,7 @@ clean:
 bench-tune: $(STAMP)
 	$(PY) benchmarks/tune_asha.py
 
-# N consecutive tiny runs on one local Ray (SOAK_RUNS=N, default 20): what each run leaves behind.
+# N consecutive tiny runs, then M trials, on one local Ray (SOAK_RUNS=N, default 20; SOAK_TRIALS=M,
+# default 16): what each leaves behind, the driver's memory slope, run folders' size on disk.
 bench-soak: $(STAMP)
 	$(PY) benchmarks/soak.py

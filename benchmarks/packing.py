@@ -8,7 +8,7 @@ through the run's own data pipeline, so both settings divide the same number by 
 Packed rows hold several conversations, so a packed step takes ``batch_size`` rows of up to
 ``max_length`` tokens where a padded step takes ``batch_size`` conversations.
 
-Run: python benchmarks/packing.py   (writes benchmarks/results/packing.json)
+Run: make bench-packing   (writes benchmarks/results/packing.json)
 """
 
 from __future__ import annotations

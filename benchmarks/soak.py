@@ -3,7 +3,10 @@ instance, in-process (what a notebook or a tune driver does). Measures what each
 experiment leave behind: actors alive, Ray worker processes alive, placement groups not removed,
 files under Ray's session directory, checkpoint temp dirs, driver RSS. Idle worker processes are
 kept 5 minutes for the next run to reuse (raytune_ft.train.ray_start.EMBEDDED_RAY_DEFAULTS), so their
-count rises to a plateau; a leaked actor shows as an alive actor.
+count rises to a plateau; a leaked actor shows as an alive actor. Reported beside the counts: the
+driver's RSS slope over the last 10 runs (least squares, MB per run: levelling off means near 0),
+each run folder's size on disk (bounded: checkpoints kept are capped), and, after Ray shuts down,
+what is left: processes under the driver and raytune_ft temp folders.
 
 Run: make bench-soak   (writes benchmarks/results/soak.json; SOAK_RUNS=N, default 20, and
 SOAK_TRIALS=M, default 16)
@@ -57,6 +60,28 @@ def measure() -> dict:
     }
 
 
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def slope(values: list[float]) -> float:
+    """Least-squares slope of values against their index."""
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
+
+
+def left_behind(temp_before: set[Path]) -> dict:
+    """After ray.shutdown(): processes still under the driver, raytune_ft temp folders made since the start."""
+    import ray
+
+    ray.shutdown()
+    time.sleep(5)
+    temp_now = set(Path(tempfile.gettempdir()).glob("raytune_ft_*")) - temp_before
+    return {"processes": [" ".join(_cmdline(p))[:120] for p in psutil.Process().children(recursive=True)],
+            "temp_dirs": sorted(p.name for p in temp_now if "soak" not in p.name)}
+
+
 def _cmdline(process) -> list[str]:
     try:
         return process.cmdline()
@@ -68,7 +93,7 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix="raytune_ft_soak_")
     first = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [f"output.dir={base}/run_000"])
     init_ray(None, first)
-    before = measure()
+    before, temp_before = measure(), set(Path(tempfile.gettempdir()).glob("raytune_ft_*"))
     per_run, started = [], time.perf_counter()
     for index in range(RUNS):
         recipe = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [f"output.dir={base}/run_{index:03d}"])
@@ -76,14 +101,17 @@ def main() -> None:
         summary = run(recipe)
         time.sleep(5)  # let Ray reap the run's actors before counting what is left
         per_run.append({"run": index, "wall_s": time.perf_counter() - run_started,
-                        "test_accuracy": summary["test"].get("accuracy"), **measure()})
+                        "test_accuracy": summary["test"].get("accuracy"), "run_dir_mb": folder_mb(recipe.run_dir()), **measure()})
         shutil.rmtree(recipe.run_dir())  # each run keeps ~700 MB of checkpoints and model: 14 GB over 20 runs
         print(f"[soak] run {index + 1}/{RUNS}: {per_run[-1]}", flush=True)
         write_results(before, per_run, time.perf_counter() - started)  # after every run: a cut-short soak still reports
-    if TRIALS:
-        tune = soak_tune(base)
-        print(f"[soak] tune, {TRIALS} trials: {tune}", flush=True)
-        write_results(before, per_run, time.perf_counter() - started, tune)
+    tune = soak_tune(base) if TRIALS else None
+    print(f"[soak] tune, {TRIALS} trials: {tune}", flush=True)
+    write_results(before, per_run, time.perf_counter() - started, tune)
+    leftovers = left_behind(temp_before)
+    print(f"[soak] after ray.shutdown(): {leftovers}", flush=True)
+    write_results(before, per_run, time.perf_counter() - started, tune, leftovers)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def soak_tune(base: str) -> dict:
@@ -94,15 +122,19 @@ def soak_tune(base: str) -> dict:
     summary = run_experiment(recipe)
     time.sleep(5)  # let Ray reap the trials' actors before counting what is left
     after = measure()
-    experiment_mb = sum(p.stat().st_size for p in recipe.run_dir().rglob("*") if p.is_file()) / 2**20
+    experiment_mb = folder_mb(recipe.run_dir())
     shutil.rmtree(recipe.run_dir())
     return {"trials": TRIALS, "wall_s": time.perf_counter() - started, "best": summary.get("best"), "experiment_mb": experiment_mb,
             "before": before, "after": after, "growth": {key: after[key] - before[key] for key in before}}
 
 
-def write_results(before: dict, per_run: list[dict], total_s: float, tune: dict | None = None) -> None:
+def write_results(before: dict, per_run: list[dict], total_s: float, tune: dict | None = None, leftovers: dict | None = None) -> None:
     after = per_run[-1] if per_run else before
+    last = [row["driver_rss_mb"] for row in per_run[-10:]]
     result = {"runs_requested": RUNS, "runs_done": len(per_run), "tune": tune,
+              "driver_rss_slope_mb_per_run_last10": slope(last) if len(last) > 1 else None,
+              "run_dir_mb_max": max((row["run_dir_mb"] for row in per_run), default=None),
+              "left_after_shutdown": leftovers,
               "setup": {"model": "MiniLM-L6", "overrides": OVERRIDES, "cpu_count": os.cpu_count()},
               "before": before, "after_last_run": after, "total_s": total_s,
               "growth": {key: after[key] - before[key] for key in before}, "per_run": per_run}

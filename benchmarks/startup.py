@@ -56,8 +56,9 @@ def raytune_ft(address: str | None) -> dict[str, float]:
 
 
 def ray(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    # The user's own environment, as for the runs: a Ray started with another RAY_AUTH_MODE than
+    # its drivers' cannot call back into them (token auth is on by default), and a run waits.
+    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], cwd=ROOT, check=True, capture_output=True)
 
 
 def main() -> None:

@@ -92,10 +92,12 @@ def test_zero3_with_cpu_offload_exports_a_model_transformers_loads(straight_runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_resume_after_crash_matches_uninterrupted_run(config, straight_runs, tiny_bert, sentiment_data, tmp_path, monkeypatch):
+def test_resume_after_crash_matches_uninterrupted_run(straight_runs, tiny_bert, sentiment_data, tmp_path, monkeypatch):
     """Epoch 1's sharded checkpoint is reported by both ranks, then rank 0 crashes; resuming loads
-    every rank's shard and ends with the uninterrupted run's weights."""
+    every rank's shard and ends with the uninterrupted run's weights. ZeRO-3 only: its checkpoint
+    holds every partition ZeRO-1 and 2 write (optimizer states) and the parameters' besides, through
+    the same save and load calls (a ZeRO-2 case cost the suite 72 s and covered nothing more)."""
+    config = "zero3"
     recipe = recipe_for(config, tiny_bert, sentiment_data, tmp_path / "resumed")
     monkeypatch.setenv("RAYTUNE_FT_FAULT", "raise_after_epoch:1")
     with pytest.raises(TrainingFailed, match="injected fault after epoch 1"):

@@ -84,6 +84,26 @@ def test_tiny_efficientnet_learns_fashion_mnist_on_two_workers(tiny_efficientnet
     assert model.classifier.out_features == 10
 
 
+def test_same_recipe_and_seed_give_the_same_metrics_and_weights(tiny_efficientnet, local_ray, tmp_path):
+    """Every source of randomness is seeded (weights of the new head, data split and shuffle,
+    augmentation per seed, epoch and rank, dropout): two 2-worker runs of one augmented recipe
+    give the same metrics and the same exported weights."""
+    from safetensors.torch import load_file
+
+    sizing = {"train": {"lr": 5e-3, "epochs": 2, "batch_size": 16, "schedule": "constant", "seed": 3, "log_every": 10}}
+    runs = []
+    for name in ("first", "second"):
+        recipe = validate_recipe(image_recipe(tiny_efficientnet, tmp_path / name, max_rows=96) | sizing)
+        summary = run(recipe)
+        history = [json.loads(line) for line in (recipe.run_dir() / "metrics.jsonl").read_text().splitlines()]
+        clock = ("time", "per_s", "wait")  # how fast, not what was learned
+        runs.append((summary["test"], [{k: v for k, v in row.items() if not any(word in k for word in clock)} for row in history],
+                     load_file(recipe.run_dir() / "model" / "model.safetensors")))
+    (test_a, history_a, weights_a), (test_b, history_b, weights_b) = runs
+    assert test_a == test_b and history_a == history_b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+
+
 def test_frozen_body_keeps_batch_norm_statistics(tiny_efficientnet):
     """Head-only training must leave the body bit-identical: frozen batch norms stay in eval mode."""
     from raytune_ft.tasks import build_task

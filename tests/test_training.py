@@ -264,3 +264,36 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     # The workers' own log lines may not reach the driver before it exits; the summary records it.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_at"] == [{"epoch": 1, "step": epochs[0]["step"]}]
+
+
+def test_the_next_epochs_batches_are_opened_ahead_and_closed_when_not_needed():
+    """EpochBatches opens an epoch's iterator and fetches its first batch in a thread when asked
+    ahead (while the previous epoch evaluates); the epoch then yields every batch in order. An
+    epoch left part-way (max_steps) and one prepared but never run (early stopping) have their
+    iterators closed, which ends Ray Data's prefetch threads."""
+    import threading
+
+    from raytune_ft.train.loop import EpochBatches
+
+    opened, closed = [], []
+
+    def open_epoch(epoch: int):
+        opened.append((epoch, threading.current_thread().name))
+        try:
+            yield from ({"epoch": epoch, "index": index} for index in range(3))
+        finally:
+            closed.append(epoch)
+
+    batches = EpochBatches(open_epoch)
+    first = batches.epoch(1)
+    assert opened == []  # opened at the first fetch, which the loop times as data wait
+    assert [b["index"] for b in first] == [0, 1, 2] and closed == [1]
+    batches.prepare(2)
+    second = batches.epoch(2)
+    assert next(second) == {"epoch": 2, "index": 0}
+    assert opened[1] == (2, opened[1][1]) and opened[1][1].startswith("next-epoch-batches")
+    second.close()  # left after one step
+    assert closed == [1, 2]
+    batches.prepare(3)  # early stopping then ends the run before epoch 3
+    batches.close()
+    assert closed == [1, 2, 3] and [epoch for epoch, _ in opened] == [1, 2, 3]
