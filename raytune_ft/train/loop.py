@@ -21,6 +21,8 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -182,6 +184,44 @@ def progress(epoch: int, state: dict[str, Any], total_steps: int, loss_sum: torc
             f"lr {lr:.2e} {rows / elapsed:.1f} samples/s data-wait {wait / elapsed:.0%}")
 
 
+class EpochBatches:
+    """Each epoch's train batches. The next epoch's iterator is opened, and its first batch
+    fetched, in a thread while this epoch is evaluated and checkpointed: an epoch's first step
+    otherwise waits for the iterator's start-up (Ray Data's threads, the first collate), which
+    on a short epoch was most of its data wait (issue 46). Waiting for that thread, if it is
+    late, is counted as data wait like any fetch."""
+
+    def __init__(self, open_epoch: Callable[[int], Iterator[dict]]):
+        self._open_epoch = open_epoch
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="next-epoch-batches")
+        self._ahead: dict[int, Future] = {}
+
+    def _start(self, epoch: int) -> tuple[Iterator[dict], list[dict]]:
+        iterator = iter(self._open_epoch(epoch))
+        first = next(iterator, None)
+        return iterator, [] if first is None else [first]
+
+    def prepare(self, epoch: int) -> None:
+        """Open ``epoch``'s batches now, in the background."""
+        self._ahead[epoch] = self._pool.submit(self._start, epoch)
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """``epoch``'s batches: the prepared ones, else opened at the first fetch."""
+        ahead = self._ahead.pop(epoch, None)
+        iterator, first = ahead.result() if ahead else self._start(epoch)
+        try:
+            yield from first
+            yield from iterator
+        finally:
+            iterator.close()  # a stopped epoch (max_steps) ends its prefetch threads now
+
+    def close(self) -> None:
+        for ahead in self._ahead.values():  # prepared for an epoch that early stopping cancelled
+            ahead.result()[0].close()
+        self._ahead.clear()
+        self._pool.shutdown()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -218,6 +258,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stopping = train.early_stopping
     augment = getattr(task, "augment", None)  # train batches only: evaluation sees the data as it is
     done = state["step"] >= steps.total_steps or state["stopped_early"]
+    # Pinned host memory: the copy to a GPU runs asynchronously. Batches ready ahead: several,
+    # so that a fetch thread late for one step (a busy host) still has the next batch waiting.
+    train_batches = EpochBatches(lambda epoch: shards["train"].iter_torch_batches(
+        batch_size=train.batch_size, collate_fn=Collate(task), pin_memory=backend.device.type == "cuda", prefetch_batches=PREFETCH_BATCHES,
+        local_shuffle_buffer_size=recipe.data.shuffle_buffer or None, local_shuffle_seed=train.seed * 1000 + epoch,
+    ))
 
     while not done:
         epoch = state["epoch"] + 1
@@ -232,12 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         backend.model.train()
         loss_sum, wait, samples = torch.zeros(2, dtype=torch.float64), 0.0, 0
         started = time.perf_counter()
-        # Pinned host memory: the copy to a GPU runs asynchronously. Batches ready ahead: several,
-        # so that a fetch thread late for one step (a busy host) still has the next batch waiting.
-        batches = iter(shards["train"].iter_torch_batches(
-            batch_size=train.batch_size, collate_fn=Collate(task), pin_memory=backend.device.type == "cuda", prefetch_batches=PREFETCH_BATCHES,
-            local_shuffle_buffer_size=recipe.data.shuffle_buffer or None, local_shuffle_seed=train.seed * 1000 + epoch,
-        ))
+        batches = train_batches.epoch(epoch)
         for index in range(steps.micro_batches_per_epoch):
             fetch = time.perf_counter()
             batch = next(batches, None)
@@ -271,6 +312,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if state["step"] >= steps.total_steps:
                     break
         elapsed = time.perf_counter() - started
+        batches.close()
+        if state["step"] < steps.total_steps:
+            train_batches.prepare(epoch + 1)
         # The worst rank's wait: under DDP the others wait for it at the all-reduce, which their
         # own clocks count as computing.
         wait = float(all_reduce_max(torch.tensor([wait], dtype=torch.float64)))
@@ -308,6 +352,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info("epoch %d done: train/loss %.4f, %s", epoch, record["train/loss"], shown)
         report(record, state, False, lambda d: save_checkpoint(d, state, loop, strategy, addons, rank, False, best_weights))
         maybe_fail(plan.fault, world, state["step"], epoch, rank, after_checkpoint=True)
+    train_batches.close()
 
     if best_weights is not None and state["best_epoch"] != state["epoch"]:
         backend.restore(best_weights)  # early stopping keeps the best evaluated weights
