@@ -231,8 +231,8 @@ def main() -> None:
 
     setup = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{os.cpu_count()} CPU cores, no GPU; shared with another test run (1-min load average per measurement: "
-                   "load_1min); the benchmark ran at nice 10",
+        "machine": f"{os.cpu_count()} CPU cores, no GPU; the 1-min load average at each measurement: load_1min; "
+                   f"niceness {os.getpriority(os.PRIO_PROCESS, 0)}",
         "pipeline": f"train split as shipped (retention and distill off), batch size and shuffle buffer as shipped; 1 cold + "
                     f"{WARM_EPOCHS} or more warm epochs (until {WARM_CPU_S} CPU-s) in one process against a consumer that "
                     "computes nothing, augmentation on the CPU; rows per CPU-second: cold of this process and the Ray it "
@@ -246,13 +246,15 @@ def main() -> None:
     init_ray(None, load_recipe(ROOT / "jobs" / f"{names[0]}.yaml"))
     ray.data.range(8).map_batches(lambda batch: batch).materialize()  # Ray Data's first start-up is no recipe's cost
     (ROOT / "runs" / "bench_data").mkdir(parents=True, exist_ok=True)
-    recipes: dict[str, Any] = {}
+    # Recipes measured before and not now (--recipes names fewer) keep their entries.
+    recipes: dict[str, Any] = {name: entry for name, entry in (json.loads(args.output.read_text())["recipes"].items() if args.output.exists() else [])
+                               if name not in names}
 
     def write() -> None:
         measured = [entry for entry in recipes.values() if "run" in entry]
         args.output.write_text(json.dumps({
             "setup": setup, "recipes": recipes,
-            "all_data_wait_epoch2_at_most_2pct": len(measured) == len(names) and all(e["data_wait_fraction_epoch2"] <= 0.02 for e in measured),
+            "all_data_wait_epoch2_at_most_2pct": len(measured) == len(RUN_ROWS) and all(e["data_wait_fraction_epoch2"] <= 0.02 for e in measured),
         }, indent=2) + "\n")
         if measured:
             plot(recipes, args.output.with_suffix(".png"))
