@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main() -> None:
     result = {
         "configuration": {"recipe": "jobs/chat_sft.yaml", "model": "SmolLM2-135M-Instruct", "strategy": "lora r16 q,k,v,o",
                           "conversations": args.rows, "max_length": args.max_length, "batch_size_per_worker": args.batch_size,
-                          "workers": 2, "epochs": 1, "training_tokens": tokens, "device": "CPU, 2 cores shared with other work"},
+                          "workers": 2, "epochs": 1, "training_tokens": tokens, "device": f"CPU, {os.cpu_count()} cores, no GPU", "load_average_1min_at_end": os.getloadavg()[0]},
         "runs": runs,
         **{f"tokens_per_s_{'packed' if packing else 'padded'}": statistics.mean(r["tokens_per_s"] for r in runs if r["packing"] == packing)
            for packing in (False, True)},
