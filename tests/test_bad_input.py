@@ -152,6 +152,11 @@ def case_missing_file(recipe, tmp_path):
     return "data.train: file not found", "nope.parquet"
 
 
+def case_path_too_long_to_look_up(recipe, tmp_path):
+    recipe["data"]["train"] = "x" * 300  # the OS refuses the lookup itself (ENAMETOOLONG): found by the property test
+    return "data.train: cannot look up xxxxxxxx", "File name too long"
+
+
 def case_missing_test_file(recipe, tmp_path):
     recipe["data"]["test"] = str(tmp_path / "gone" / "test.parquet")
     return "data.test: file not found"

@@ -162,12 +162,21 @@ def first_bad_cell(path: str, fmt: str, column: str, role: str) -> tuple[str, in
     return None
 
 
+def check_exists(path: str, field: str) -> None:
+    """A local split must exist. A path the OS refuses to look up (a name over 255 bytes, say)
+    is the same one-line error, not a traceback."""
+    try:
+        found = Path(path).exists()
+    except OSError as error:
+        raise UserError(field, f"cannot look up {path[:60]}{'...' if len(path) > 60 else ''}: {error.strerror}") from None
+    if not found:
+        raise UserError(field, f"file not found: {path}")
+
+
 def read_checked(path: str, fmt: str, columns: dict[str, str], field: str, prefix: str = "data",
                  label_roles: tuple[str, ...] = ("label",)) -> tuple[int, dict[str, list] | None]:
     """Verify every mapped column exists; count the rows and read the label columns (the cheap
     check): (rows, {role: values})."""
-    if not _is_remote(path) and not Path(path).exists():
-        raise UserError(field, f"file not found: {path}")
     if fmt == "images":
         labels = images.folder_labels(path, columns, field, prefix)
         if not labels:
@@ -209,6 +218,8 @@ def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str,
             continue
         field = f"{prefix}.{name}"
         path = assets.resolve(getattr(data, name), field)
+        if not _is_remote(path):
+            check_exists(path, field)
         fmt = detect_format(path, data.format) if not _is_remote(path) else (data.format if data.format != "auto" else "parquet")
         rows = None
         if _is_remote(path) and unread is not None:
