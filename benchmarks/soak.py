@@ -71,14 +71,23 @@ def slope(values: list[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
 
 
-def left_behind(temp_before: set[Path]) -> dict:
-    """After ray.shutdown(): processes still under the driver, raytune_ft temp folders made since the start."""
+def ray_processes() -> set[int]:
+    """Every Ray worker process on the machine (``ray::...``), whoever its parent: a worker whose
+    raylet is gone is re-parented to init, out of the driver's tree."""
+    return {p.pid for p in psutil.process_iter() if " ".join(_cmdline(p)).startswith("ray::")}
+
+
+def left_behind(temp_before: set[Path], ray_before: set[int]) -> dict:
+    """After ray.shutdown(): processes still under the driver, Ray worker processes anywhere that
+    were not there before the soak, raytune_ft temp folders made since the start."""
     import ray
 
     ray.shutdown()
     time.sleep(5)
     temp_now = set(Path(tempfile.gettempdir()).glob("raytune_ft_*")) - temp_before
     return {"processes": [" ".join(_cmdline(p))[:120] for p in psutil.Process().children(recursive=True)],
+            "ray_processes_anywhere": [" ".join(_cmdline(psutil.Process(pid)))[:120] for pid in ray_processes() - ray_before
+                                       if psutil.pid_exists(pid)],
             "temp_dirs": sorted(p.name for p in temp_now if "soak" not in p.name)}
 
 
@@ -92,6 +101,7 @@ def _cmdline(process) -> list[str]:
 def main() -> None:
     base = tempfile.mkdtemp(prefix="raytune_ft_soak_")
     first = load_recipe(ROOT / "jobs/text_classification.yaml", OVERRIDES + [f"output.dir={base}/run_000"])
+    ray_before = ray_processes()  # another Ray's, before this soak's own start
     init_ray(None, first)
     before, temp_before = measure(), set(Path(tempfile.gettempdir()).glob("raytune_ft_*"))
     per_run, started = [], time.perf_counter()
@@ -108,7 +118,7 @@ def main() -> None:
     tune = soak_tune(base) if TRIALS else None
     print(f"[soak] tune, {TRIALS} trials: {tune}", flush=True)
     write_results(before, per_run, time.perf_counter() - started, tune)
-    leftovers = left_behind(temp_before)
+    leftovers = left_behind(temp_before, ray_before)
     print(f"[soak] after ray.shutdown(): {leftovers}", flush=True)
     write_results(before, per_run, time.perf_counter() - started, tune, leftovers)
     shutil.rmtree(base, ignore_errors=True)
