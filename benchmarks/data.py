@@ -247,8 +247,8 @@ def main() -> None:
     ray.data.range(8).map_batches(lambda batch: batch).materialize()  # Ray Data's first start-up is no recipe's cost
     (ROOT / "runs" / "bench_data").mkdir(parents=True, exist_ok=True)
     # Recipes measured before and not now (--recipes names fewer) keep their entries.
-    recipes: dict[str, Any] = {name: entry for name, entry in (json.loads(args.output.read_text())["recipes"].items() if args.output.exists() else [])
-                               if name not in names}
+    earlier = json.loads(args.output.read_text())["recipes"] if args.output.exists() else {}
+    recipes: dict[str, Any] = {name: entry for name, entry in earlier.items() if name not in names}
 
     def write() -> None:
         measured = [entry for entry in recipes.values() if "run" in entry]

@@ -71,13 +71,14 @@ def slope(values: list[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
 
 
-def ray_processes() -> set[int]:
-    """Every Ray worker process on the machine (``ray::...``), whoever its parent: a worker whose
-    raylet is gone is re-parented to init, out of the driver's tree."""
-    return {p.pid for p in psutil.process_iter() if " ".join(_cmdline(p)).startswith("ray::")}
+def ray_processes() -> dict[int, str]:
+    """Every Ray worker process on the machine (``ray::...``), whoever its parent, pid -> command
+    line: a worker whose raylet is gone is re-parented to init, out of the driver's tree."""
+    commands = {p.pid: " ".join(_cmdline(p)) for p in psutil.process_iter()}
+    return {pid: command for pid, command in commands.items() if command.startswith("ray::")}
 
 
-def left_behind(temp_before: set[Path], ray_before: set[int]) -> dict:
+def left_behind(temp_before: set[Path], ray_before: dict[int, str]) -> dict:
     """After ray.shutdown(): processes still under the driver, Ray worker processes anywhere that
     were not there before the soak, raytune_ft temp folders made since the start."""
     import ray
@@ -86,8 +87,7 @@ def left_behind(temp_before: set[Path], ray_before: set[int]) -> dict:
     time.sleep(5)
     temp_now = set(Path(tempfile.gettempdir()).glob("raytune_ft_*")) - temp_before
     return {"processes": [" ".join(_cmdline(p))[:120] for p in psutil.Process().children(recursive=True)],
-            "ray_processes_anywhere": [" ".join(_cmdline(psutil.Process(pid)))[:120] for pid in ray_processes() - ray_before
-                                       if psutil.pid_exists(pid)],
+            "ray_processes_anywhere": [command[:120] for pid, command in ray_processes().items() if pid not in ray_before],
             "temp_dirs": sorted(p.name for p in temp_now if "soak" not in p.name)}
 
 

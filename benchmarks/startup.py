@@ -49,8 +49,8 @@ def torchrun() -> dict[str, float]:
 
 def raytune_ft(address: str | None) -> dict[str, float]:
     run_dir = ROOT / "runs" / "bench_startup"
-    shutil.rmtree(run_dir, ignore_errors=True)  # --force would keep it aside: 700 MB a run
-    command = [sys.executable, "-m", "raytune_ft.cli", "run", "jobs/text_classification.yaml", "--force", "--output", str(run_dir), *RUN]
+    shutil.rmtree(run_dir, ignore_errors=True)  # not --force, which keeps the old run aside: 700 MB a run
+    command = [sys.executable, "-m", "raytune_ft.cli", "run", "jobs/text_classification.yaml", "--output", str(run_dir), *RUN]
     process_s, _ = timed(command + (["--address", address] if address else []))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"process_s": process_s, "train_s": summary["train_time_s"], "fixed_s": process_s - summary["train_time_s"],

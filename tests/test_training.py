@@ -291,7 +291,8 @@ def test_the_next_epochs_batches_are_opened_ahead_and_closed_when_not_needed():
     batches.prepare(2)
     second = batches.epoch(2)
     assert next(second) == {"epoch": 2, "index": 0}
-    assert opened[1] == (2, opened[1][1]) and opened[1][1].startswith("next-epoch-batches")
+    epoch, thread = opened[1]
+    assert epoch == 2 and thread.startswith("next-epoch-batches")
     second.close()  # left after one step
     assert closed == [1, 2]
     batches.prepare(3)  # early stopping then ends the run before epoch 3

@@ -218,9 +218,11 @@ def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str,
             continue
         field = f"{prefix}.{name}"
         path = assets.resolve(getattr(data, name), field)
-        if not _is_remote(path):
+        if _is_remote(path):
+            fmt = data.format if data.format != "auto" else "parquet"
+        else:
             check_exists(path, field)
-        fmt = detect_format(path, data.format) if not _is_remote(path) else (data.format if data.format != "auto" else "parquet")
+            fmt = detect_format(path, data.format)
         rows = None
         if _is_remote(path) and unread is not None:
             unread.append((field, path))
