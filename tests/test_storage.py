@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -83,13 +84,17 @@ def s3_server(tmp_path):
 
 def test_a_run_on_s3_resumes_from_storage_alone(tiny_recipe, tmp_path, s3_server):
     """The same on a real S3 protocol server, through the command line (a fresh embedded Ray each
-    time, the head's disk gone in between): storage alone carries the run."""
+    time, the head's disk gone in between): storage alone carries the run. The first run is also
+    the quiet flag's case: -q silences every progress line, the Train workers' included (the
+    driver's level reaches them through raytune_ft.log), and leaves the results."""
     uri, env = s3_server
     tiny_recipe["train"]["epochs"] = 1
     tiny_recipe["output"]["storage_path"] = uri
     recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
-    first = cli("run", str(recipe_path), env=env)
+    first = cli("-q", "run", str(recipe_path), env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"^test accuracy +\S+ +[\d.]+", first.stdout, re.MULTILINE), first.stdout[-2000:]
+    assert "[raytune-ft]" not in first.stdout + first.stderr
     shutil.rmtree(tmp_path / "run")
     resumed = cli("run", str(recipe_path), "--resume", "--set", "train.epochs=2", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

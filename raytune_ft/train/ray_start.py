@@ -31,7 +31,7 @@ EMBEDDED_RAY_DEFAULTS = {
     "RAY_idle_worker_killing_time_threshold_ms": "300000",
     "RAY_prestart_worker_first_driver": "0",
 }
-WORKER_SETUP_HOOK = "raytune_ft.worker_setup.collect_garbage_less_often"
+WORKER_SETUP_HOOK = "raytune_ft.worker_setup.set_up_worker"
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
     "RAY_DATA_LOG_LEVEL": "WARNING",
@@ -119,7 +119,8 @@ def start_local_ray(**kwargs: Any) -> None:
     # torchrun: 0.66-0.70 -> 0.80-0.83 on cores short of CPU, no change on idle ones (benchmarks/MEASUREMENTS.md).
     # Every worker process runs WORKER_SETUP_HOOK before its first task or actor: fewer garbage
     # collections while a Train worker imports torch and transformers (a warm tiny 2-worker run:
-    # 21.1 -> 19.5 CPU-s, alternated twice; benchmarks/MEASUREMENTS.md).
+    # 21.1 -> 19.5 CPU-s, alternated twice; benchmarks/MEASUREMENTS.md), and a Train controller
+    # that cannot hang in Ray's native teardown at exit (raytune_ft.worker_setup).
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
         WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}

@@ -8,12 +8,15 @@ so nothing stays only on one node's disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -68,7 +71,8 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
     logger.info("%s: %d training rows, %s x batch %d, %d steps (%d/epoch), strategy %s", recipe.name, steps.train_rows, plural(workers, "worker"),
                 recipe.train.batch_size, steps.total_steps, steps.steps_per_epoch, recipe.strategy.method)
     try:
-        result = trainer.fit()
+        with sigint_handler_restored():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise TrainingFailed(error) from None
     logger.debug("last checkpoint: %s", result.checkpoint.path)
@@ -84,6 +88,23 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
                 staging.rename(run_dir / name)
     state["plan"] = steps
     return state
+
+
+@contextlib.contextmanager
+def sigint_handler_restored() -> Iterator[None]:
+    """Ray Train's ``fit()`` installs a Ctrl-C handler (the first press aborts the run gracefully)
+    that holds the run's controller actor, and leaves it installed: the finished run's controller
+    process (~400 MB) lived on until the next run replaced the handler or the driver exited.
+    Putting the previous handler back lets the controller end with its run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Train installs no handler off the main thread (a Tune trial)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_baseline(base: Recipe, data: PreparedData, started: float) -> dict[str, Any]:
