@@ -124,9 +124,10 @@ def test_a_worker_killed_while_writing_a_checkpoint_costs_nothing(ddp_run, tmp_p
     handler = signal.getsignal(signal.SIGINT)
     summary = run(validate_recipe(recipe))
     assert signal.getsignal(signal.SIGINT) is handler
-    job = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()  # this test process's Ray, by address: the other test process runs one too
     deadline = time.monotonic() + 60
-    while list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"), ("job_id", "=", job)]):
+    while list_actors(address=context.gcs_address,
+                      filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"), ("job_id", "=", context.get_job_id())]):
         assert time.monotonic() < deadline, "the finished run's Train controller is still alive"
         time.sleep(0.5)
     assert (tmp_path / "killed" / FAULT_MARKER).exists()
