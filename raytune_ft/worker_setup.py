@@ -25,15 +25,16 @@ def collect_garbage_less_often() -> None:
 
 
 def end_train_controller_at_exit() -> None:
-    """End a Train controller's process here, after Python's own exit handlers, before Ray's
-    native teardown. That teardown can deadlock: shutting down the core worker's event loop
-    destroys a pending publish that posts back to the same loop and takes its mutex a second time
-    (gdb: ``scheduler::shutdown`` -> ``Publisher::~Publisher`` -> ``post_immediate_completion``).
-    The controller then sleeps for ever holding ~400 MB, and outlives the Ray that started it
-    (the soak found one in 20 runs, twice; benchmarks/results/soak.json). The controller owns
-    the run's worker actors, so it is the process that publishes at exit. When the interpreter
-    exits, its task loop has ended and it has told its raylet that it is leaving: only the
-    streams need flushing. Other processes exit as Ray has them."""
+    """End a Train controller's process here, at interpreter exit, before Ray's own exit handler
+    (registered earlier, so run later) and its native teardown. That teardown can deadlock:
+    shutting down the core worker's event loop destroys a pending publish that posts back to the
+    same loop and takes its mutex a second time (gdb: ``scheduler::shutdown`` ->
+    ``Publisher::~Publisher`` -> ``post_immediate_completion``). The controller then sleeps for
+    ever holding ~400 MB and outlives the Ray that started it (two in one soak's 20 runs, one in
+    the next: docs/reliability.md). The controller owns the run's worker actors, so it is the
+    process that publishes at exit. When the interpreter exits, its task loop has ended and it
+    has told its raylet that it is leaving: only logging and the streams need flushing. Other
+    processes exit as Ray has them."""
     import ray._raylet
 
     if not ray._raylet.getproctitle().startswith(TRAIN_CONTROLLER_TITLE):

@@ -168,8 +168,9 @@ def test_embedded_ray_workers_collect_garbage_less_often(local_ray):
 
 def test_a_train_controller_process_ends_before_rays_native_teardown(local_ray, tmp_path):
     """Ray's native teardown at exit can deadlock a Train controller (raytune_ft.worker_setup): a
-    process titled ray::TrainController ends right after Python's exit handlers, without it; any
-    other actor's process exits through Ray's as before. Both are gone once their handles are."""
+    process titled ray::TrainController ends at exit before Ray's exit handler and that teardown
+    run; any other actor's process exits through them as before. Both are gone once their
+    handles are."""
     import ray
 
     class ExitWatcher:  # defined here, so that it travels by value to the actor's process
