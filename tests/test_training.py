@@ -197,7 +197,7 @@ def test_a_train_controller_process_ends_before_rays_native_teardown(local_ray, 
         handle = actor.remote(str(tmp_path / name))
         exits[name] = psutil.Process(ray.get(handle.pid.remote()))
         del handle
-    gone, alive = psutil.wait_procs(exits.values(), timeout=60)
+    _, alive = psutil.wait_procs(exits.values(), timeout=60)
     assert not alive
     assert not (tmp_path / "TrainController").exists() and (tmp_path / "OtherActor").exists()
 

@@ -218,13 +218,14 @@ def plan_splits(data: DataSection, prefix: str = "data", label_roles: tuple[str,
             continue
         field = f"{prefix}.{name}"
         path = assets.resolve(getattr(data, name), field)
-        if _is_remote(path):
+        remote = _is_remote(path)
+        if remote:
             fmt = data.format if data.format != "auto" else "parquet"
         else:
             check_exists(path, field)
             fmt = detect_format(path, data.format)
         rows = None
-        if _is_remote(path) and unread is not None:
+        if remote and unread is not None:
             unread.append((field, path))
         else:
             rows, label_values[name] = read_checked(path, fmt, columns, field, prefix, label_roles)
