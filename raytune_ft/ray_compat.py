@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 
 def quiet_train_logs() -> None:
@@ -88,3 +89,21 @@ def ships_with_working_dir(path: Path, working_dir: Path, excludes: list[str]) -
         if any(skip(step) for skip in skips):
             return False
     return True
+
+
+def materialized(tables: list) -> Any:
+    """A Ray MaterializedDataset of these Arrow tables, one block each, made in this process:
+    ``ray.data.from_arrow`` computes every block's metadata in a Ray task, which in a job that has
+    no Ray Data worker yet starts a process that imports Ray Data, for tables this process holds."""
+    import ray
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import FromArrow
+    from ray.data._internal.stats import DatasetStats
+    from ray.data.block import BlockExecStats, BlockMetadataWithSchema
+    from ray.data.context import DataContext
+    from ray.data.dataset import MaterializedDataset
+
+    metadata = [BlockMetadataWithSchema.from_block(table, block_exec_stats=BlockExecStats.builder().build()) for table in tables]
+    context = DataContext.get_current().copy()
+    plan = LogicalPlan(FromArrow([ray.put(table) for table in tables], metadata), context)
+    return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))

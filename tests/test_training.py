@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -60,6 +61,37 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
 
 
 @pytest.mark.e2e  # the fast tier's one end-to-end run (make test-fast)
+def test_the_driver_prepares_a_one_block_split_as_ray_datas_tasks_do(tiny_recipe, local_ray, monkeypatch):
+    """A small split is preprocessed on the driver; the same recipe with every split over the
+    driver's limit goes through Ray Data's readers and tasks. Both give each worker the same train
+    rows in the same order, the same evaluation rows, and count the same rows read. (A retention
+    reference's splits take the same function.)"""
+    from raytune_ft.data import tabular
+    from raytune_ft.data.sharding import ExactEvalDataConfig
+    from raytune_ft.train.datasets import prepare_datasets
+    from raytune_ft.train.planning import plan_run
+
+    tiny_recipe["data"].update(max_rows=150, on_bad_rows="skip")
+    recipe = validate_recipe(tiny_recipe)
+
+    def shards() -> dict[str, list[list[str]]]:
+        """Each dataset's rows per worker, in order, each row as text."""
+        prepared = prepare_datasets(recipe, plan_run(recipe))
+        assert prepared.bad_rows == {"train": 0, "validation": 0, "test": 0}
+        return {name: [[repr({key: np.asarray(value).tolist() for key, value in row.items()}) for row in split.take_all()] for split in splits]
+                for name, splits in ExactEvalDataConfig(prepared.datasets, 2).splits.items()}
+
+    on_driver = shards()
+    monkeypatch.setattr(tabular, "SMALL_DATA_BYTES", 0)
+    recipe.data.cache = "always"  # cached still, as a small split is
+    by_ray_data = shards()
+    assert on_driver.keys() == by_ray_data.keys() == {"train", "validation", "test"}
+    assert on_driver["train"] == by_ray_data["train"] and len(on_driver["train"][0]) == len(on_driver["train"][1]) > 50
+    for name in on_driver:
+        assert sorted(sum(on_driver[name], [])) == sorted(sum(by_ray_data[name], [])), name
+        assert all(on_driver[name]), name  # every worker has a share
+
+
 def test_the_command_line_shows_progress_and_ends_with_the_summary_table(finished_text_run):
     """What `raytune-ft run` prints: live progress lines, each epoch's metrics, the closing table
     and where the outputs are; not Ray Data's hint to turn on the progress bars raytune-ft keeps off."""

@@ -432,9 +432,8 @@ class RetentionReferences(AddOn):
         datasets = {}
         for reference in planned:
             for split_name, split in reference.splits.items():
-                rows = tabular.rows_dataset(split, reference.data, reference.labels)
-                dataset = tabular.without_bad_rows(rows, split, reference.data, reference.labels).map_batches(reference.task.preprocess, batch_format="numpy")
-                datasets[reference_split(reference.name, split_name)] = dataset.repartition(2 * workers).materialize()
+                datasets[reference_split(reference.name, split_name)] = tabular.prepare_split(
+                    split, reference.data, reference.labels, [reference.task.preprocess], cache=True, blocks=2 * workers, equal=False)[0]  # scored again and again
         return datasets
 
     @classmethod

@@ -30,7 +30,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -369,7 +369,9 @@ class DropBadRows:
         return UserError(self.split.field or f"data.{self.split.name}", f"{where}: " + fix_or_skip(f"column {column!r} ({role}) is {problem}"))
 
 
-DRIVER_BLOCK_BYTES = 8 * 2**20  # blocks of a split read on the driver: several, so its preprocessing runs in parallel
+# Blocks of a split read on the driver: several, so Ray Data preprocesses them in parallel; a split
+# of one block is preprocessed on the driver (prepare_split).
+DRIVER_BLOCK_BYTES = 8 * 2**20
 
 
 def should_cache(split: Split, policy: str) -> bool:
@@ -386,20 +388,21 @@ def driver_table(split: Split, columns: list[str]):
     return arrow_dataset(split.path, split.fmt).to_table(columns=columns)
 
 
-def read_ray(split: Split, columns: list[str]):
-    """The split's columns as a Ray Dataset. A small local split is read here, on the driver, and
-    reaches Ray Data through the object store: the tasks that preprocess it may run on any node of
-    a cluster and need none of its files on their own disk. Larger local data and URIs (s3://,
-    gs://, ...) are read by Ray Data's tasks wherever they run, so on a cluster a local path must
-    be on a filesystem every node mounts (see docs/clusters.md)."""
+def read_ray(split: Split, columns: list[str], table=None):
+    """The split's columns as a Ray Dataset. A small local split is read here, on the driver
+    (``table``, when the caller has read it already), and reaches Ray Data through the object
+    store: the tasks that preprocess it may run on any node of a cluster and need none of its files
+    on their own disk. Larger local data and URIs (s3://, gs://, ...) are read by Ray Data's tasks
+    wherever they run, so on a cluster a local path must be on a filesystem every node mounts (see
+    docs/clusters.md)."""
     import pyarrow.csv as pacsv
     import ray.data
 
-    if is_small(split.path):
-        table = driver_table(split, columns)
+    if table is not None or is_small(split.path):
+        table = driver_table(split, columns) if table is None else table
         rows_per_block = max(1, table.num_rows * DRIVER_BLOCK_BYTES // max(table.nbytes, 1))
         return ray.data.from_arrow([table.slice(start, rows_per_block) for start in range(0, max(table.num_rows, 1), rows_per_block)])
-    if size is not None and sum(node["Alive"] for node in ray.nodes()) > 1:
+    if not _is_remote(split.path) and sum(node["Alive"] for node in ray.nodes()) > 1:
         logger.warning("%s is read by Ray Data's tasks on every node of this cluster: it must be a path they all mount", split.path)
     if split.fmt == "parquet":
         dataset = ray.data.read_parquet(split.path)
@@ -414,13 +417,22 @@ def read_ray(split: Split, columns: list[str]):
     return dataset.select_columns(columns)
 
 
-def rows_dataset(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None):
+def read_columns(split: Split, data: DataSection) -> list[str]:
+    """The source columns a split reads: each mapped column once (a column mapped to two roles is
+    read once), and an image folder's file paths."""
+    return list(dict.fromkeys(data.columns.values())) + (["path"] if split.fmt == "images" else [])
+
+
+def row_steps(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None) -> tuple[SelectRows, DropBadRows]:
+    """The two map_batches steps every split's rows take before the task's: select, then drop bad rows."""
+    return (SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label),
+            DropBadRows(split, data, label_roles_of(labels)))
+
+
+def rows_dataset(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None, table=None):
     """The streaming Ray Dataset of one split's rows, columns named by task role, labels encoded;
     bad rows included (so that skipping them can count them): ``without_bad_rows`` drops them."""
-    # A column mapped to two roles is read once.
-    dataset = read_ray(split, list(dict.fromkeys(data.columns.values())) + (["path"] if split.fmt == "images" else []))
-    select = SelectRows(data.columns, labels, split.holdout, data.validation_fraction, data.other_label)
-    dataset = dataset.map_batches(select, batch_format="numpy")
+    dataset = read_ray(split, read_columns(split, data), table).map_batches(row_steps(split, data, labels)[0], batch_format="numpy")
     if data.max_rows:
         dataset = dataset.limit(data.max_rows)
     return dataset
@@ -432,4 +444,58 @@ def label_roles_of(labels: list[str] | dict[str, list[str]] | None) -> tuple[str
 
 def without_bad_rows(rows, split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None):
     """``rows`` (of ``rows_dataset``) less its bad rows, per ``data.on_bad_rows``."""
-    return rows.map_batches(DropBadRows(split, data, label_roles_of(labels)), batch_format="numpy")
+    return rows.map_batches(row_steps(split, data, labels)[1], batch_format="numpy")
+
+
+def prepare_split(split: Split, data: DataSection, labels: list[str] | dict[str, list[str]] | None, steps: list,
+                  cache: bool, blocks: int, equal: bool) -> tuple[Any, Callable[[], int]]:
+    """One split through ``rows_dataset``, ``without_bad_rows`` and the task's ``steps`` (each a
+    map_batches function): the Ray Dataset, and how many rows were read before the bad ones went
+    (a function: counting a streamed split runs it). A ``cache``d split is materialized in
+    ``blocks`` blocks, ``equal`` (the train split: one per worker, each worker's share whole) or
+    near-equal; any other streams.
+
+    A cached split that is one block on the driver is preprocessed right here, by the same steps
+    on the same batch: Ray Data would run it as one task in one process too, and would add a
+    streaming execution per split and, in a worker process new to this job, that process's
+    imports (Ray Data, the tokenizer's or decoder's libraries: seconds of a core in every run).
+    Larger and remote splits stream through Ray Data's tasks, in parallel, wherever they run."""
+    table = driver_table(split, read_columns(split, data)) if cache and is_small(split.path) else None
+    if table is not None and table.nbytes <= DRIVER_BLOCK_BYTES:
+        from ray.data.block import BlockAccessor
+
+        from raytune_ft import ray_compat
+
+        def mapped(step, block):  # a block (Arrow, or pandas where Arrow cannot hold a column) as map_batches maps it
+            return BlockAccessor.batch_to_block(step(BlockAccessor.for_block(block).to_batch_format("numpy")))
+
+        select, drop_bad = row_steps(split, data, labels)
+        rows = mapped(select, table)
+        rows = BlockAccessor.for_block(rows).slice(0, data.max_rows) if data.max_rows else rows
+        block = mapped(drop_bad, rows)
+        for step in steps:
+            block = mapped(step, block)
+        read = BlockAccessor.for_block(rows).num_rows()
+        return ray_compat.materialized(split_block(block, blocks, equal)), lambda: read
+    rows = rows_dataset(split, data, labels, table)
+    dataset = without_bad_rows(rows, split, data, labels)
+    for step in steps:
+        dataset = dataset.map_batches(step, batch_format="numpy")
+    if cache:
+        dataset = (dataset if equal else dataset.repartition(blocks)).materialize()
+    return dataset, rows.count
+
+
+def split_block(block, blocks: int, equal: bool) -> list:
+    """``block`` in ``blocks`` slices, in order: equal ones and the remainder (an equal split of
+    the dataset then moves no row), or near-equal ones."""
+    from ray.data.block import BlockAccessor
+
+    rows = BlockAccessor.for_block(block)
+    count = rows.num_rows()
+    if equal:
+        size = count // blocks
+        bounds = [size * i for i in range(blocks + 1)] + ([count] if count % blocks else [])
+    else:
+        bounds = [round(count * i / blocks) for i in range(blocks + 1)]
+    return [rows.slice(start, end) for start, end in zip(bounds, bounds[1:])]

@@ -73,19 +73,17 @@ def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any]
     data, task = recipe.data, planned.task
     datasets, bad_rows = {}, {}
     for split in planned.splits:
-        rows = tabular.rows_dataset(split, data, planned.labels)
-        dataset = tabular.without_bad_rows(rows, split, data, planned.labels).map_batches(task.preprocess, batch_format="numpy")
-        if split.name == "train" and getattr(task, "packing", False):  # several examples a row (before counting: rows are packs)
-            dataset = dataset.map_batches(task.pack, batch_format="numpy")
+        train = split.name == "train"
+        steps = [task.preprocess, *([task.pack] if train and getattr(task, "packing", False) else [])]  # packs: several examples a row
         with data_errors(split):
-            if tabular.should_cache(split, data.cache):
-                # Evaluation shards are split by blocks: enough blocks that every worker gets a share.
-                dataset = (dataset if split.name == "train" else dataset.repartition(2 * recipe.scaling.workers)).materialize()
-            if split.name == "train":
+            # Train shards are one per worker; evaluation shards go by blocks: enough that every worker gets a share.
+            dataset, rows_read = tabular.prepare_split(split, data, planned.labels, steps, tabular.should_cache(split, data.cache),
+                                                            recipe.scaling.workers * (1 if train else 2), equal=train)
+            if train:
                 train_rows = dataset.count()
             if data.on_bad_rows == "skip":
-                kept = train_rows if split.name == "train" else dataset.count()
-                bad_rows[split.name] = count_bad_rows(split, rows.count(), kept, data.max_bad_fraction)
+                kept = train_rows if train else dataset.count()
+                bad_rows[split.name] = count_bad_rows(split, rows_read(), kept, data.max_bad_fraction)
         datasets[split.name] = dataset
     return datasets, train_rows, bad_rows
 
