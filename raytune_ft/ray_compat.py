@@ -107,3 +107,14 @@ def materialized(tables: list) -> Any:
     context = DataContext.get_current().copy()
     plan = LogicalPlan(FromArrow([ray.put(table) for table in tables], metadata), context)
     return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
+
+
+
+def torch_backend() -> tuple[type, Any]:
+    """Ray Train's backend for torch.distributed (the process group's set-up and teardown, which
+    the run's controller drives) and the framework it names, both private: the public way to
+    them, ``TorchConfig``, lives in a module that imports torch (see raytune_ft/train/torch_config.py)."""
+    from ray.train.torch.config import _TorchBackend
+    from ray.train.v2._internal.util import TrainingFramework
+
+    return _TorchBackend, TrainingFramework.TORCH

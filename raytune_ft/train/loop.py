@@ -1,7 +1,7 @@
 """THE training loop: one function every task, strategy, backend and add-on runs through.
 
-Runs on every Ray Train worker. Everything it needs arrives in ``config["plan"]`` (a ``RunPlan``:
-the typed recipe, the label set, the step plan); nothing is captured from the driver.
+Runs on every Ray Train worker. Everything it needs arrives in ``config["plan"]`` (a packed
+``RunPlan``: the typed recipe, the label set, the step plan); nothing is captured from the driver.
 
 Per epoch: stream the worker's train shard, accumulate gradients over ``grad_accum`` micro-batches,
 step; then evaluate the validation shard on every rank, reduce the metric statistics across ranks,
@@ -225,7 +225,7 @@ class EpochBatches:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    plan: RunPlan = config["plan"]
+    plan = RunPlan.unpacked(config["plan"])
     recipe, train, steps = plan.recipe, plan.recipe.train, plan.steps
     run_at_niceness(os.environ.get(WORKER_NICENESS))
     worker_logging(config["log_level"])

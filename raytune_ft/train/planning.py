@@ -67,7 +67,7 @@ class PlannedData:
 
 @dataclass
 class RunPlan:
-    """Everything a worker needs of one Ray Train run (``train_loop_config["plan"]``)."""
+    """Everything a worker needs of one Ray Train run (``train_loop_config["plan"]``, packed)."""
 
     recipe: Recipe
     labels: list[str] | dict[str, list[str]] | None
@@ -77,6 +77,22 @@ class RunPlan:
     threads: int  # torch threads per worker
     fault: dict[str, Any]  # an injected fault (tests), or {}
     resume_from: Any = None  # a checkpoint to start from when the run has none of its own (PBT)
+
+    def packed(self) -> bytes:
+        """The plan as ``train_loop_config`` carries it: pickled here, unpickled on the workers
+        (``unpacked``). Ray Train's controller unpickles the config, and unpickling a RunPlan
+        imports the task, strategy and add-on modules, torch among them: ~2 s of a core at the
+        head of every run, before the controller asked for a worker. Bytes stay bytes there."""
+        from ray import cloudpickle
+
+        return cloudpickle.dumps(self)
+
+    @staticmethod
+    def unpacked(packed: bytes) -> RunPlan:
+        """A plan ``packed`` by this run's driver (Ray's own transport pickles it the same way)."""
+        import pickle
+
+        return pickle.loads(packed)
 
 
 def check_strategy(recipe: Recipe, task) -> None:

@@ -36,6 +36,7 @@ from raytune_ft.train.loop import train_loop_per_worker
 from raytune_ft.train.outputs import write_outputs
 from raytune_ft.train.planning import RunPlan, plan_run, step_plan
 from raytune_ft.train.ray_start import check_ray_address, init_ray
+from raytune_ft.train.torch_config import DeferredTorchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
                    threads=max(1, int(per_worker.get("CPU", 1))), fault=fault_config(run_dir), resume_from=resume_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "log_level": log.level()},
+        train_loop_config={"plan": plan.packed(), "log_level": log.level()},
+        torch_config=DeferredTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=recipe.scaling.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
