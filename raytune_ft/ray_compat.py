@@ -118,3 +118,16 @@ def torch_backend() -> tuple[type, Any]:
     from ray.train.v2._internal.util import TrainingFramework
 
     return _TorchBackend, TrainingFramework.TORCH
+
+
+def start_data_actors() -> None:
+    """Create Ray Data's two cluster-wide actors (its stats and its autoscaling coordinator) from
+    this process. Both are detached and pinned to the node of the first process that runs a Ray
+    Data execution, for the life of the cluster; when the driver has prepared every split itself,
+    that process is a Train worker, and an autoscaler never removes its node again (it never
+    goes idle). Ray Data offers no public way to create them."""
+    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytune_ft import ray_compat
 from raytune_ft.addons import ADDONS
 from raytune_ft.data import tabular
 from raytune_ft.errors import UserError, find_user_error
@@ -91,6 +92,7 @@ def split_datasets(recipe: Recipe, planned: PlannedData) -> tuple[dict[str, Any]
 def prepare_datasets(recipe: Recipe, planned: PlannedData) -> PreparedData:
     """The target splits and every add-on's datasets, ready for Ray Train."""
     started = time.perf_counter()
+    ray_compat.start_data_actors()  # on the driver's node, not a Train worker's
     datasets, train_rows, bad_rows = split_datasets(recipe, planned)
     addon_datasets = {section: ADDONS[section].datasets(addon_plan, recipe.scaling.workers) for section, addon_plan in planned.addons.items()}
     logger.info("data ready in %.1f s", time.perf_counter() - started)
