@@ -109,7 +109,6 @@ def materialized(tables: list) -> Any:
     return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
 
 
-
 def torch_backend() -> tuple[type, Any]:
     """Ray Train's backend for torch.distributed (the process group's set-up and teardown, which
     the run's controller drives) and the framework it names, both private: the public way to
