@@ -60,7 +60,6 @@ def test_two_worker_ddp_run_learns_and_writes_outputs(ddp_run):
     assert [model.config.id2label[i] for i in predicted] == ["positive", "negative"]
 
 
-@pytest.mark.e2e  # the fast tier's one end-to-end run (make test-fast)
 def test_the_driver_prepares_a_one_block_split_as_ray_datas_tasks_do(tiny_recipe, local_ray, monkeypatch):
     """A small split is preprocessed on the driver; the same recipe with every split over the
     driver's limit goes through Ray Data's readers and tasks. Both give each worker the same train
@@ -92,6 +91,7 @@ def test_the_driver_prepares_a_one_block_split_as_ray_datas_tasks_do(tiny_recipe
         assert all(on_driver[name]), name  # every worker has a share
 
 
+@pytest.mark.e2e  # the fast tier's one end-to-end run (make test-fast)
 def test_the_command_line_shows_progress_and_ends_with_the_summary_table(finished_text_run):
     """What `raytune-ft run` prints: live progress lines, each epoch's metrics, the closing table
     and where the outputs are; not Ray Data's hint to turn on the progress bars raytune-ft keeps off."""
