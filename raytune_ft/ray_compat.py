@@ -109,14 +109,20 @@ def materialized(tables: list) -> Any:
     return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
 
 
-def torch_backend() -> tuple[type, Any]:
+def torch_backend() -> type:
     """Ray Train's backend for torch.distributed (the process group's set-up and teardown, which
-    the run's controller drives) and the framework it names, both private: the public way to
-    them, ``TorchConfig``, lives in a module that imports torch (see raytune_ft/train/torch_config.py)."""
+    the run's controller drives), private: the public way to it, ``TorchConfig``, lives in a
+    module that imports torch (see raytune_ft/train/torch_config.py)."""
     from ray.train.torch.config import _TorchBackend
+
+    return _TorchBackend
+
+
+def torch_framework() -> Any:
+    """The framework Ray Train records for a torch run (its state export names it); private."""
     from ray.train.v2._internal.util import TrainingFramework
 
-    return _TorchBackend, TrainingFramework.TORCH
+    return TrainingFramework.TORCH
 
 
 def start_data_actors() -> None:

@@ -27,7 +27,7 @@ class DeferredTorchBackend(Backend):
 
     @functools.cached_property
     def torch_backend(self) -> Backend:
-        return ray_compat.torch_backend()[0]()
+        return ray_compat.torch_backend()()
 
     def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
         self.torch_backend.on_start(worker_group, backend_config)
@@ -59,4 +59,4 @@ class DeferredTorchConfig(BackendConfig):
 
     @property
     def framework(self) -> Any:
-        return ray_compat.torch_backend()[1]
+        return ray_compat.torch_framework()
