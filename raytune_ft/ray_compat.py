@@ -109,13 +109,31 @@ def materialized(tables: list) -> Any:
     return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
 
 
-def torch_backend() -> type:
-    """Ray Train's backend for torch.distributed (the process group's set-up and teardown, which
-    the run's controller drives), private: the public way to it, ``TorchConfig``, lives in a
-    module that imports torch (see raytune_ft/train/torch_config.py)."""
-    from ray.train.torch.config import _TorchBackend
+def torch_worker_step(name: str) -> Any:
+    """On a Train worker: one of Ray Train's private torch.distributed steps in
+    ``ray.train.torch.config`` (``_set_torch_distributed_env_vars``, ``_setup_torch_process_group``,
+    ``_shutdown_torch``). Their public way in, ``TorchConfig``, would import torch in the run's
+    controller (see raytune_ft/train/torch_config.py)."""
+    from ray.train.torch import config
 
-    return _TorchBackend
+    return getattr(config, name)
+
+
+def address_and_free_port() -> tuple[str, int]:
+    """On a Train worker: its node's address and a free port, where rank 0 listens (Ray Train's
+    own choice, private)."""
+    from ray.train._internal.utils import get_address_and_port
+
+    return get_address_and_port()
+
+
+def torch_shutdown_timeout_s() -> int:
+    """How long Ray Train waits for the workers' process group to shut down (its environment
+    variable, read as Ray reads it)."""
+    from ray._private.ray_constants import env_integer
+    from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
+
+    return env_integer(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
 
 
 def torch_framework() -> Any:

@@ -270,6 +270,11 @@ def threads_niceness(processes: list[psutil.Process]) -> dict[str, set[int]]:
     return found
 
 
+def imported_torch(process: psutil.Process) -> bool:
+    """Whether the process has loaded torch's library (imported torch)."""
+    return "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+
+
 VERBOSE_LINES = (  # what a -v run prints: the driver's debug lines and the workers' (Ray folds lines that
     # differ only in numbers, so the second worker's may show as a repeat)
     r"\[raytune-ft\] starting an embedded Ray with",
@@ -284,7 +289,8 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     The interrupted epoch restarts from its beginning (the step count at epoch 1's end), so
     metrics.jsonl holds every epoch exactly once. Damaged copies of the killed run are refused.
     The killed run is also the verbose flag's case: -v reaches the Train workers (raytune_ft.log),
-    which print their progress and their debug line through the driver."""
+    which print their progress and their debug line through the driver; and the place where the
+    live run's processes are looked at: their niceness, and torch loaded in the workers alone."""
     tiny_recipe["train"]["epochs"] = 3
     recipe_path = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
     run_dir = tmp_path / "run"
@@ -299,6 +305,8 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
             time.sleep(0.5)
         local_ray = psutil.Process(driver.pid).children(recursive=True)
         niceness = threads_niceness(local_ray)
+        roles = {role: [process for process in local_ray if role in " ".join(process.cmdline())] for role in ("TrainController", "RayTrainWorker")}
+        torch_in = {role: [imported_torch(process) for process in processes] for role, processes in roles.items()}
         # The workers' lines reach the driver through Ray's log monitor, a moment after they are written.
         output = ""
         while not all(re.search(line, output) for line in VERBOSE_LINES):
@@ -317,6 +325,8 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
     if os.geteuid() == 0:
         assert niceness["RayTrainWorker"] == {os.getpriority(os.PRIO_PROCESS, 0)}
     assert 15 in niceness["TrainController"]
+    # The controller drives the process group's set-up, torch-free (raytune_ft/train/torch_config.py).
+    assert torch_in == {"TrainController": [False], "RayTrainWorker": [True, True]}
     killed_at = latest_checkpoint(run_dir)
     assert killed_at.name == "checkpoint_epoch_0001" and not (run_dir / "summary.json").exists()
 

@@ -36,7 +36,7 @@ from raytune_ft.train.loop import train_loop_per_worker
 from raytune_ft.train.outputs import write_outputs
 from raytune_ft.train.planning import RunPlan, plan_run, step_plan
 from raytune_ft.train.ray_start import check_ray_address, init_ray
-from raytune_ft.train.torch_config import DeferredTorchConfig
+from raytune_ft.train.torch_config import TorchDistributedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan.packed(), "log_level": log.level()},
-        torch_config=DeferredTorchConfig(),
+        torch_config=TorchDistributedConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=recipe.scaling.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
