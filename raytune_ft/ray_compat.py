@@ -109,14 +109,14 @@ def materialized(tables: list) -> Any:
     return MaterializedDataset(plan, context, DatasetStats(metadata={"FromArrow": metadata}, parent=None))
 
 
-def torch_worker_step(name: str) -> Any:
-    """On a Train worker: one of Ray Train's private torch.distributed steps in
+def torch_worker_step(name: str, **kwargs: Any) -> Any:
+    """On a Train worker: run one of Ray Train's private torch.distributed steps in
     ``ray.train.torch.config`` (``_set_torch_distributed_env_vars``, ``_setup_torch_process_group``,
     ``_shutdown_torch``). Their public way in, ``TorchConfig``, would import torch in the run's
     controller (see raytune_ft/train/torch_config.py)."""
     from ray.train.torch import config
 
-    return getattr(config, name)
+    return getattr(config, name)(**kwargs)
 
 
 def address_and_free_port() -> tuple[str, int]:

@@ -259,14 +259,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / latest["checkpoint_dir_name"] if latest else None
 
 
-def threads_niceness(processes: list[psutil.Process]) -> dict[str, set[int]]:
-    """The niceness values of the threads of the Ray Train workers and of Train's controller."""
-    found: dict[str, set[int]] = {"RayTrainWorker": set(), "TrainController": set()}
+def train_processes(processes: list[psutil.Process]) -> dict[str, list[psutil.Process]]:
+    """The Ray Train workers and Train's controller among these processes."""
+    found: dict[str, list[psutil.Process]] = {"RayTrainWorker": [], "TrainController": []}
     for process in processes:
         with contextlib.suppress(psutil.Error):
             kind = next((kind for kind in found if kind in " ".join(process.cmdline())), None)
             if kind:
-                found[kind] |= {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in process.threads()}
+                found[kind].append(process)
+    return found
+
+
+def threads_niceness(processes: list[psutil.Process]) -> set[int]:
+    """The niceness values of these processes' threads."""
+    found: set[int] = set()
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            found |= {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in process.threads()}
     return found
 
 
@@ -304,8 +313,8 @@ def test_driver_killed_after_first_checkpoint_resumes_each_epoch_once(tiny_recip
             assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
         local_ray = psutil.Process(driver.pid).children(recursive=True)
-        niceness = threads_niceness(local_ray)
-        roles = {role: [process for process in local_ray if role in " ".join(process.cmdline())] for role in ("TrainController", "RayTrainWorker")}
+        roles = train_processes(local_ray)
+        niceness = {role: threads_niceness(processes) for role, processes in roles.items()}
         torch_in = {role: [imported_torch(process) for process in processes] for role, processes in roles.items()}
         # The workers' lines reach the driver through Ray's log monitor, a moment after they are written.
         output = ""

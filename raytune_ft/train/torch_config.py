@@ -23,11 +23,6 @@ from raytune_ft import ray_compat
 logger = logging.getLogger(__name__)
 
 
-def torch_config_call(name: str, **kwargs: Any) -> Any:
-    """On a worker: Ray's ``ray.train.torch.config.<name>`` (a process-group set-up or teardown step)."""
-    return ray_compat.torch_worker_step(name)(**kwargs)
-
-
 def set_master_address(address: str, port: int) -> None:
     """On a worker: where rank 0 listens (torch.distributed's ``env://`` initialisation)."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
@@ -43,14 +38,14 @@ class TorchDistributedBackend(Backend):
         backend = backend_config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
         address, port = worker_group.execute_single(0, ray_compat.address_and_free_port)
         worker_group.execute(set_master_address, address=address, port=port)
-        worker_group.execute(torch_config_call, name="_set_torch_distributed_env_vars")  # LOCAL_RANK and the rest, before init
-        ray.get([worker_group.execute_single_async(rank, torch_config_call, name="_setup_torch_process_group", backend=backend,
+        worker_group.execute(ray_compat.torch_worker_step, name="_set_torch_distributed_env_vars")  # LOCAL_RANK and the rest, before init
+        ray.get([worker_group.execute_single_async(rank, ray_compat.torch_worker_step, name="_setup_torch_process_group", backend=backend,
                                                    world_rank=rank, world_size=len(worker_group), init_method="env://",
                                                    timeout_s=backend_config.timeout_s)
                  for rank in range(len(worker_group))])
 
     def on_shutdown(self, worker_group: Any, backend_config: TorchDistributedConfig) -> None:
-        futures = worker_group.execute_async(torch_config_call, name="_shutdown_torch", destroy_process_group=len(worker_group) > 1)
+        futures = worker_group.execute_async(ray_compat.torch_worker_step, name="_shutdown_torch", destroy_process_group=len(worker_group) > 1)
         timeout_s = ray_compat.torch_shutdown_timeout_s()
         try:
             ray.get(futures, timeout=timeout_s)
