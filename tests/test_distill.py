@@ -111,12 +111,13 @@ BAD_TEACHERS = [
     ("not_a_run", "distill.teacher: {path} is not a finished run (no recipe.yaml, summary.json, model)"),
     ("other_labels", "distill.teacher: {path} has labels ['negative', 'positive']; this run has ['positive', 'negative']"),
     ("other_task", "distill.teacher: {path} is a image_classification run; this run is text_classification"),
+    ("name_too_long", "distill.teacher: {short}...: File name too long"),  # the file system refuses the name itself
 ]
 
 
 @pytest.mark.parametrize("case,expected", BAD_TEACHERS, ids=[case for case, _ in BAD_TEACHERS])
 def test_bad_teacher_is_a_one_line_error(case, expected, tiny_recipe, finished_text_run, tiny_bert, tmp_path, cli_in_process):
-    teacher = {"missing": tmp_path / "nowhere", "not_a_run": tiny_bert}.get(case, finished_text_run)
+    teacher = {"missing": tmp_path / "nowhere", "not_a_run": tiny_bert, "name_too_long": tmp_path / ("x" * 300)}.get(case, finished_text_run)
     if case == "other_labels":
         tiny_recipe["data"]["labels"] = ["positive", "negative"]
     if case == "other_task":
@@ -128,4 +129,4 @@ def test_bad_teacher_is_a_one_line_error(case, expected, tiny_recipe, finished_t
     tiny_recipe["distill"] = {"teacher": str(teacher)}
     code, err = cli_in_process("run", str(write_recipe(tiny_recipe, tmp_path / "student.yaml")))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.strip().startswith(f"error: {expected.format(path=teacher)}"), err
+    assert err.strip().startswith(f"error: {expected.format(path=teacher, short=str(teacher)[:80])}"), err

@@ -41,10 +41,13 @@ def parameter_count(module: torch.nn.Module) -> int:
 def finished_teacher(path: str) -> FinishedRun:
     """The teacher's FinishedRun from its run directory or its ``model/`` directory."""
     given = Path(path).expanduser()
-    run_dir = given.parent if given.name == run_folder.MODEL and (given.parent / run_folder.RECIPE).is_file() else given
-    if not run_dir.is_dir():
-        raise UserError(FIELD, f"{path} not found; give the output.dir of a finished run (or its model/ directory)")
-    missing = [name for name in (run_folder.RECIPE, run_folder.SUMMARY, run_folder.MODEL) if not (run_dir / name).exists()]
+    try:  # a name the file system refuses (too long, say) raises here rather than reading as absent
+        run_dir = given.parent if given.name == run_folder.MODEL and (given.parent / run_folder.RECIPE).is_file() else given
+        if not run_dir.is_dir():
+            raise UserError(FIELD, f"{path} not found; give the output.dir of a finished run (or its model/ directory)")
+        missing = [name for name in (run_folder.RECIPE, run_folder.SUMMARY, run_folder.MODEL) if not (run_dir / name).exists()]
+    except OSError as error:
+        raise UserError(FIELD, f"{path[:80]}{'...' if len(path) > 80 else ''}: {error.strerror}") from None
     if missing:
         raise UserError(FIELD, f"{path} is not a finished run (no {', '.join(missing)}); give the output.dir of a finished run "
                                "(or its model/ directory)")
