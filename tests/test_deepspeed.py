@@ -10,6 +10,8 @@ snapshots (and at the end restores) the weights under every stage.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,14 @@ def test_deepspeed_recipe_lines_validate(tiny_recipe, tmp_path):
                  "--set", "deepspeed.config={zero_optimization: {stage: 3, stage3_max_live_parameters: 100000000}, gradient_accumulation_steps: 1}")
     assert result.returncode == 0, result.stderr
     assert "backend deepspeed" in result.stdout
+
+
+def test_zero3_fp32_master_partitions_are_the_parameter_partitions():
+    """fp32 ZeRO-3 keeps no second copy of its parameter partitions as optimizer masters, and
+    sharing them changes no weight (bitwise the same after 3 steps)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("zero3_master_partitions.py"))], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["plain"] == [False]  # DeepSpeed alone copies them: if this fails, its own aliasing works again
+    assert outcome["shared"] == [True] and outcome["equal"], outcome

@@ -101,6 +101,10 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
             # model: no saving at the peak); a bucket's worth is enough to overlap the next gather.
             "stage3_max_live_parameters": BUCKET_ELEMENTS,
             "stage3_max_reuse_distance": BUCKET_ELEMENTS,
+            # ZeRO-3 steps its partition in sub-groups, copying each one's gradients into a new
+            # flat tensor first: with the default 1e9 elements that copy is the whole gradient
+            # partition, the peak of every step (fp32 0.5B on 2 workers: +0.5 GiB a worker).
+            "sub_group_size": BUCKET_ELEMENTS,
         },
     }
     for key, (value, _) in recipe_settings(recipe).items():
@@ -128,6 +132,22 @@ def build_cpu_op() -> None:
     from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()
+
+
+def share_master_partitions(optimizer) -> None:
+    """ZeRO-3 whose weights are already in the master dtype (fp32, no offload): the optimizer
+    updates the parameter partitions themselves instead of a copy of them. DeepSpeed means to
+    (``_create_fp32_partitions`` aliases them when dtype and device match) but compares a
+    ``torch.device`` with a device-name string, never equal, and clones: 2 of the 10 bytes a
+    parameter that fp32 ZeRO-3 holds per worker on 2 ranks (benchmarks/MEASUREMENTS.md). Its
+    step already copies master to parameters in place, which aliased partitions make a no-op."""
+    if getattr(optimizer, "offload_optimizer", True) or getattr(optimizer, "params_in_nvme_and_cpu", True):
+        return
+    groups = zip(getattr(optimizer, "fp16_partitioned_groups_flat", []), getattr(optimizer, "fp32_partitioned_groups_flat", []))
+    for weights, master in groups:
+        if weights is not None and master.data_ptr() != weights.data_ptr() and weights.dtype == master.dtype \
+                and weights.device == master.device and weights.shape == master.shape:
+            master.data = weights.data  # the optimizer's state is keyed by ``master``, which stays
 
 
 @register
@@ -207,6 +227,8 @@ class DeepSpeedBackend:
         )
         self.module = self.model.module
         self.model.checkpoint_engine.load = load_weights_only
+        if self.partitioned:
+            share_master_partitions(self.model.optimizer)
 
     def accumulating(self, boundary: bool):
         """The loop decides the boundary (an epoch's last micro-batch ends an accumulation too)."""
@@ -269,22 +291,29 @@ class DeepSpeedBackend:
         """Under ZeRO-3, gather every parameter on every rank (a collective: all ranks enter)."""
         if not self.partitioned:
             return contextlib.nullcontext()  # stages 0-2 keep a full copy of the weights everywhere
+        return self.gathered(modifier_rank=None)
+
+    def gathered(self, modifier_rank: int | None):
+        """ZeRO-3: every parameter gathered, re-partitioned on leaving (from ``modifier_rank``'s copy).
+        A forward ends with the parameters its recorded trace needs next already being fetched;
+        an evaluation's forward has no backward to use them, and DeepSpeed refuses to
+        re-partition a parameter still in flight: all of them are released first."""
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        self.model.empty_partition_cache()
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=modifier_rank)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         with self.full_weights():
             return {key: value.detach().to("cpu", copy=True) for key, value in self.module.state_dict().items()}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights into the module (for evaluation and export; the optimizer's master copy is
-        left as it is, so training does not continue from here)."""
+        """Load weights into the module, for evaluation and export: training does not continue
+        from here (an fp32 ZeRO-3 optimizer's masters are the partitions loaded into; any other
+        optimizer's master copy is left as it was)."""
         if not self.partitioned:
             self.module.load_state_dict(state)
             return
-        import deepspeed
-
         # Every rank loads the same snapshot; rank 0's copy is re-partitioned on leaving.
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
+        with self.gathered(modifier_rank=0):
             self.module.load_state_dict(state)

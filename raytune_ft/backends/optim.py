@@ -29,7 +29,10 @@ def param_groups(model: torch.nn.Module, train: TrainSection) -> list[dict[str, 
 def build_optimizer(groups: list[dict[str, Any]], train: TrainSection) -> torch.optim.Optimizer:
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.AdamW(groups, lr=train.lr)
+    # torch's fused kernel updates each parameter in one pass; the default (foreach) update makes
+    # temporaries the size of the parameters it steps, which under ZeRO is one flat partition:
+    # fp32 0.25B on 2 workers, ZeRO-3's peak memory 6.4 -> 5.2 GiB (benchmarks/MEASUREMENTS.md).
+    return torch.optim.AdamW(groups, lr=train.lr, fused=True)
 
 
 # Hand-written: transformers' get_scheduler warms up from lr 0 (k/w, not (k+1)/(w+1): every shipped
