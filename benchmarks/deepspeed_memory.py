@@ -190,7 +190,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     import ray
 
-    from raytune_ft.train.ray_start import QUIET_RAY
+    from raytune_ft.train.ray_start import QUIET_RAY, start_local_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -206,7 +206,7 @@ def main() -> None:
 
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=args.workers + 1, logging_level="WARNING")
+    start_local_ray(num_cpus=args.workers + 1, logging_level="WARNING")  # the embedded Ray a run starts (its worker environment)
     rows = [run_config(name, precision, args) for precision in args.precisions.split(",") for name in CONFIGS]
     ray.shutdown()
 

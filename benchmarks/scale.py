@@ -204,7 +204,7 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     import ray
 
-    from raytune_ft.train.ray_start import QUIET_RAY
+    from raytune_ft.train.ray_start import QUIET_RAY, start_local_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -221,15 +221,18 @@ def main() -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_memory_usage_threshold", "0.92")  # Ray kills a worker before the kernel would
     rows = []
-    ray.init(num_cpus=args.workers + 1, logging_level="WARNING")
     for backend in args.backends.split(","):
+        # A fresh embedded Ray for each backend (the one a run starts, with its worker environment):
+        # the memory monitor may also kill Train's placement-group cleaner when a size does not
+        # fit, and the failed size's CPUs then stay reserved.
+        start_local_ray(num_cpus=args.workers + 1, logging_level="WARNING")
         for name in args.sizes.split(","):
             row = run_size(name, backend, args)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if not row["completed"]:
                 break  # larger sizes fail too
-    ray.shutdown()
+        ray.shutdown()
     results = {"args": vars(args), "machine": {"cpus": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
                **summarise(rows), "rows": rows}
     if not args.no_recipes:
