@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -217,6 +218,10 @@ class DeepSpeedBackend:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed 0.19 calls the collectives torch 2.11 deprecates, and torch warns at every
+        # step, into the user's console: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                                category=FutureWarning)
         optimizer = build_optimizer(param_groups(model, self.train), self.train)
         scheduler = build_scheduler(optimizer, self.train, total_steps)
         # DeepSpeed keeps the optimizer's param_group dicts, so the schedule built on them still
