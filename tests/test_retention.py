@@ -15,9 +15,12 @@ from raytune_ft.recipe import validate_recipe
 
 
 def body_distance(tuned: dict, base: dict) -> float:
-    """Relative L2 distance of the pretrained (body) weights from the base model."""
+    """Relative L2 distance of the pretrained body's weights from the base model (the pooler
+    trains with the head: TextClassificationTask.head_names)."""
     moved = total = 0.0
     for key, value in base.items():
+        if key.startswith("pooler."):
+            continue
         after = tuned.get("bert." + key, tuned.get(key))
         moved += float((after - value).pow(2).sum())
         total += float(value.pow(2).sum())
@@ -25,16 +28,17 @@ def body_distance(tuned: dict, base: dict) -> float:
 
 
 def test_head_only_keeps_the_body_bit_identical_and_retains_everything(retention_recipe, local_ray, tiny_bert):
-    """The head-only baseline trains the classifier alone: every pretrained weight is exported
-    unchanged, so the probe reference on the body's features scores as before, exactly."""
+    """The head-only baseline trains the classifier and the pooler alone: every other pretrained
+    weight is exported unchanged, so the probe reference on the body's features scores as before,
+    exactly."""
     retention_recipe["strategy"] = {"method": "head_only"}
     retention_recipe["train"]["epochs"] = 1
     recipe = validate_recipe(retention_recipe)
     summary = run(recipe)
     before = load_file(tiny_bert / "model.safetensors")
     after = load_file(recipe.run_dir() / "model" / "model.safetensors")
-    for key, value in before.items():
-        assert torch.equal(after["bert." + key if "bert." + key in after else key], value), key
+    assert body_distance(after, before) == 0
+    assert not torch.equal(after["bert.pooler.dense.weight"], before["pooler.dense.weight"])  # the head's
     retention = summary["retention"]
     assert retention["before"]["ref/topics/accuracy"] > 0.5  # the random tiny encoder's features carry topic (chance 1/3)
     assert retention["retention"]["retention/topics/accuracy"] == pytest.approx(1.0)
@@ -86,7 +90,8 @@ def test_lora_leaves_base_untouched_and_merges_on_export(tiny_recipe, local_ray,
     base = load_file(tiny_bert / "model.safetensors")
     tuned = load_file(recipe.run_dir() / "model" / "model.safetensors")
     assert not any("lora" in k for k in tuned)  # merged into plain weights
-    adapted = [k for k in base if k.endswith(("query.weight", "value.weight", "dense.weight"))]
+    # The pooler trains whole with the head (PEFT's modules_to_save, never adapted as well).
+    adapted = [k for k in base if k.endswith(("query.weight", "value.weight", "dense.weight")) or k.startswith("pooler.")]
     untouched = [k for k in base if k not in adapted]
     assert all(torch.equal(tuned["bert." + k], base[k]) for k in untouched)
     assert all(not torch.equal(tuned["bert." + k], base[k]) for k in adapted)
@@ -160,7 +165,9 @@ def test_gradual_and_lp_ft_schedules_on_a_real_model(tiny_recipe):
     strategy = strategy_of({"method": "lp_ft", "head_epochs": 2})
     model = strategy.prepare(task.build_model(), task)
     assert strategy.on_epoch_start(model, 1) is True
-    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.encoder"))
+    # The head is the new classifier and the checkpoint's pooler (whose output a frozen one leaves
+    # near-constant in sentence encoders): both probe, the encoder waits.
+    assert trainable(model) == {"classifier.weight", "classifier.bias", "bert.pooler"}
     assert strategy.on_epoch_start(model, 2) is False
     assert strategy.on_epoch_start(model, 3) is True and all(p.requires_grad for p in model.parameters())
 

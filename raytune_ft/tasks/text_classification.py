@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field
 from raytune_ft.errors import UserError
 from raytune_ft.models import mean_pool
 from raytune_ft.schema import Recipe, TaskOptions
+from raytune_ft.strategies import in_module
 from raytune_ft.tasks import ClassificationMetrics, check_positions, check_pretrained_weights, classification_loss, load_dtype, register
 
 
@@ -145,7 +146,16 @@ class TextClassification:
         return model
 
     def head_names(self, model: torch.nn.Module) -> list[str]:
-        return list(getattr(model, "raytune_ft_new_modules", None) or ["classifier"])
+        """The new modules, and the encoder's pooler where it has one: the dense layer that
+        BERT-style encoders put on the first token for sentence-level heads. Sentence encoders
+        (sentence-transformers pool the mean) never trained theirs: frozen, its near-constant
+        output left every head-only classifier on MiniLM at the majority class (docs/retention.md)."""
+        heads = list(getattr(model, "raytune_ft_new_modules", None) or ["classifier"])
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA, PEFT's wrapper
+        pooler = f"{base.base_model_prefix}.pooler"
+        if getattr(base.base_model, "pooler", None) is not None and not any(in_module(head, [pooler]) for head in heads):
+            heads.append(pooler)
+        return heads
 
     def forward(self, model, batch):
         return classification_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
