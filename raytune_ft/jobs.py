@@ -121,12 +121,10 @@ def entrypoint(arguments: list[str]) -> str:
 
 
 def runtime_env(working_dir: Path, pip: list[str]) -> dict:
-    from raytune_ft.train.ray_start import WORKER_ENV_VARS
-
     # Ray Train and Tune move their workers into the run's folder by default; the job's paths into
     # its shipped working directory are relative to it, so every process stays there.
     env: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES,
-                 "env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", **WORKER_ENV_VARS}}
+                 "env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
     if pip:
         env["pip"] = pip
     return env

@@ -159,3 +159,32 @@ def test_zero3_fp32_master_partitions_are_the_parameter_partitions():
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["plain"] == [False]  # DeepSpeed alone copies them: if this fails, its own aliasing works again
     assert outcome["shared"] == [True] and outcome["equal"], outcome
+
+
+
+MMAP_PROBE = """
+import ctypes, sys
+from raytune_ft.backends.deepspeed import return_freed_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "fixed":
+    return_freed_memory()
+libc.free(libc.malloc(16 << 20))  # by glibc's default, the threshold rises to 16 MiB here
+before = libc.mallinfo2().hblks
+libc.malloc(8 << 20)
+print(libc.mallinfo2().hblks > before)
+"""
+
+
+@pytest.mark.parametrize("threshold, mapped", [("default", "False"), ("fixed", "True")])
+def test_deepspeed_workers_return_freed_memory(threshold, mapped):
+    """The DeepSpeed backend fixes glibc's mmap threshold (``return_freed_memory``, run as the model
+    is built): after a large tensor is freed, an 8 MiB one is still memory-mapped (it goes back to
+    the system when freed); by glibc's default it comes from the heap, which keeps it."""
+    done = subprocess.run([sys.executable, "-c", MMAP_PROBE, threshold], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [mapped]

@@ -32,12 +32,6 @@ EMBEDDED_RAY_DEFAULTS = {
     "RAY_prestart_worker_first_driver": "0",
 }
 WORKER_SETUP_HOOK = "raytune_ft.worker_setup.set_up_worker"
-# The job's runtime env gives every worker process these at its start (glibc reads them once).
-# glibc raises its mmap threshold after each large tensor is freed and then serves large tensors
-# from a heap it does not give back, so gathered ZeRO-3 parameters and optimizer temporaries stay
-# resident; a fixed 128 KiB threshold returns them. fp32 0.25B on 2 workers: ZeRO-3's peak memory
-# 5.2 -> 3.6 GiB, DDP's 5.1 -> 4.9, step time within noise (benchmarks/MEASUREMENTS.md).
-WORKER_ENV_VARS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 QUIET_RAY = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
     "RAY_DATA_LOG_LEVEL": "WARNING",
@@ -126,8 +120,7 @@ def start_local_ray(**kwargs: Any) -> None:
     # Every worker process runs WORKER_SETUP_HOOK before its first task or actor: fewer garbage
     # collections while a Train worker imports torch and transformers (a warm tiny 2-worker run:
     # 21.1 -> 19.5 CPU-s, alternated twice; benchmarks/MEASUREMENTS.md), and a Train controller
-    # that cannot hang in Ray's native teardown at exit (raytune_ft.worker_setup). WORKER_ENV_VARS
-    # reach every worker process through the same runtime env.
+    # that cannot hang in Ray's native teardown at exit (raytune_ft.worker_setup).
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
         WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}
@@ -138,7 +131,7 @@ def start_local_ray(**kwargs: Any) -> None:
     os.environ.pop(FAULT_ENV, None)
     try:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK, "env_vars": WORKER_ENV_VARS}, **kwargs)
+                 runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK}, **kwargs)
     finally:
         for key, value in previous.items():
             if value is None:
