@@ -164,7 +164,7 @@ def test_zero3_fp32_master_partitions_are_the_parameter_partitions():
 
 MMAP_PROBE = """
 import ctypes, sys
-from raytune_ft.backends.deepspeed import return_freed_memory
+from raytune_ft.backends.deepspeed import prepare_worker
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -172,7 +172,7 @@ class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "fixed":
-    return_freed_memory()
+    prepare_worker()
 libc.free(libc.malloc(16 << 20))  # by glibc's default, the threshold rises to 16 MiB here
 before = libc.mallinfo2().hblks
 libc.malloc(8 << 20)
@@ -182,7 +182,7 @@ print(libc.mallinfo2().hblks > before)
 
 @pytest.mark.parametrize("threshold, mapped", [("default", "False"), ("fixed", "True")])
 def test_deepspeed_workers_return_freed_memory(threshold, mapped):
-    """The DeepSpeed backend fixes glibc's mmap threshold (``return_freed_memory``, run as the model
+    """The DeepSpeed backend fixes glibc's mmap threshold (``prepare_worker``, run as the model
     is built): after a large tensor is freed, an 8 MiB one is still memory-mapped (it goes back to
     the system when freed); by glibc's default it comes from the heap, which keeps it."""
     done = subprocess.run([sys.executable, "-c", MMAP_PROBE, threshold], capture_output=True, text=True, timeout=120)

@@ -137,15 +137,21 @@ def build_cpu_op() -> None:
     build_shm_op()
 
 
-def return_freed_memory() -> None:
-    """Fix glibc's mmap threshold at 128 KiB in this worker. glibc raises the threshold after each
-    large free and then serves large tensors from a heap it does not give back, so gathered ZeRO-3
-    parameters and optimizer temporaries stayed resident (fp32 0.25B on 2 workers: ZeRO-3's peak
-    5.2 -> 3.6 GiB). DeepSpeed runs only: every large tensor then takes fresh pages, 16% of a DDP
-    MiniLM step on CPU (benchmarks/MEASUREMENTS.md). A no-op without glibc."""
+def prepare_worker() -> None:
+    """This worker process, set for DeepSpeed (both calls are idempotent):
+
+    - glibc's mmap threshold fixed at 128 KiB. glibc raises it after each large free and then
+      serves large tensors from a heap it does not give back, so gathered ZeRO-3 parameters and
+      optimizer temporaries stayed resident (fp32 0.25B on 2 workers: ZeRO-3's peak 5.2 -> 3.6
+      GiB). DeepSpeed workers only: every large tensor then takes fresh pages, 16% of a DDP
+      MiniLM step on CPU (benchmarks/MEASUREMENTS.md). A no-op without glibc.
+    - DeepSpeed 0.19 calls the collectives torch 2.11 deprecates, and torch warns at every call,
+      into the user's console: nothing a user can act on."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
 
 
 def share_master_partitions(optimizer) -> None:
@@ -197,13 +203,13 @@ class DeepSpeedBackend:
 
     @contextlib.contextmanager
     def model_building(self):
-        """Context in which the task builds the model (glibc set to return freed memory first).
+        """Context in which the task builds the model (the process prepared first: ``prepare_worker``).
         Under ZeRO-3, transformers' ``from_pretrained`` creates every parameter partitioned
         (``deepspeed.zero.Init``) and fills one gathered module at a time from rank 0's
         memory-mapped checkpoint, so no worker allocates the whole model; transformers asks for
         that through a global DeepSpeed config, set only while the model is built (a teacher
         built later must load whole)."""
-        return_freed_memory()
+        prepare_worker()
         if not self.partitioned:
             yield
             return
@@ -233,10 +239,7 @@ class DeepSpeedBackend:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # DeepSpeed 0.19 calls the collectives torch 2.11 deprecates, and torch warns at every
-        # step, into the user's console: nothing a user can act on.
-        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-                                category=FutureWarning)
+        prepare_worker()  # again: a model may have been built without model_building
         optimizer = build_optimizer(param_groups(model, self.train), self.train)
         scheduler = build_scheduler(optimizer, self.train, total_steps)
         # DeepSpeed keeps the optimizer's param_group dicts, so the schedule built on them still
