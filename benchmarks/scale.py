@@ -21,7 +21,7 @@ above ``RAY_memory_usage_threshold``, 0.92 here, before the kernel would) ends t
 the shipped text recipe and the real SmolLM2-135M recipe (``jobs/text_classification.yaml``,
 ``jobs/causal_lm_lora.yaml``, retention references on) run under DDP and under ZeRO-3, side by side. Writes ``benchmarks/results/scale.json`` and ``scale.png``.
 
-Run: ``make bench-scale`` (about an hour and a half on 2 cores; ``--sizes 0.1B,0.25B --no-recipes`` for
+Run: ``make bench-scale`` (about an hour on 2 cores; ``--sizes 0.1B,0.25B --no-recipes`` for
 a quick look).
 """
 

@@ -161,7 +161,6 @@ def test_zero3_fp32_master_partitions_are_the_parameter_partitions():
     assert outcome["shared"] == [True] and outcome["equal"], outcome
 
 
-
 MMAP_PROBE = """
 import ctypes, sys
 from raytune_ft.backends.deepspeed import prepare_worker
