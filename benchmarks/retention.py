@@ -102,8 +102,9 @@ IMAGE = Case(
         "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "strategy.target_modules=[_project_conv,_expand_conv]",
                  "train.lr=3e-3"],
         "lp_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1"],
-        "l2sp": ["regularizer.method=l2sp", "regularizer.strength=1.0"],
-        "ewc": ["regularizer.method=ewc", "regularizer.strength=100", "regularizer.fisher_samples=128"],
+        # A pull of 2 over the run: lambda = 2 / (lr 1e-3 x 66 steps / 2) (raytune_ft.search.floor.penalty_strengths).
+        "l2sp": ["regularizer.method=l2sp", "regularizer.strength=60"],
+        "ewc": ["regularizer.method=ewc", "regularizer.strength=60", "regularizer.fisher_samples=128"],
         "replay": ["replay.fraction=0.2", "replay.loss_weight=1.0"],
         # WiSE-FT on LP-FT: the head is trained on the base body first, so interpolating the body keeps a matching head.
         "wise_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1", "wise_ft.alphas=[0.25,0.5,0.75,1.0]",

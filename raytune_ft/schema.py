@@ -183,7 +183,8 @@ class RegularizerSection(Section):
     (distance weighted by a diagonal Fisher of the reference task, normalised to mean 1)."""
 
     method: Literal["l2sp", "ewc"]
-    strength: float = Field(gt=0, description="lambda of (lambda/2) * sum w * (theta - theta_0)^2")
+    strength: float = Field(gt=0, description="lambda of (lambda/2) * sum w * (theta - theta_0)^2, taken as a proximal step "
+                            "before each optimizer step: about lr x lambda x w of the distance back per step")
     reference: Optional[str] = Field(None, description="ewc: the retention reference for the Fisher; default the first")
     fisher_samples: int = Field(256, ge=8, description="ewc: reference rows for the Fisher estimate")
 

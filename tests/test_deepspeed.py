@@ -4,7 +4,10 @@ One uninterrupted run per configuration (DDP, ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-3 wit
 shared by the tests below: the loss-trajectory comparison, the export check and, as the reference,
 the resume tests. Every run accumulates 3 micro-batches per step over 40 micro-batches an epoch,
 so each epoch ends on a partial accumulation, and keeps the best epoch by accuracy, which
-snapshots (and at the end restores) the weights under every stage.
+snapshots (and at the end restores) the weights under every stage. Every run has an L2-SP penalty
+(lambda 10: lr x lambda x steps = 3e-3 x 10 x 42, a pull of 1.3 times the distance over the run), whose
+proximal step acts on each stage's own master weights (DDP's parameters, ZeRO-1/2 fragments of the
+flat optimizer partition, ZeRO-3 partitions): a step lost on any stage leaves its trajectory.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ CONFIGS = {  # deepspeed options, None for ddp; the hardest first, so a failure 
 def recipe_for(config: str, tiny_bert, sentiment_data, run_dir) -> dict:
     recipe = tiny_recipe_dict(tiny_bert, sentiment_data, run_dir)
     recipe["train"].update(epochs=3, batch_size=4, grad_accum=3, early_stopping={"metric": "eval/accuracy", "mode": "max", "patience": 10})
+    recipe["regularizer"] = {"method": "l2sp", "strength": 10.0}
     if CONFIGS[config] is not None:
         recipe["train"]["backend"] = "deepspeed"
         recipe["deepspeed"] = CONFIGS[config]

@@ -125,16 +125,19 @@ def test_a_floor_plans_validation_rows_for_every_reference(retention_recipe):
 
 
 def test_the_search_space_fits_the_model_and_the_references(retention_recipe, tiny_bert):
-    """Frozen depths below the model's 2 layers, LoRA ranks, L2-SP and EWC strengths on the probe,
-    replay of the probe's rows; the recipe's own settings first (none: no penalty, no replay)."""
+    """Frozen depths below the model's 2 layers, LoRA ranks, L2-SP and EWC strengths on the probe
+    (pulls of 0.5, 2 and 8 over the run), replay of the probe's rows; the recipe's own settings
+    first (none: no penalty, no replay)."""
     retention_recipe["retention"]["floor"] = 0.98
     recipe = validate_recipe(retention_recipe)
     recipe.data.labels = ["negative", "positive"]
-    space = mitigation_space(recipe)
+    recipe.train.lr = 1e-3
+    space = mitigation_space(recipe, steps=100)  # lambda = pull / (1e-3 * 100 / 2)
     assert space["strategy"][0] == {"method": "full"} and {"method": "freeze", "layers": 1} in space["strategy"]
     assert not any(s.get("layers", 0) >= 2 for s in space["strategy"])
     assert [s["rank"] for s in space["strategy"] if s["method"] == "lora"] == [4, 16]
-    assert space["regularizer"][0] is None and {"method": "ewc", "strength": 100.0, "reference": "topics"} in space["regularizer"]
+    assert space["regularizer"][0] is None and [r["strength"] for r in space["regularizer"][1:]] == [10.0, 40.0, 160.0] * 2
+    assert {"method": "ewc", "strength": 40.0, "reference": "topics"} in space["regularizer"]
     assert space["replay"] == [None, {"fraction": 0.1, "reference": "topics"}, {"fraction": 0.3, "reference": "topics"}]
 
 

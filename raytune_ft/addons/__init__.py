@@ -16,14 +16,14 @@ Driver side (classmethods, before Ray Train starts):
 Worker side (an instance per worker, built after the backend wraps the model):
 - ``start_epoch(epoch, seed)``; ``objective(objective, step)``: the micro-batch's objective with
   this add-on's term (``step``: batch, the task's outputs, micro-batch index, whether it ends an
-  accumulation); ``before_step(boundary)``: between the backward and the optimizer step (a
-  gradient term where parameters are partitioned); ``end_epoch(record, state)``: metrics for the epoch's record, and what the run's
+  accumulation); ``before_step(boundary)``: between the backward and the optimizer step (the
+  L2-SP/EWC proximal step); ``end_epoch(record, state)``: metrics for the epoch's record, and what the run's
   state keeps; ``save(directory, rank, final)`` / ``load(directory)``: its part of a checkpoint;
   ``finish(state)``: the last change to the weights (WiSE-FT); ``final(state)``: the last scores.
 
 How an add-on behaves under a backend goes through the backend's interface (``snapshot``,
-``restore``, ``full_weights``, ``partitioned`` and, for partitioned parameters, ``local_weights``,
-``local_grads``, ``add_to_local_grads``), so the add-on itself names no backend.
+``restore``, ``full_weights``, ``master_weights``, ``partitioned`` and, for partitioned parameters,
+``local_grads``), so the add-on itself names no backend.
 """
 
 from __future__ import annotations

@@ -4,9 +4,17 @@
 ``l2sp`` (Li et al. 2018): w = 1. ``ewc`` (Kirkpatrick et al. 2017): w = the diagonal Fisher of the
 reference task at the base model, normalised to mean 1 so lambda means the same on every model
 (the raw Fisher is tiny; search lambda on a log scale). Only pretrained parameters are anchored;
-the new head is free. The penalty is added to the loss of the micro-batch that ends an
-accumulation (times the accumulation count, since backends divide the loss by it), so every
-backend syncs and steps it like any other gradient.
+the new head is free.
+
+The penalty is a proximal step, decoupled from the gradient as AdamW decouples weight decay: before
+each optimizer step, theta <- theta - f * (theta - theta_0) with f = r / (1 + r), r = lr * lambda * w
+(the exact minimiser of the penalty plus the distance to theta, so stable at any strength). As a
+loss term it went through Adam, which rescales every gradient to about lr per step whatever lambda
+is: a strong penalty then shook the weights around theta_0 at step size lr, and through global
+gradient-norm clipping it shrank the head's gradient (the task's) to nothing. Measured on the text
+case: with EWC lambda 100 the clipped gradient norm was ~1e5 and the head stayed at the majority class.
+Each rank applies it to its share of the fp32 weights the optimizer steps from (the backend's
+``master_weights``), so DDP and every ZeRO stage take the same step.
 """
 
 from __future__ import annotations
@@ -23,32 +31,19 @@ from raytune_ft.schema import Recipe
 from raytune_ft.strategies import in_module
 
 
-class Regularizer:
-    def __init__(self, strength: float, anchor: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None):
-        self.strength, self.anchor, self.weights = strength, anchor, weights
-
-    def penalty(self, module: torch.nn.Module) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32)
-        for name, parameter in module.named_parameters():
-            if parameter.requires_grad and name in self.anchor:
-                distance = (parameter.float() - self.anchor[name]).pow(2)
-                if self.weights is not None:
-                    distance = distance * self.weights[name]
-                total = total.to(distance.device) + distance.sum()
-        return 0.5 * self.strength * total
+def proximal_pull(weights: torch.Tensor, anchor: torch.Tensor, rate: float, fisher: torch.Tensor | None) -> None:
+    """In place: ``weights`` moved towards ``anchor`` by the proximal step of the penalty at ``rate``
+    (lr * lambda), weighted per element by ``fisher`` where given."""
+    r = rate if fisher is None else rate * fisher
+    weights.sub_((weights - anchor) * (r / (1 + r)))
 
 
-def pretrained_anchor(module: torch.nn.Module, head_names: list[str]) -> dict[str, torch.Tensor]:
-    """A float32 copy of every pretrained (non-head) parameter."""
-    return {name: p.detach().float().clone() for name, p in module.named_parameters() if not in_module(name, head_names)}
-
-
-def fisher_diagonal(module: torch.nn.Module, reference, rows: list[dict[str, torch.Tensor]], anchor: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+def fisher_diagonal(module: torch.nn.Module, reference, rows: list[dict[str, torch.Tensor]], names: set[str], device) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher E[(d log p(y|x) / d theta)^2] through the reference's original
     probe, one row at a time on the bare module (per rank, before any all-reduce), then summed
     over ranks and normalised to mean 1."""
-    fisher = {name: torch.zeros_like(value) for name, value in anchor.items()}
-    parameters = {name: p for name, p in module.named_parameters() if name in anchor}
+    parameters = {name: p for name, p in module.named_parameters() if name in names}
+    fisher = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in parameters.items()}
     requires = {name: p.requires_grad for name, p in parameters.items()}
     for p in parameters.values():
         p.requires_grad_(True)
@@ -92,7 +87,7 @@ def fisher_cache_path(recipe: Recipe, reference_name: str, part: str | None = No
     return str(cache_dir() / "fisher" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
 
 
-def cached_fisher(path: str, anchor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def cached_fisher(path: str, names: set[str]) -> dict[str, torch.Tensor] | None:
     """The cached Fisher if every rank has it (a collective decision: no rank computes alone)."""
     from safetensors.torch import load_file
 
@@ -102,7 +97,7 @@ def cached_fisher(path: str, anchor: dict[str, torch.Tensor]) -> dict[str, torch
     if have.item() < 1:
         return None
     fisher = load_file(path)
-    return fisher if fisher.keys() == anchor.keys() else None
+    return fisher if fisher.keys() == names else None
 
 
 def save_fisher(path: str, fisher: dict[str, torch.Tensor]) -> None:
@@ -151,56 +146,52 @@ def partitioned_fisher(loop, reference, singles: list[dict[str, torch.Tensor]], 
 class Penalty(AddOn):
     """L2-SP or EWC anchored at the weights as built (the pretrained body), before any resume;
     EWC's Fisher comes from a retention reference's original readout, cached per base model.
-
-    Replicated parameters (DDP, ZeRO 0-2): the penalty joins the objective of the micro-batch that
-    ends an accumulation, and autograd takes it from there. Partitioned parameters (ZeRO-3): no
-    rank holds a whole parameter outside a forward, so anchor and Fisher are kept as this rank's
-    partitions and the penalty's gradient, strength x w x (theta - theta_0), is added to the
-    rank's gradient partitions before each step; the same gradient, never gathered."""
+    Anchor and Fisher are kept as this rank's share of the master weights: the whole parameters
+    under DDP, the optimizer's partitions under ZeRO (where the Fisher of partitioned parameters
+    is taken partition by partition)."""
 
     section = "regularizer"
 
     def __init__(self, loop):
         super().__init__(loop)
         spec, backend = loop.recipe.regularizer, loop.backend
-        self.accum, self.strength = loop.recipe.train.grad_accum, spec.strength
-        if backend.partitioned:
-            anchor = {name: value.clone() for name, value in backend.local_weights().items() if not in_module(name, loop.heads)}
-        else:
-            anchor = pretrained_anchor(backend.module, loop.heads)
-        self.anchor, self.fisher = anchor, None
+        self.strength = spec.strength
+        shares = {name: share for name, share in backend.master_weights().items() if not in_module(name, loop.heads)}
+        self.anchor = {name: weights.detach().float().clone() for name, (weights, _) in shares.items()}
+        self.fisher = None
         if spec.method == "ewc":
-            self.fisher = self.ewc_fisher(spec, anchor)
-        self.regularizer = Regularizer(spec.strength, anchor, self.fisher)
+            fisher = self.ewc_fisher(spec, set(shares))
+            if not backend.partitioned:  # a whole Fisher: this rank's share of each parameter
+                fisher = {name: fisher[name].flatten()[start: start + weights.numel()] for name, (weights, start) in shares.items()}
+            self.fisher = {name: value.to(self.anchor[name].device) for name, value in fisher.items()}
 
-    def ewc_fisher(self, spec, anchor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def ewc_fisher(self, spec, names: set[str]) -> dict[str, torch.Tensor]:
         loop, backend = self.loop, self.loop.backend
         reference = loop.addons["retention"].references.named(spec.reference)
         # Partitions are per rank: each rank caches its own.
         part = f"rank{loop.rank}-of-{loop.world}" if backend.partitioned else None
         path = fisher_cache_path(loop.recipe, reference.name, part)
-        fisher = cached_fisher(path, anchor)
+        fisher = cached_fisher(path, names)
         if fisher is None:
             rows = reference.local_rows()
             count = min(len(rows.get("labels", [])), max(1, spec.fisher_samples // loop.world))
             singles = [reference.task.collate({key: values[i:i + 1] for key, values in rows.items()}) for i in range(count)]
             if backend.partitioned:
-                fisher = partitioned_fisher(loop, reference, singles, anchor)
+                fisher = partitioned_fisher(loop, reference, singles, self.anchor)
             else:
-                fisher = fisher_diagonal(backend.module, reference, singles, anchor, backend.device)
+                fisher = fisher_diagonal(backend.module, reference, singles, names, backend.device)
             if loop.rank == 0 or part:
                 save_fisher(path, fisher)
-        return {k: v.to(backend.device) for k, v in fisher.items()}
+        return fisher
 
-    def objective(self, objective, step):
-        if not step.boundary or self.loop.backend.partitioned:  # once per optimizer step; backends divide by grad_accum
-            return objective
-        return objective + self.regularizer.penalty(self.loop.backend.module) * self.accum
-
+    @torch.no_grad()
     def before_step(self, boundary):
-        backend = self.loop.backend
-        if not boundary or not backend.partitioned:
+        """The proximal step, once per optimizer step, at this step's learning rate."""
+        if not boundary:
             return
-        weights = backend.local_weights()
-        backend.add_to_local_grads({name: self.strength * (self.fisher[name] if self.fisher else 1.0) * (weights[name] - anchor)
-                                    for name, anchor in self.anchor.items()})
+        backend = self.loop.backend
+        rate = backend.lr() * self.strength
+        trainable = {name for name, p in backend.module.named_parameters() if p.requires_grad}  # gradual unfreezing changes it
+        for name, (weights, _) in backend.master_weights().items():
+            if name in self.anchor and name in trainable:
+                proximal_pull(weights, self.anchor[name], rate, None if self.fisher is None else self.fisher[name])

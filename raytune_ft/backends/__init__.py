@@ -12,11 +12,13 @@ recipe fields (accumulation, clipping, precision):
   which ``module`` holds every weight, for export.
 - ``snapshot()`` / ``restore(state)``: a CPU copy of the weights (best-epoch restore).
 - ``refresh()``: the set of trainable parameters changed (gradual unfreezing): re-wrap.
+- ``master_weights()``: this rank's share of the fp32 weights the optimizer steps, as live flat
+  views with their offsets in the whole parameters (changing them before ``step`` changes the
+  model: the L2-SP/EWC proximal step).
 - ``partitioned``: True when parameters are partitioned across ranks (ZeRO-3): every forward is a
   collective that gathers them, so all ranks must run the same number of forwards, in evaluation
   too; outside a forward a rank holds only its partition of each parameter and gradient, which
-  ``local_weights()`` (fp32 master copies) and ``add_to_local_grads(grads)`` (after ``backward``,
-  before ``step``) read and change; ``zero_grad()`` drops accumulated gradients.
+  ``local_grads()`` reads (after ``backward``); ``zero_grad()`` drops accumulated gradients.
 - ``check(recipe) -> [(dotted field, message)]``: recipe problems only this backend has, found
   at validation time, before anything reaches Ray.
 """

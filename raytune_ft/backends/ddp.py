@@ -95,6 +95,12 @@ class DDPBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def master_weights(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """Every parameter, flat, with its offset in the whole (0): the optimizer steps the
+        parameters themselves, and each worker holds them all (frozen ones too, which gradual
+        unfreezing may train later)."""
+        return {name: (p.detach().view(-1), 0) for name, p in self.module.named_parameters()}
+
     def lr(self) -> float:
         return scheduled_lr(self.scheduler, self.train)
 

@@ -57,10 +57,15 @@ def load_weights_only(path: str, map_location=None):
 
 def strategy_problems(recipe: Recipe) -> list[tuple[str, str]]:
     """The trainable set cannot change after deepspeed.initialize (the optimizer's partitions are
-    fixed then), so strategies that change it mid-run are refused."""
+    fixed then), so strategies that change it mid-run are refused. The L2-SP/EWC step acts on the
+    fp32 master weights, which ZeRO-0's fp16 optimizer keeps out of reach."""
+    problems = []
     if recipe.strategy.method in ("gradual", "lp_ft"):
-        return [("strategy.method", f"{recipe.strategy.method} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only")]
-    return []
+        problems.append(("strategy.method", f"{recipe.strategy.method} changes what trains mid-run; with train.backend deepspeed use full, freeze, lora or head_only"))
+    if recipe.regularizer and recipe.deepspeed.zero_stage == 0 and recipe.train.precision == "fp16":
+        problems.append(("regularizer", "with deepspeed.zero_stage 0 and train.precision fp16 the master weights are out of its reach; "
+                                        "use zero_stage 1-3 or bf16"))
+    return problems
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, tuple[Any, str]]:
@@ -283,12 +288,25 @@ class DeepSpeedBackend:
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
 
-    def local_weights(self) -> dict[str, torch.Tensor]:
-        """ZeRO-3: this rank's partition of every trainable parameter, its fp32 master weights
-        (live views: clone what must outlast the next step)."""
+    def master_weights(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """This rank's share of the fp32 master weights that the optimizer steps and copies into
+        the model after each step, as live flat views with their offset in the flattened whole
+        parameter: ZeRO-3 partitions, ZeRO-1/2 fragments of the flat optimizer partition (none
+        where the parameter lies in another rank's), the parameter itself where the optimizer
+        steps it directly (ZeRO-0 in fp32)."""
         from deepspeed.utils import safe_get_local_fp32_param
 
-        return {name: safe_get_local_fp32_param(p).detach() for name, p in self.module.named_parameters() if p.requires_grad}
+        shares = {}
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.partitioned:
+                shares[name] = (safe_get_local_fp32_param(p).detach().view(-1), torch.distributed.get_rank() * p.ds_tensor.ds_numel)
+            elif getattr(p, "_hp_mapping", None) is not None:
+                shares[name] = (p._hp_mapping.hp_fragment.detach().view(-1), p._hp_mapping.lp_fragment_address.start)
+            elif not hasattr(p, "_hp_mapping"):
+                shares[name] = (p.detach().view(-1), 0)
+        return shares
 
     def local_grads(self) -> dict[str, torch.Tensor]:
         """ZeRO-3, after a boundary ``backward``: this rank's partition of every trainable gradient
@@ -296,16 +314,6 @@ class DeepSpeedBackend:
         from deepspeed.utils import safe_get_local_grad
 
         return {name: safe_get_local_grad(p).detach().float().clone() for name, p in self.module.named_parameters() if p.requires_grad}
-
-    def add_to_local_grads(self, grads: dict[str, torch.Tensor]) -> None:
-        """ZeRO-3, after a boundary ``backward`` and before ``step``: add to this rank's gradient partitions."""
-        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
-
-        parameters = dict(self.module.named_parameters())
-        scale = getattr(self.model.optimizer, "loss_scale", 1.0)  # fp16 keeps gradients scaled until the step
-        for name, grad in grads.items():
-            current = safe_get_local_grad(parameters[name])
-            safe_set_local_grad(parameters[name], current + grad.to(current.dtype) * scale)
 
     def zero_grad(self) -> None:
         self.model.optimizer.zero_grad()

@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = [0.25, 0.5, 0.75, 1.0]  # alpha 0 would be the pretrained body again, not a fine-tuning of it
 LORA_RANKS = (4, 16)
-L2SP_STRENGTHS = (0.01, 0.1, 1.0)
-EWC_STRENGTHS = (10.0, 100.0, 1000.0)
+# L2-SP / EWC strengths as pulls: the proximal step moves a weight back by about lr_t * lambda of its
+# distance from the pretrained one each step, so over a run whose learning rate averages half its
+# peak (warmup, then decay) lambda = pull / (lr * steps / 2) pulls it back about `pull` times.
+PENALTY_PULLS = (0.5, 2.0, 8.0)
 REPLAY_FRACTIONS = (0.1, 0.3)
 SEARCHED = ("strategy", "regularizer", "replay")  # the sections a search trial sets
 SOURCE = "retention.floor"
@@ -65,7 +67,7 @@ def run_floor(recipe: Recipe, *, resume: bool = False, force: bool = False, addr
     if reason and budget.trials and (left is None or left > 0):
         logger.info("retention floor %g: %s; searching mitigations (%d trials%s)", recipe.retention.floor, reason, budget.trials,
                     f", {left:.0f} s left" if left is not None else "")
-        experiment = search(first, run_dir / run_folder.SEARCH, metric, left, resume, address)
+        experiment = search(first, summary["steps"], run_dir / run_folder.SEARCH, metric, left, resume, address)
         for row in experiment["rows"]:
             trial_dir = run_dir / run_folder.SEARCH / run_folder.TRIALS / row["trial"] / "run"
             trial = run_folder.finished_summary(trial_dir)
@@ -138,9 +140,15 @@ def search_reason(points: list[dict[str, Any]], floor: float, metric: str) -> st
     return None
 
 
-def mitigation_space(recipe: Recipe) -> dict[str, list[Any]]:
+def penalty_strengths(recipe: Recipe, steps: int) -> list[float]:
+    """The lambdas of ``PENALTY_PULLS`` for a run of ``steps`` optimizer steps at the recipe's lr."""
+    return [float(f"{pull / (recipe.train.lr * max(steps, 1) / 2):.2g}") for pull in PENALTY_PULLS]
+
+
+def mitigation_space(recipe: Recipe, steps: int) -> dict[str, list[Any]]:
     """The search's choices per section: the recipe's own and, as far as the model and the
-    references allow, frozen depths, LoRA ranks, L2-SP and EWC strengths and replay fractions."""
+    references allow, frozen depths, LoRA ranks, L2-SP and EWC strengths (for a run of ``steps``
+    optimizer steps) and replay fractions."""
     task = build_task(recipe, recipe.data.labels or [])
     given = given_fields(recipe)
     own = given.get("strategy") or {"method": "full"}
@@ -154,8 +162,9 @@ def mitigation_space(recipe: Recipe) -> dict[str, list[Any]]:
     references = recipe.retention.references
     readout = next((r.name for r in references if r.kind in ("probe", "head")), None)  # EWC's Fisher, replay's targets
     replayable = readout or next((r.name for r in references if r.kind == "task" and r.data.test), None)
-    regularizers = [None, given.get("regularizer"), *({"method": "l2sp", "strength": s} for s in L2SP_STRENGTHS),
-                    *({"method": "ewc", "strength": s, "reference": readout} for s in EWC_STRENGTHS if readout)]
+    strengths = penalty_strengths(recipe, steps)
+    regularizers = [None, given.get("regularizer"), *({"method": "l2sp", "strength": s} for s in strengths),
+                    *({"method": "ewc", "strength": s, "reference": readout} for s in strengths if readout)]
     replays = [None, given.get("replay"), *({"fraction": f, "reference": replayable} for f in REPLAY_FRACTIONS if replayable)]
     space = {}
     for path, values in (("strategy", strategies), ("regularizer", regularizers), ("replay", replays)):
@@ -179,15 +188,16 @@ def fits(recipe: Recipe, path: str, value: Any, task) -> bool:
     return True
 
 
-def search(first: Recipe, search_dir: Path, metric: str, left: float | None, resume: bool, address: str | None) -> dict[str, Any]:
-    """The Tune experiment over ``mitigation_space``: random (seeded by train.seed), each trial the
-    first run's recipe with one choice per section; returns its summary."""
+def search(first: Recipe, steps: int, search_dir: Path, metric: str, left: float | None, resume: bool, address: str | None) -> dict[str, Any]:
+    """The Tune experiment over ``mitigation_space`` (``steps``: the first run's optimizer steps):
+    random (seeded by train.seed), each trial the first run's recipe with one choice per section;
+    returns its summary."""
     from raytune_ft.search.experiment import run_experiment
 
     budget = first.retention.budget
     if resume:  # a finished first run was read back, not planned: its labels and model path are not resolved yet
         plan_run(first)
-    space = {path: {"choice": values} for path, values in mitigation_space(first).items()}
+    space = {path: {"choice": values} for path, values in mitigation_space(first, steps).items()}
     tune = {"space": space, "num_samples": budget.trials, "max_concurrent_trials": budget.max_concurrent_trials,
             "workers_per_trial": first.scaling.workers, "metric": [metric, "retention/min"], "mode": ["max", "max"],
             "searcher": "random", "seed": first.train.seed, **({"time_budget_s": max(left, 1.0)} if left is not None else {})}

@@ -277,6 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             addon.start_epoch(epoch, epoch_seed)
         backend.model.train()
         loss_sum, wait, samples = torch.zeros(2, dtype=torch.float64), 0.0, 0
+        norms = []  # the optimizer steps' gradient norms before clipping (where the backend has one)
         started = time.perf_counter()
         batches = train_batches.epoch(epoch)
         for index in range(steps.micro_batches_per_epoch):
@@ -300,7 +301,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             backend.backward(objective)
             for addon in addons:
                 addon.before_step(boundary)
-            backend.step(boundary)
+            norm = backend.step(boundary)
+            if norm is not None:
+                norms.append(norm)
             size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
             loss_sum += torch.tensor([loss_value * size, size], dtype=torch.float64)
             samples += size
@@ -332,6 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch, "step": state["step"],
             "train/loss": float(train_loss[0] / train_loss[1].clamp(min=1)), "train/lr": backend.lr(),
             "train/samples_per_s": samples * world / elapsed, "train/data_wait_fraction": wait / elapsed,
+            **({"train/grad_norm": sum(norms) / len(norms), "train/grad_norm_max": max(norms)} if norms else {}),
             **scalars("eval", validation),
         }
         for addon in addons:
