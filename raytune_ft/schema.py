@@ -233,6 +233,8 @@ class TrainSection(Section):
     backend: str = Field("ddp", description="a registered backend: ddp | deepspeed (options in the deepspeed section)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(5e-5, ge=0, le=10, description="peak learning rate; 0 trains nothing (a measurement run)")
+    head_lr_scale: float = Field(1.0, gt=0, le=1000, description="the task head's lr as a multiple of lr: a new head learning "
+                                 "from scratch beside a body that should move little (a penalty, replay, few steps)")
     weight_decay: float = Field(0.01, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     warmup: float = Field(0.0, ge=0, description="a fraction of all steps (< 1) or a step count (>= 1)")
@@ -413,6 +415,14 @@ class Dimension(Section):
     def values(self) -> list[Any]:
         return getattr(self, self.kind)
 
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` is one this dimension can take."""
+        if self.kind in ("choice", "grid"):
+            return value in self.values
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind == "randint" and not isinstance(value, int)):
+            return False
+        return self.values[0] <= value <= self.values[1]
+
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 METRIC_PATTERN = r"^(eval|train|ref|retention)/[A-Za-z0-9_/]+$"
@@ -460,6 +470,8 @@ class TuneSection(Section):
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial, from its last checkpoint")
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="seeds the searcher, so the same trials are proposed again")
     time_budget_s: Optional[float] = Field(None, gt=0, description="stop the search after this many seconds (running trials end unfinished)")
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first, each a value "
+                                                     "for every space path (random, optuna); then the searcher's, up to num_samples")
 
     @model_validator(mode="after")
     def _objectives(self):
@@ -478,6 +490,15 @@ class TuneSection(Section):
                                  f"only search {', '.join(PBT_MUTABLE)}; not {', '.join(fixed)}")
             if self.searcher == "optuna":
                 raise ValueError("tune.searcher: pbt proposes its own configurations; use random or grid")
+        for index, point in enumerate(self.points_to_evaluate):
+            if set(point) != set(self.space):
+                raise ValueError(f"tune.points_to_evaluate.{index}: give a value for every space path ({', '.join(self.space)}), "
+                                 f"got {', '.join(point) or 'none'}")
+            for path, value in point.items():
+                if not self.space[path].admits(value):
+                    raise ValueError(f"tune.points_to_evaluate.{index}.{path}: {value!r} is not in tune.space.{path}")
+        if self.points_to_evaluate and self.searcher == "grid":
+            raise ValueError("tune.points_to_evaluate: grid runs every grid point; use searcher random or optuna")
         if self.searcher == "grid":
             random = [path for path, dimension in self.space.items() if dimension.kind != "grid"]
             if random:

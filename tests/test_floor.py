@@ -11,7 +11,7 @@ from raytune_ft import run
 from raytune_ft.errors import UserError
 from raytune_ft.recipe import load_recipe, validate_recipe
 from raytune_ft.train.planning import plan_run
-from raytune_ft.search.floor import mitigation_space, search_reason
+from raytune_ft.search.floor import first_points, mitigation_space, search_reason
 
 
 def test_a_floor_met_by_wise_ft_alone_exports_the_chosen_alpha(retention_recipe, local_ray):
@@ -139,6 +139,13 @@ def test_the_search_space_fits_the_model_and_the_references(retention_recipe, ti
     assert space["regularizer"][0] is None and [r["strength"] for r in space["regularizer"][1:]] == [10.0, 40.0, 160.0] * 2
     assert {"method": "ewc", "strength": 40.0, "reference": "topics"} in space["regularizer"]
     assert space["replay"] == [None, {"fraction": 0.1, "reference": "topics"}, {"fraction": 0.3, "reference": "topics"}]
+    # Tried first: replay with the recipe's strategy and with LoRA r16, a frozen half with EWC, LoRA with L2-SP (pull 2).
+    lora, replay = {"method": "lora", "rank": 16, "alpha": 32}, {"fraction": 0.3, "reference": "topics"}
+    assert first_points(space, 40.0) == [
+        {"strategy": {"method": "full"}, "regularizer": None, "replay": replay},
+        {"strategy": lora, "regularizer": None, "replay": replay},
+        {"strategy": {"method": "freeze", "layers": 1}, "regularizer": {"method": "ewc", "strength": 40.0, "reference": "topics"}, "replay": None},
+        {"strategy": lora, "regularizer": {"method": "l2sp", "strength": 40.0}, "replay": None}]
 
 
 def test_the_search_runs_when_wise_ft_gives_up_gain():

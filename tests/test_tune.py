@@ -311,6 +311,8 @@ def test_bad_search_space_is_one_line_before_any_trial(space, message, tiny_reci
      "tune.space: pbt continues one trial's run with another's hyperparameters, so it can only search train.lr"),
     ({"scheduler": "pbt", "searcher": "optuna"}, "tune.searcher: pbt proposes its own configurations"),
     ({"scheduler": "pbt", "space": {"train.lr": {"choice": [1e-3]}}}, None),
+    ({"points_to_evaluate": [{"train.lr": 2e-3}]}, "tune.points_to_evaluate.0.train.lr: 0.002 is not in tune.space.train.lr"),
+    ({"points_to_evaluate": [{"train.dropout": 0.1}]}, "tune.points_to_evaluate.0: give a value for every space path (train.lr)"),
     ({"metric": ["eval/accuracy", "eval/loss"], "mode": "max"}, None),
 ])
 def test_search_settings_are_checked(tune, message, tiny_recipe, tmp_path, cli_in_process):
@@ -320,6 +322,31 @@ def test_search_settings_are_checked(tune, message, tiny_recipe, tmp_path, cli_i
         return
     code, stderr = cli_in_process("validate", str(write_recipe(tiny_recipe, tmp_path / "tune.yaml")))
     assert code == 2 and message in stderr, stderr
+
+
+def test_points_to_evaluate_come_first_and_sections_reach_trials_whole(tiny_recipe, tmp_path):
+    """Section-valued choices (whole strategies) go to Tune as indices, which its generator takes
+    as given points and samples like any value; trials and rows get the sections back."""
+    from ray.tune import register_trainable
+    from ray.tune.search import BasicVariantGenerator
+
+    from raytune_ft.search.experiment import searcher
+    from raytune_ft.search.space import decoded, param_space
+
+    strategies = [{"method": "full"}, {"method": "freeze", "layers": 1}, {"method": "lora", "rank": 4, "alpha": 8}]
+    with_search(tiny_recipe, tmp_path, searcher="random", seed=3, num_samples=6, max_concurrent_trials=6, space={
+        "strategy": {"choice": strategies}, "train.lr": {"loguniform": [1e-4, 1e-2]}},
+        points_to_evaluate=[{"strategy": strategies[2], "train.lr": 1e-3}, {"strategy": strategies[1], "train.lr": 5e-3}])
+    tune = validate_recipe(tiny_recipe).tune
+    generator = searcher(tune)
+    assert isinstance(generator, BasicVariantGenerator)
+    register_trainable("points_probe", lambda config: None)
+    generator.add_configurations({"trial": {"run": "points_probe", "config": param_space(tune), "num_samples": tune.num_samples}})
+    configs = []
+    while (trial := generator.next_trial()) is not None:
+        configs.append(decoded(tune, {path: trial.config[path] for path in tune.space}))
+    assert configs[:2] == [{"strategy": strategies[2], "train.lr": 1e-3}, {"strategy": strategies[1], "train.lr": 5e-3}]
+    assert len(configs) == 6 and all(config["strategy"] in strategies and 1e-4 <= config["train.lr"] <= 1e-2 for config in configs)
 
 
 def test_pareto_front_and_hypervolume():

@@ -32,7 +32,7 @@ from raytune_ft.train.planning import plan_run
 from raytune_ft.train.ray_start import check_ray_address, init_ray
 from raytune_ft.train.resources import experiment_demand
 from raytune_ft.search import pareto, require_search
-from raytune_ft.search.space import mutations, param_space
+from raytune_ft.search.space import decoded, mutations, param_space, tune_values
 from raytune_ft.search.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
 
 TRIALS = run_folder.TRIALS
@@ -46,15 +46,16 @@ def searcher(tune_section):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     concurrency = tune_section.max_concurrent_trials
+    points = [tune_values(tune_section, point) for point in tune_section.points_to_evaluate] or None
     if tune_section.searcher != "optuna":
-        return BasicVariantGenerator(random_state=tune_section.seed, max_concurrent=concurrency)
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=tune_section.seed, max_concurrent=concurrency)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     # TPE handles one objective and, since Optuna 3.2, two (the MOTPE variant): no extra sampler.
     single = len(tune_section.metrics) == 1
     optuna_search = OptunaSearch(
-        sampler=optuna.samplers.TPESampler(seed=tune_section.seed),
+        sampler=optuna.samplers.TPESampler(seed=tune_section.seed), points_to_evaluate=points,
         metric=tune_section.metrics[0] if single else tune_section.metrics,
         mode=tune_section.modes[0] if single else tune_section.modes,
     )
@@ -149,7 +150,7 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
     started = time.perf_counter()
     data = prepare_datasets(recipe, planned)
     with tracked(recipe, experiment_dir) as tracker:  # each trial logs as a child of the experiment
-        shared = {"recipe": given_fields(recipe), "data": data, "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
+        shared = {"recipe": given_fields(recipe), "tune": tune_section, "data": data, "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
                   "trials_dir": str(experiment_dir / TRIALS), "fault": os.environ.get(FAULT_ENV),
                   "log_level": log.level()}
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
@@ -170,7 +171,7 @@ def trial_rows(recipe: Recipe, results) -> list[dict[str, Any]]:
         row = {
             "trial": trial, "status": "error" if result.error else "ok" if finished else "stopped",
             "epochs": int(metrics.get("epoch", 0)),  # the loop's count: a retried trial resumes mid-way
-            **{path: result.config.get(path) for path in recipe.tune.space},
+            **decoded(recipe.tune, {path: result.config.get(path) for path in recipe.tune.space}),
             **{metric: metrics.get(metric) for metric in recipe.tune.metrics},
             "first_report_s": metrics.get(STARTUP_METRIC),
             "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",

@@ -22,6 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raytune_ft import log, run_folder
 from raytune_ft.errors import TrainingFailed, UserError
 from raytune_ft.recipe import recipe_with, validate_derived
+from raytune_ft.search.space import decoded
 from raytune_ft.report.tracking import tracked
 from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.outputs import write_outputs
@@ -74,7 +75,8 @@ def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_d
 
 
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
-    """The Tune function trainable. ``shared``: the base recipe (its given fields), the prepared
+    """The Tune function trainable. ``shared``: the base recipe (its given fields), its tune
+    section (whose space the config's values decode from), the prepared
     data (``PreparedData``, shared by every trial), the experiment's trials directory and the
     driver's log level."""
     from ray import tune
@@ -93,7 +95,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     if restored is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
     try:
-        recipe = trial_recipe(shared["recipe"], config, context.get_trial_name(), run_dir)
+        recipe = trial_recipe(shared["recipe"], decoded(shared["tune"], config), context.get_trial_name(), run_dir)
         # A sampled strategy can misfit the model (more layers to freeze than it has): one clear line.
         check_strategy(recipe, shared["data"].planned.task)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,13 @@ def apply_layer_lr_decay(model: torch.nn.Module, head_names: list[str], decay: f
             scale_lr(parameters[name], decay**depth)
 
 
+def scale_head_lr(model: torch.nn.Module, head_names: list[str], factor: float) -> None:
+    """The task head's parameters (``head_names``) learn at lr x ``factor``."""
+    for name, parameter in model.named_parameters():
+        if in_module(name, head_names):
+            scale_lr(parameter, factor)
+
+
 def set_trainable(model: torch.nn.Module, names: set[str]) -> bool:
     """Train exactly ``names``; True when anything changed."""
     changed = False
