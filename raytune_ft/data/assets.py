@@ -49,6 +49,10 @@ ASSET_DEBS = {
     "dataset-fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
     "espeak-ng": Path("/usr/bin/espeak-ng"),
     "pocketsphinx-testdata": Path("/usr/share/pocketsphinx/test/data"),
+    "alsa-utils": Path("/usr/share/sounds/alsa"),
+    "festival": Path("/usr/bin/text2wave"),
+    "festvox-kallpc16k": Path("/usr/share/festival/voices/english/kal_diphone"),
+    "festvox-us-slt-hts": Path("/usr/share/festival/voices/us/cmu_us_slt_arctic_hts"),
 }
 
 
@@ -279,17 +283,24 @@ def spoken_digits(split: str) -> Path:
     return target
 
 
-def librivox() -> Path:
-    """Real read speech: pocketsphinx's 5 LibriVox sentences and 5 card-name utterances (16 kHz
-    WAV bytes) with their transcriptions; columns audio, text, id. Retention reference for ASR."""
+# ALSA's speaker-test recordings: a real voice naming each channel (Noise.wav is not speech).
+ALSA_CHANNELS = ("Front_Center", "Front_Left", "Front_Right", "Rear_Center", "Rear_Left", "Rear_Right", "Side_Left", "Side_Right")
+
+
+def real_speech() -> Path:
+    """Every real speech recording the registries offer: pocketsphinx's 5 LibriVox sentences and 5
+    card-name utterances, and ALSA's 8 spoken channel names ("Front Center"), as 16 kHz WAV bytes
+    with their transcriptions; columns audio, text, id. Retention reference for ASR."""
     import re
 
     import pyarrow as pa
 
-    target = cache_dir() / "librivox"
+    from raytune_ft.data import audio as audio_io
+
+    target = cache_dir() / "real_speech"
     if target.is_dir():
         return target
-    data = _debian("pocketsphinx-testdata", "librivox")
+    data = _debian("pocketsphinx-testdata", "real-speech")
     audio, texts, ids = [], [], []
     for folder, listing in (("librivox", "transcription"), ("cards", "cards.transcription")):
         for line in (data / folder / listing).read_text().splitlines():
@@ -298,7 +309,53 @@ def librivox() -> Path:
                 texts.append(" ".join(match.group(1).split()))
                 ids.append(match.group(2))
                 audio.append((data / folder / f"{match.group(2)}.wav").read_bytes())
+    channels = _debian("alsa-utils", "real-speech")
+    for name in ALSA_CHANNELS:  # 48 kHz: stored at Whisper's 16 kHz like the rest
+        audio.append(audio_io.wav_bytes(audio_io.decode((channels / f"{name}.wav").read_bytes(), 16000), 16000))
+        texts.append(name.replace("_", " "))
+        ids.append(f"alsa-{name}")
     _write_shards(pa.table({"audio": pa.array(audio, type=pa.binary()), "text": texts, "id": ids}), target, shards=1)
+    return target
+
+
+FESTIVAL_VOICES = ("kal_diphone", "cmu_us_slt_arctic_hts")  # a male diphone voice, a female HMM voice
+FESTIVAL_ROWS = 60
+
+
+def festival_speech() -> Path:
+    """Synthetic read speech from another engine than the training data's (espeak-ng): 60 sentences
+    of 6-14 words from Debian's fortunes, spoken by Festival's two voices in turn, as 16 kHz WAV
+    bytes; columns audio, text, voice. A larger retention reference for ASR, named as synthetic."""
+    import re
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from raytune_ft.data import audio as audio_io
+
+    target = cache_dir() / "festival_speech"
+    if target.is_dir():
+        return target
+    text2wave = _debian("festival", "festival-speech")
+    _debian("festvox-kallpc16k", "festival-speech"), _debian("festvox-us-slt-hts", "festival-speech")  # the voices
+    sentences = []
+    for item in pads.dataset(fortunes("test")).to_table(columns=["text"]).column("text").to_pylist():
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(item.split())):
+            if re.fullmatch(r"[A-Z][A-Za-z0-9 ,']+[.!?]", sentence) and 6 <= len(sentence.split()) <= 14 and sentence not in sentences:
+                sentences.append(sentence)
+    sentences = random.Random("festival-speech").sample(sentences, FESTIVAL_ROWS)
+    logger.info("synthesising Festival speech (%d sentences, once)", FESTIVAL_ROWS)
+    clips, voices = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, sentence in enumerate(sentences):
+            voice = FESTIVAL_VOICES[index % len(FESTIVAL_VOICES)]
+            (Path(scratch) / "text.txt").write_text(sentence + "\n")
+            subprocess.run([str(text2wave), "-eval", f"(voice_{voice})", str(Path(scratch) / "text.txt"), "-o", str(Path(scratch) / "speech.wav")],
+                           check=True, capture_output=True)
+            clips.append(audio_io.wav_bytes(audio_io.decode((Path(scratch) / "speech.wav").read_bytes(), 16000), 16000))
+            voices.append(voice)
+    _write_shards(pa.table({"audio": pa.array(clips, type=pa.binary()), "text": sentences, "voice": voices}), target, shards=1)
     return target
 
 
@@ -469,7 +526,8 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "smollm2-135m": smollm2_135m,
     "spoken-digits/train": lambda: spoken_digits("train"),
     "spoken-digits/test": lambda: spoken_digits("test"),
-    "librivox": librivox,
+    "real-speech": real_speech,
+    "festival-speech": festival_speech,
     "easy-vqa/train": lambda: easy_vqa("train"),
     "easy-vqa/test": lambda: easy_vqa("test"),
     "easy-vqa-shapes/train": lambda: easy_vqa_shapes("train"),

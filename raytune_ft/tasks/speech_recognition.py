@@ -5,7 +5,8 @@ Rows have ``audio`` (WAV bytes, or a path or URI; FLAC/OGG with the optional sou
 features (padded or cut to the model's window: 30 s for the real model) and tokenises
 ``<|startoftranscript|><|notimestamps|> text<|endoftext|>``. Training is teacher-forced
 cross-entropy; evaluation (model in eval mode) also decodes greedily and scores WER and CER on
-lower-cased, punctuation-free words.
+words normalised as Whisper's English normaliser does (case, punctuation, spellings, spelled-out
+numbers as numerals: "seven two nine", "729" and "7, 2, 9" read alike), each digit a word.
 
 There is no new head: ``head_names`` is the decoder (with its output projection, which Whisper
 ties to the token embeddings), so ``head_only`` keeps the acoustic encoder as pretrained and
@@ -15,6 +16,7 @@ training the projection alone would move the tied input embeddings anyway.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,18 @@ HOP_LENGTH = 160  # Whisper's mel frames are 10 ms apart; its encoder halves the
 PAD = -100
 
 
+@functools.cache
+def english_normaliser():
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})  # no British -> American spelling table: the asset model ships none
+
+
 def normalise(text: str) -> list[str]:
-    """Words for WER: lower case, punctuation and hyphens as spaces (apostrophes kept)."""
-    return re.sub(r"[^\w']+", " ", text.lower()).split()
+    """Words for WER: Whisper's English normaliser (lower case, no punctuation, contractions and
+    spelled-out numbers standardised), then each digit a word, so that a digit string counts the
+    same however it was written ("seven two nine" -> 729 -> 7 2 9; "7, 2, 9" -> 7 2 9)."""
+    return re.sub(r"\d", r" \g<0> ", english_normaliser()(text)).split()
 
 
 def errors_and_length(reference: str, hypothesis: str, unit) -> tuple[int, int]:
