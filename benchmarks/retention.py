@@ -220,9 +220,11 @@ def prepare_image_case(args) -> list[str]:
         summary = run(recipe, force=True)
         print(f"base model: test accuracy on classes 0-4 {summary['test']['accuracy']:.3f}", flush=True)
     # The reference's train split is for replay and EWC: old-class rows the base model was not trained on.
+    # Under retention.floor 40% of them (~400) are its validation rows, what the floor chooses on: at
+    # the default 10% (~100) one seed chose a setting at validation retention 1.027 that kept 0.972 on test.
     ref_train = fashion_subset(data / "old_ref_train.parquet", "train", FASHION_OLD, 1000, skip=3000)
     reference = {"name": "original", "kind": "head", "data": {
-        "train": ref_train, "test": old["test"], "columns": {"image": "image", "label": "label"}}}
+        "train": ref_train, "test": old["test"], "columns": {"image": "image", "label": "label"}, "validation_fraction": 0.4}}
     return [f"model.path={base / 'model'}", f"data.train={new['train']}", f"data.test={new['test']}", "data.max_rows=null",
             "data.validation_fraction=0.1", "task.image_size=32", f"retention={json.dumps({'references': [reference]})}"]
 

@@ -140,7 +140,8 @@ def test_the_search_space_fits_the_model_and_the_references(retention_recipe, ti
     assert {"method": "ewc", "strength": 40.0, "reference": "topics"} in space["regularizer"]
     assert space["replay"] == [None, {"fraction": 0.1, "reference": "topics"}, {"fraction": 0.3, "reference": "topics"}]
     # Tried first: replay with the recipe's strategy and with LoRA r16, a frozen half with EWC, LoRA with L2-SP (pull 2).
-    lora, replay = {"method": "lora", "rank": 16, "alpha": 32}, {"fraction": 0.3, "reference": "topics"}
+    # LoRA on the model's attention query and value, named for the search (the recipe's strategy names none).
+    lora, replay = {"method": "lora", "rank": 16, "alpha": 32, "target_modules": ["query", "value"]}, {"fraction": 0.3, "reference": "topics"}
     assert first_points(space, 40.0) == [
         {"strategy": {"method": "full"}, "regularizer": None, "replay": replay},
         {"strategy": lora, "regularizer": None, "replay": replay},

@@ -387,13 +387,16 @@ def test_head_reference_needs_a_model_with_its_own_labelled_head(tiny_efficientn
 
 def test_lora_on_pointwise_convolutions_merges_into_plain_weights(tiny_efficientnet):
     """LoRA on a CNN's 1x1 convolutions: the base weights stay as they were, the merged export
-    computes what the adapted model computes; a depthwise (3x3, grouped) target is refused."""
+    computes what the adapted model computes; a depthwise (3x3, grouped) target is refused. A
+    search given no targets finds the pointwise ones."""
+    from raytune_ft.strategies import adaptable_modules
     from raytune_ft.tasks import build_task
 
     recipe = validate_recipe(image_recipe(tiny_efficientnet, Path("unused")))
     task = build_task(recipe, ["a", "b", "c"])
     strategy = strategy_of({"method": "lora", "rank": 4, "target_modules": ["_project_conv", "_expand_conv"]})
     strategy.check(task.skeleton())
+    assert adaptable_modules(task.skeleton()) == ["_expand_conv", "_project_conv"]  # what retention.floor's search adapts
     base = task.build_model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = strategy.prepare(base, task)

@@ -29,7 +29,7 @@ from raytune_ft.recipe import derived_recipe, floor_metric, given_fields
 from raytune_ft.report import plots
 from raytune_ft.report.tables import plural
 from raytune_ft.schema import Recipe
-from raytune_ft.strategies import layer_stack
+from raytune_ft.strategies import adaptable_modules, layer_stack
 from raytune_ft.tasks import build_task
 from raytune_ft.train import runner
 from raytune_ft.train.planning import check_strategy, plan_run
@@ -156,7 +156,7 @@ def mitigation_space(recipe: Recipe, steps: int) -> dict[str, list[Any]]:
         depth = len(layer_stack(task.skeleton())[1])
     except UserError:
         depth = 0
-    targets = own.get("target_modules") if own.get("method") == "lora" else None
+    targets = own.get("target_modules") if own.get("method") == "lora" else adaptable_modules(task.skeleton())
     strategies = [own, *({"method": "freeze", "layers": k} for k in sorted({max(1, depth // 4), depth // 2, 3 * depth // 4}) if 0 < k < depth),
                   *({"method": "lora", "rank": r, "alpha": 2 * r, **({"target_modules": targets} if targets else {})} for r in LORA_RANKS)]
     references = recipe.retention.references

@@ -235,6 +235,23 @@ class LinearProbeThenFineTune(Full):
         return set_trainable(model, self.head if epoch <= self.options.head_epochs else self.everything)
 
 
+# Adapter targets by model family, tried in order by ``adaptable_modules``: BERT-style attention,
+# LLaMA/Whisper-style attention, then a CNN's pointwise convolutions (EfficientNet's names).
+TARGET_FAMILIES = (("query", "value"), ("q_proj", "v_proj"), ("_expand_conv", "_project_conv"))
+
+
+def adaptable_modules(skeleton: torch.nn.Module) -> list[str] | None:
+    """The first family of ``TARGET_FAMILIES`` whose every name is a Linear or 1x1 Conv2d module of
+    ``skeleton`` (LoRA's own check), or None: what a search can give LoRA on a model whose recipe names none."""
+    for family in TARGET_FAMILIES:
+        try:
+            LoRA(LoRA.Options(method="lora", target_modules=list(family))).check_targets(skeleton)
+        except UserError:
+            continue
+        return list(family)
+    return None
+
+
 @register
 class LoRA(Full):
     """Low-rank adapters (peft) on ``target_modules`` (Linear layers, or a CNN's 1x1 convolutions);
@@ -259,9 +276,12 @@ class LoRA(Full):
                           target_modules=self.targets(), modules_to_save=heads)
 
     def check(self, skeleton):
+        super().check(skeleton)
+        self.check_targets(skeleton)
+
+    def check_targets(self, skeleton):
         """Every target names Linear or pointwise (1x1, ungrouped) Conv2d modules only: peft's
         adapter for a wider convolution would not pad as a TensorFlow-style "same" convolution does."""
-        super().check(skeleton)
         targets = self.targets()
         fits, misfits = set(), set()
         for name, module in skeleton.named_modules():
