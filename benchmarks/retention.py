@@ -129,20 +129,12 @@ SPEECH = Case(
         "gradual": ["strategy.method=gradual"],
         "lora": ["strategy.method=lora", "strategy.rank=8", "strategy.alpha=16", "strategy.target_modules=[q_proj,v_proj]", "train.lr=1e-3"],
         "lp_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1"],
-        "l2sp": ["strategy.method=full", "regularizer.method=l2sp", "regularizer.strength=0.1"],
+        # A pull of 2 over the run: lambda = 2 / (lr 1e-4 x 18 steps / 2) (raytune_ft.search.floor.penalty_strengths).
+        "l2sp": ["strategy.method=full", "regularizer.method=l2sp", "regularizer.strength=2200"],
         "wise_ft": ["strategy.method=lp_ft", "strategy.head_epochs=1", "wise_ft.alphas=[0.25,0.5,0.75,1.0]",
                     "wise_ft.min_retention=0.98", "wise_ft.metric=eval/word_accuracy"],
-        # Whisper has no new head: WiSE-FT of full fine-tuning interpolates every weight back towards the
-        # pretrained model itself (of lp_ft, its θ_base is the model after the decoder-only epoch, which already forgot).
-        "wise_ft_full": ["strategy.method=full", "wise_ft.alphas=[0.1,0.2,0.3,0.4,0.5,0.75,1.0]",
-                         "wise_ft.min_retention=0.98", "wise_ft.metric=eval/word_accuracy"],
-        # The decoder learns the digits within its first epoch at lr 1e-4; the rest of the budget only forgets.
-        "head_only_lr3e5": ["strategy.method=head_only", "train.lr=3e-5"],
-        "head_only_1ep": ["strategy.method=head_only", "train.epochs=1"],
         # The decoder's layers alone: its token embeddings (tied to the output projection: the vocabulary's prior) stay.
         "decoder_layers": ["strategy.method=freeze", "strategy.modules=[model.encoder,model.decoder.embed_tokens,model.decoder.embed_positions]"],
-        # The acoustic encoder alone: the synthetic voices are an acoustic shift; the decoder's language stays.
-        "encoder_only": ["strategy.method=freeze", "strategy.modules=[model.decoder,proj_out]"],
         "floor": floor_row("eval/word_accuracy"),  # retention.floor: 0.98, the framework choosing the mitigation
     },
 )
@@ -155,7 +147,8 @@ LLM = Case(
         "full": ["strategy={method: full}", "train.lr=1e-4"],
         "lora": [],  # the recipe's: rank 16 on q, k, v, o at lr 1e-3
         "freeze": ["strategy={method: freeze, layers: 24}", "train.lr=1e-4"],  # the embeddings (tied: the output too) and 24 of 30 blocks
-        "l2sp": ["strategy={method: full}", "train.lr=1e-4", "regularizer.method=l2sp", "regularizer.strength=1.0"],
+        # A pull of 2 over the run: lambda = 2 / (lr 1e-4 x 12 steps / 2) (raytune_ft.search.floor.penalty_strengths).
+        "l2sp": ["strategy={method: full}", "train.lr=1e-4", "regularizer.method=l2sp", "regularizer.strength=3300"],
         "replay": ["strategy={method: full}", "train.lr=1e-4", "replay.reference=fortunes", "replay.fraction=0.25"],
         # No new head: θ_base is the pretrained model itself. The alpha is chosen on validation rows,
         # which need 20 at least (the sizing's 2% holds out 10 of 518): 5% here, still 96 trained on.
