@@ -165,6 +165,9 @@ class RetentionSection(Section):
                                                            "default wise_ft.metric, else the first of accuracy, word_accuracy, "
                                                            "inverse_perplexity the task reports")
     budget: FloorBudget = Field(default_factory=FloorBudget, description="floor: what reaching it may spend")
+    margin: float = Field(0.0, ge=0, le=0.5, description="floor: a guard band; settings are chosen at validation retention >= "
+                                                         "floor + margin, since the best-scoring one at the floor is the likeliest to "
+                                                         "fall below it on test (a few hundred reference rows: ~0.02)")
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -172,7 +175,7 @@ class RetentionSection(Section):
         if len(set(names)) != len(names):
             raise ValueError("retention.references: names must be unique")
         if self.floor is None:  # compared with the defaults: a recipe written back (recipe.yaml) states them
-            for name, default in (("target_metric", None), ("budget", FloorBudget())):
+            for name, default in (("target_metric", None), ("budget", FloorBudget()), ("margin", 0.0)):
                 if getattr(self, name) != default:
                     raise ValueError(f"retention.{name}: only with retention.floor (set a floor, e.g. 0.98)")
         return self

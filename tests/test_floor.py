@@ -140,13 +140,25 @@ def test_the_search_space_fits_the_model_and_the_references(retention_recipe, ti
     assert {"method": "ewc", "strength": 40.0, "reference": "topics"} in space["regularizer"]
     assert space["replay"] == [None, {"fraction": 0.1, "reference": "topics"}, {"fraction": 0.3, "reference": "topics"}]
     # Tried first: replay with the recipe's strategy and with LoRA r16, a frozen half with EWC, LoRA with L2-SP (pull 2).
-    # LoRA on the model's attention query and value, named for the search (the recipe's strategy names none).
-    lora, replay = {"method": "lora", "rank": 16, "alpha": 32, "target_modules": ["query", "value"]}, {"fraction": 0.3, "reference": "topics"}
+    # LoRA on the model's attention query and value, named for the search (the recipe's strategy names
+    # none), at 4 x the lr set for full fine-tuning.
+    lora = {"method": "lora", "rank": 16, "alpha": 32, "lr_scale": 4.0, "target_modules": ["query", "value"]}
+    replay = {"fraction": 0.3, "reference": "topics"}
     assert first_points(space, 40.0) == [
         {"strategy": {"method": "full"}, "regularizer": None, "replay": replay},
         {"strategy": lora, "regularizer": None, "replay": replay},
         {"strategy": {"method": "freeze", "layers": 1}, "regularizer": {"method": "ewc", "strength": 40.0, "reference": "topics"}, "replay": None},
         {"strategy": lora, "regularizer": {"method": "l2sp", "strength": 40.0}, "replay": None}]
+
+
+def test_the_margin_is_a_guard_band_of_the_floor_only(retention_recipe):
+    from raytune_ft.search.floor import choosing_at
+
+    retention_recipe["retention"].update(floor=0.98, margin=0.02)
+    assert choosing_at(validate_recipe(retention_recipe)) == pytest.approx(1.0)
+    del retention_recipe["retention"]["floor"]
+    with pytest.raises(UserError, match="retention.margin: only with retention.floor"):
+        validate_recipe(retention_recipe)
 
 
 def test_the_search_runs_when_wise_ft_gives_up_gain():

@@ -162,6 +162,21 @@ def test_head_lr_scale_gives_the_head_its_own_learning_rate(tiny_recipe):
     assert named["bert.embeddings.word_embeddings.weight"] == pytest.approx(0.125 * lr)  # below 2 layers, depth 3
 
 
+def test_lora_lr_scale_speeds_up_the_adapters_only(tiny_recipe):
+    """strategy.lr_scale: LoRA's A and B matrices step at lr x 4; the head (saved whole) at lr."""
+    from raytune_ft.backends.optim import param_groups
+    from raytune_ft.tasks import build_task
+
+    recipe = validate_recipe(tiny_recipe)
+    task = build_task(recipe, ["negative", "positive"])
+    model = strategy_of({"method": "lora", "rank": 4, "alpha": 8, "lr_scale": 4.0}).prepare(task.build_model(), task)
+    lrs = {id(p): group["lr"] for group in param_groups(model, recipe.train) for p in group["params"]}
+    named = {name: lrs[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+    adapters = [lr for name, lr in named.items() if ".lora_" in name]
+    assert adapters and all(lr == pytest.approx(4 * recipe.train.lr) for lr in adapters)
+    assert all(lr == pytest.approx(recipe.train.lr) for name, lr in named.items() if ".lora_" not in name)
+
+
 def test_gradual_and_lp_ft_schedules_on_a_real_model(tiny_recipe):
     """What trains in each epoch, on the real tiny BERT (no Ray needed for the schedule)."""
     from raytune_ft.tasks import build_task

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = [0.25, 0.5, 0.75, 1.0]  # alpha 0 would be the pretrained body again, not a fine-tuning of it
 LORA_RANKS = (4, 16)
+# The search's adapters train at 4 x the recipe's lr, unless the recipe's own strategy is LoRA (its lr
+# is already an adapter's). Image case: LoRA + replay 0.877 / 0.890 at 1 x, 0.931 / 0.915 at 4 x.
+LORA_LR_SCALE = 4.0
 # L2-SP / EWC strengths as pulls: the proximal step moves a weight back by about lr_t * lambda of its
 # distance from the pretrained one each step, so over a run whose learning rate averages half its
 # peak (warmup, then decay) lambda = pull / (lr * steps / 2) pulls it back about `pull` times.
@@ -61,7 +64,7 @@ def run_floor(recipe: Recipe, *, resume: bool = False, force: bool = False, addr
         return done(summary)
     baseline = run_folder.finished_summary(run_dir / run_folder.BASELINE)
     points = run_points("fine-tuned", {}, run_dir, summary, metric, baseline)
-    reason = search_reason(points, recipe.retention.floor, metric)
+    reason = search_reason(points, choosing_at(recipe), metric)
     left = None if budget.time_s is None else budget.time_s - (time.perf_counter() - started)
     trials = 0
     if reason and budget.trials and (left is None or left > 0):
@@ -92,7 +95,7 @@ def done(summary: dict[str, Any]) -> dict[str, Any]:
 def swept(recipe: Recipe, metric: str) -> Recipe:
     """The recipe with a WiSE-FT sweep that picks the best ``metric`` meeting the floor."""
     wise_ft = dict(given_fields(recipe).get("wise_ft") or {"alphas": DEFAULT_ALPHAS})
-    wise_ft.update(metric=metric, min_retention=recipe.retention.floor)
+    wise_ft.update(metric=metric, min_retention=choosing_at(recipe))
     first = derived_recipe(recipe, {"wise_ft": wise_ft}, SOURCE)
     first._file = recipe.file
     return first
@@ -117,6 +120,11 @@ def run_points(setting: str, values: dict[str, Any], run_dir: Path, summary: dic
                        "test_retention": row.get("retention/min"), "exported": row["alpha"] == sweep.get("alpha"),
                        "run_dir": str(run_dir)})
     return points
+
+
+def choosing_at(recipe: Recipe) -> float:
+    """The validation retention a setting must reach to be chosen: the floor and its guard band."""
+    return recipe.retention.floor + recipe.retention.margin
 
 
 def meeting(points: list[dict[str, Any]], floor: float) -> list[dict[str, Any]]:
@@ -157,8 +165,10 @@ def mitigation_space(recipe: Recipe, steps: int) -> dict[str, list[Any]]:
     except UserError:
         depth = 0
     targets = own.get("target_modules") if own.get("method") == "lora" else adaptable_modules(task.skeleton())
+    adapter_lr = {} if own.get("method") == "lora" else {"lr_scale": LORA_LR_SCALE}
     strategies = [own, *({"method": "freeze", "layers": k} for k in sorted({max(1, depth // 4), depth // 2, 3 * depth // 4}) if 0 < k < depth),
-                  *({"method": "lora", "rank": r, "alpha": 2 * r, **({"target_modules": targets} if targets else {})} for r in LORA_RANKS)]
+                  *({"method": "lora", "rank": r, "alpha": 2 * r, **adapter_lr, **({"target_modules": targets} if targets else {})}
+                    for r in LORA_RANKS)]
     references = recipe.retention.references
     readout = next((r.name for r in references if r.kind in ("probe", "head")), None)  # EWC's Fisher, replay's targets
     replayable = readout or next((r.name for r in references if r.kind == "task" and r.data.test), None)
@@ -250,7 +260,7 @@ def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]]
     """Write ``floor.json``, ``plots/floor.png`` and the summary's ``floor`` part; put the delivered
     model in ``model/`` (none when nothing met the floor); rewrite the report."""
     run_dir, floor, name = first.run_dir(), first.retention.floor, metric.removeprefix("eval/")
-    chosen = best(meeting(points, floor), metric)
+    chosen = best(meeting(points, choosing_at(first)), metric)
     for point in points:
         point["label"] = describe(point)
     front = pareto.pareto_front([(x_of(p, metric), p["retention"]) for p in points], ["max", "max"])
@@ -259,7 +269,8 @@ def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]]
                             points.index(chosen) if chosen else None,
                             f"gain over the head-only baseline (validation {name}, absolute)" if baseline else f"validation {name}",
                             f"{first.name}: retention floor {floor:g}, {len(points)} settings explored")
-    result = {"floor": floor, "metric": metric, "met": chosen is not None, "budget": first.retention.budget.model_dump(),
+    result = {"floor": floor, "margin": first.retention.margin, "metric": metric, "met": chosen is not None,
+              "budget": first.retention.budget.model_dump(),
               "search_trials": trials, "search": str(run_dir / run_folder.SEARCH) if trials else None, "wall_time_s": wall_s,
               "chosen": delivered(chosen, metric, baseline) if chosen else None,
               "front": [{key: points[i][key] for key in ("label", "alpha", metric, "gain", "retention", "test_retention")}
@@ -271,7 +282,8 @@ def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]]
         result["message"] = (f"{floor:g} met by {chosen['label']}: test {name} {test[name]:.4f}"
                              + (f" (gain {test['gain']:+.4f})" if test.get("gain") is not None else "")
                              + f", retention {test['retention']:.3f} on the references' test rows ({chosen['retention']:.3f} on "
-                               f"their validation rows, where it was chosen)")
+                               f"their validation rows, where it was chosen"
+                             + (f" at >= {choosing_at(first):g}, the floor and its margin)" if first.retention.margin else ")"))
     else:
         for folder in (run_folder.MODEL, run_folder.ADAPTER):  # nothing is exported as if it had met the floor
             shutil.rmtree(run_dir / folder, ignore_errors=True)
@@ -279,7 +291,8 @@ def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]]
         summary["outputs"].pop("adapter", None)
         closest = max(points, key=lambda p: (p["retention"], p[metric])) if points else None
         result["closest"] = closest and {k: closest[k] for k in ("label", metric, "gain", "retention")}
-        result["message"] = (f"{floor:g} not met within the budget ({plural(trials, 'search trial')}, {wall_s:.0f} s): "
+        result["message"] = (f"{floor:g}" + (f" (chosen at {choosing_at(first):g} with its margin)" if first.retention.margin else "")
+                             + f" not met within the budget ({plural(trials, 'search trial')}, {wall_s:.0f} s): "
                              + (f"the best retention reached is {closest['retention']:.3f} (validation rows, {closest['label']}), with "
                                 + (f"gain {closest['gain']:+.4f}" if closest["gain"] is not None else f"{name} {closest[metric]:.4f}")
                                 + f" on {metric}" if closest else "no setting was scored")

@@ -265,6 +265,8 @@ class LoRA(Full):
         alpha: float = Field(16.0, gt=0, description="scaling numerator (scale = alpha / rank)")
         lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
         target_modules: Optional[list[str]] = Field(None, min_length=1, description="module names to adapt; default: attention query and value")
+        lr_scale: float = Field(1.0, gt=0, le=100, description="the adapters' lr as a multiple of train.lr: adapters usually want "
+                                "several times the rate that fine-tunes every weight")
 
     def targets(self) -> list[str]:
         return self.options.target_modules or ["query", "value"]
@@ -295,7 +297,12 @@ class LoRA(Full):
     def select(self, model, task):
         from peft import get_peft_model
 
-        return get_peft_model(model, self.config(task.head_names(model)))
+        model = get_peft_model(model, self.config(task.head_names(model)))
+        if self.options.lr_scale != 1:
+            for name, parameter in model.named_parameters():
+                if ".lora_" in name:
+                    scale_lr(parameter, self.options.lr_scale)
+        return model
 
     def save_adapter(self, model, directory):
         """The adapters and the head alone (``adapter_config.json``, ``adapter_model.safetensors``)."""
