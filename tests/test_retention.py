@@ -146,14 +146,14 @@ def test_head_lr_scale_gives_the_head_its_own_learning_rate(tiny_recipe):
     """train.head_lr_scale: the classifier and the pooler (the text task's head) step at lr x 10,
     the encoder at lr, under layer-wise decay too (the head is its top group, scale 1)."""
     from raytune_ft.backends.optim import param_groups
-    from raytune_ft.strategies import scale_head_lr
+    from raytune_ft.strategies import scale_module_lr
     from raytune_ft.tasks import build_task
 
     tiny_recipe["strategy"] = {"method": "full", "layer_lr_decay": 0.5}
     recipe = validate_recipe(tiny_recipe)
     task = build_task(recipe, ["negative", "positive"])
     model = strategy_of(tiny_recipe["strategy"]).prepare(task.build_model(), task)
-    scale_head_lr(model, task.head_names(model), 10.0)
+    scale_module_lr(model, task.head_names(model), 10.0)
     lrs = {id(p): group["lr"] for group in param_groups(model, recipe.train) for p in group["params"]}
     named = {name: lrs[id(p)] for name, p in model.named_parameters()}
     lr = recipe.train.lr

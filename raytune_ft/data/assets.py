@@ -254,14 +254,18 @@ DIGIT_VOICES = {
 DIGIT_ROWS = {"train": 400, "test": 60}
 
 
-def speak(text: str, voice: str, speed: int, pitch: int) -> bytes:
-    """espeak-ng's speech for ``text`` as 16 kHz mono WAV bytes (it speaks at 22,050 Hz)."""
+def wav_16k(raw: bytes) -> bytes:
+    """Audio bytes as the 16 kHz mono WAV bytes the speech assets store (Whisper's rate)."""
     from raytune_ft.data import audio
 
-    espeak = _debian("espeak-ng", "spoken-digits")
-    raw = subprocess.run([str(espeak), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
-                         check=True, capture_output=True).stdout
     return audio.wav_bytes(audio.decode(raw, 16000), 16000)
+
+
+def speak(text: str, voice: str, speed: int, pitch: int) -> bytes:
+    """espeak-ng's speech for ``text`` as 16 kHz mono WAV bytes (it speaks at 22,050 Hz)."""
+    espeak = _debian("espeak-ng", "spoken-digits")
+    return wav_16k(subprocess.run([str(espeak), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                                  check=True, capture_output=True).stdout)
 
 
 def spoken_digits(split: str) -> Path:
@@ -295,8 +299,6 @@ def real_speech() -> Path:
 
     import pyarrow as pa
 
-    from raytune_ft.data import audio as audio_io
-
     target = cache_dir() / "real_speech"
     if target.is_dir():
         return target
@@ -311,7 +313,7 @@ def real_speech() -> Path:
                 audio.append((data / folder / f"{match.group(2)}.wav").read_bytes())
     channels = _debian("alsa-utils", "real-speech")
     for name in ALSA_CHANNELS:  # 48 kHz: stored at Whisper's 16 kHz like the rest
-        audio.append(audio_io.wav_bytes(audio_io.decode((channels / f"{name}.wav").read_bytes(), 16000), 16000))
+        audio.append(wav_16k((channels / f"{name}.wav").read_bytes()))
         texts.append(name.replace("_", " "))
         ids.append(f"alsa-{name}")
     _write_shards(pa.table({"audio": pa.array(audio, type=pa.binary()), "text": texts, "id": ids}), target, shards=1)
@@ -332,8 +334,6 @@ def festival_speech() -> Path:
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from raytune_ft.data import audio as audio_io
-
     target = cache_dir() / "festival_speech"
     if target.is_dir():
         return target
@@ -353,7 +353,7 @@ def festival_speech() -> Path:
             (Path(scratch) / "text.txt").write_text(sentence + "\n")
             subprocess.run([str(text2wave), "-eval", f"(voice_{voice})", str(Path(scratch) / "text.txt"), "-o", str(Path(scratch) / "speech.wav")],
                            check=True, capture_output=True)
-            clips.append(audio_io.wav_bytes(audio_io.decode((Path(scratch) / "speech.wav").read_bytes(), 16000), 16000))
+            clips.append(wav_16k((Path(scratch) / "speech.wav").read_bytes()))
             voices.append(voice)
     _write_shards(pa.table({"audio": pa.array(clips, type=pa.binary()), "text": sentences, "voice": voices}), target, shards=1)
     return target

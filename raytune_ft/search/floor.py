@@ -197,7 +197,7 @@ def first_points(space: dict[str, list[Any]], strength: float) -> list[dict[str,
     frozen = [s for s in strategies[1:] if s.get("method") == "freeze"]
     half = frozen[len(frozen) // 2] if frozen else None
     pulled = {r["method"]: r for r in regularizers[1:] if r and r["strength"] == strength}
-    replay = replays[-1] if replays[-1] else None
+    replay = replays[-1]  # the larger searched fraction (else the recipe's own; None where nothing can be replayed)
     candidates = [(strategies[0], None, replay), (lora, None, replay), (half, pulled.get("ewc") or pulled.get("l2sp"), None),
                   (lora, pulled.get("l2sp"), None)]
     points = []

@@ -97,10 +97,11 @@ def apply_layer_lr_decay(model: torch.nn.Module, head_names: list[str], decay: f
             scale_lr(parameters[name], decay**depth)
 
 
-def scale_head_lr(model: torch.nn.Module, head_names: list[str], factor: float) -> None:
-    """The task head's parameters (``head_names``) learn at lr x ``factor``."""
+def scale_module_lr(model: torch.nn.Module, modules: list[str], factor: float) -> None:
+    """The parameters of ``modules`` (names as ``in_module`` matches them: a task's head names,
+    LoRA's ``lora_A``/``lora_B``) learn at lr x ``factor``."""
     for name, parameter in model.named_parameters():
-        if in_module(name, head_names):
+        if in_module(name, modules):
             scale_lr(parameter, factor)
 
 
@@ -299,9 +300,7 @@ class LoRA(Full):
 
         model = get_peft_model(model, self.config(task.head_names(model)))
         if self.options.lr_scale != 1:
-            for name, parameter in model.named_parameters():
-                if ".lora_" in name:
-                    scale_lr(parameter, self.options.lr_scale)
+            scale_module_lr(model, ["lora_A", "lora_B"], self.options.lr_scale)
         return model
 
     def save_adapter(self, model, directory):

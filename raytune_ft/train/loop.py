@@ -34,7 +34,7 @@ from raytune_ft.backends import BACKENDS
 from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.errors import Diverged
 from raytune_ft.evaluation import Collate, all_reduce_max, all_reduce_sum, average_running_statistics, evaluate, scalars
-from raytune_ft.strategies import build_strategy, scale_head_lr
+from raytune_ft.strategies import build_strategy, scale_module_lr
 from raytune_ft.tasks import TORCH_DTYPES, build_task, enable_gradient_checkpointing, export_pretrained
 from raytune_ft.train.faults import maybe_fail
 from raytune_ft.train.planning import RunPlan
@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, loading = build_model(task, recipe, backend)
     model = strategy.prepare(model, task)
     if train.head_lr_scale != 1:
-        scale_head_lr(model, task.head_names(model), train.head_lr_scale)
+        scale_module_lr(model, task.head_names(model), train.head_lr_scale)
     backend.setup(model, steps.total_steps)
     logger.debug("worker %d of %d: %s, %d torch threads, backend %s", rank, world, backend.device, plan.threads, train.backend)
     shards = {name: ray.train.get_dataset_shard(name) for name in plan.datasets}
