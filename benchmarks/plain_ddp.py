@@ -7,9 +7,9 @@ memory (the cheapest possible input pipeline). With ``scaling.use_gpu``: NCCL, o
 batches copied from pinned memory like the loop's. Like the DDP backend, one process trains the
 bare model (DDP's all-reduce over a world of one would be work the other side does not do).
 Prints one JSON line: samples/s per epoch, training seconds, steps, the rows, the parameter count
-and attention kernel. With ``train.max_steps`` it stops there and, with ``--export DIR``, does what
-a short run does after training too: scores the test rows and exports the model (rank 0), so the
-start-up benchmark compares the same work.
+and attention kernel. With ``train.max_steps`` it stops there and, with ``--export DIR``, does the rest of
+what a short run does too: scores the validation rows after every epoch, the test rows at the end,
+and exports the model (rank 0), so the start-up benchmark compares the same work.
 
 Run: torchrun --nproc_per_node N benchmarks/plain_ddp.py RECIPE [--set field=value ...] [--export DIR]
 """
@@ -42,8 +42,8 @@ def split_rows(recipe, planned, name: str = "train") -> dict[str, np.ndarray]:
     return {role: values[: recipe.data.max_rows] for role, values in rows.items()}
 
 
-def export(task, model, rows: dict[str, np.ndarray], batch_size: int, device: torch.device, directory: str) -> None:
-    """Every rank scores its share of the test rows, the states are summed, rank 0 saves the model."""
+def score(task, model, rows: dict[str, np.ndarray], batch_size: int, device: torch.device) -> None:
+    """Every rank scores its share of ``rows``; the metric states are summed over the ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     encoded = task.preprocess(rows)
     count = len(next(iter(encoded.values())))
@@ -56,15 +56,14 @@ def export(task, model, rows: dict[str, np.ndarray], batch_size: int, device: to
             batch = {key: value.to(device) for key, value in batch.items()}
             metrics.update(task.forward(bare, batch)[1], batch)
     dist.all_reduce(metrics.state())
-    if rank == 0:
-        task.save_pretrained(bare, directory)
+    bare.train()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("recipe")
     parser.add_argument("--set", action="append", default=[], help="a recipe override, as raytune-ft run takes it")
-    parser.add_argument("--export", default=None, help="after training: score the test rows and export the model here (rank 0)")
+    parser.add_argument("--export", default=None, help="score the validation rows every epoch, then the test rows, and export the model here (rank 0)")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     train = recipe.train
@@ -102,6 +101,8 @@ def main() -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if gpu else None, gradient_as_bucket_view=True)
     autocast = {"bf16": torch.bfloat16}.get(train.precision)
     rates, steps, train_s = [], 0, 0.0
+    eval_batch = train.eval_batch_size or 2 * train.batch_size  # the loop's
+    validation = split_rows(recipe, planned, "validation") if args.export and any(split.name == "validation" for split in planned.splits) else None
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(per_worker)
         started = time.perf_counter()
@@ -124,10 +125,14 @@ def main() -> None:
             torch.cuda.synchronize()  # the epoch ends when its last step has run, not when it was queued
         train_s += time.perf_counter() - started
         rates.append(per_worker * world / (time.perf_counter() - started))
+        if args.export and validation:  # as the loop does after every epoch
+            score(task, model, validation, eval_batch, device)
         if steps == train.max_steps:
             break
     if args.export:  # what a run does after training: the test rows scored, the model exported
-        export(task, model, split_rows(recipe, planned, "test"), train.eval_batch_size or train.batch_size, device, args.export)
+        score(task, model, split_rows(recipe, planned, "test"), eval_batch, device)
+        if rank == 0:
+            task.save_pretrained(model.module if world > 1 else model, args.export)
     if rank == 0:
         print(json.dumps({"samples_per_s_by_epoch": rates, "train_s": train_s, "steps": steps, "train_rows": count,
                           "params": params, "attention": attention}))

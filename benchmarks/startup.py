@@ -8,12 +8,16 @@ Fixed cost = the process's wall time minus its training time (the steps themselv
   model, rows, batch and steps, pre-tokenised in memory, the test rows scored and the model
   exported;
 - ``raytune_ft_cold``: ``raytune-ft run`` with its embedded Ray (started and stopped by the run);
-- ``raytune_ft_warm``: ``raytune-ft run --address auto`` on a local Ray the user started
-  beforehand (``ray start --head``), as in a working session.
+- ``raytune_ft_attached``: ``raytune-ft run --address auto`` on a local Ray the user started
+  beforehand (``ray start --head``);
+- ``raytune_ft_warm``: ``raytune-ft run`` while a warm driver is up (``raytune-ft warm start``:
+  its embedded Ray and the libraries loaded, raytune_ft.warm), as in a working session.
 
-Rounds alternate the three (the machine is shared and noisy); medians are reported, and
-``fixed_ratio_cold`` / ``fixed_ratio_warm`` are raytune-ft's cold / warm fixed cost over
-torchrun's cold one (targets <= 1.5 and <= 1.0). The load average is recorded with each round.
+In the last two the second run is measured (the first warms the Ray). Rounds alternate the four
+(the machine is shared and noisy); medians are reported, and ``fixed_ratio_cold`` /
+``fixed_ratio_warm`` are raytune-ft's cold / warm fixed cost over torchrun's cold one (targets
+<= 1.5 and <= 1.0), ``fixed_ratio_attached`` the attached one's. The load average is recorded
+with each round.
 
 Run: make bench-startup   (writes benchmarks/results/startup.json)
 """
@@ -47,11 +51,14 @@ def torchrun() -> dict[str, float]:
     return {"process_s": process_s, "train_s": result["train_s"], "fixed_s": process_s - result["train_s"]}
 
 
-def raytune_ft(address: str | None) -> dict[str, float]:
+WARM_ENV = {"RAYTUNE_FT_WARM_SOCKET": str(ROOT / "runs" / "bench_startup_warm" / "warm.sock")}
+
+
+def raytune_ft(address: str | None = None, env: dict[str, str] | None = None) -> dict[str, float]:
     run_dir = ROOT / "runs" / "bench_startup"
     shutil.rmtree(run_dir, ignore_errors=True)  # not --force, which keeps the old run aside: 700 MB a run
     command = [sys.executable, "-m", "raytune_ft.cli", "run", "jobs/text_classification.yaml", "--output", str(run_dir), *RUN]
-    process_s, _ = timed(command + (["--address", address] if address else []))
+    process_s, _ = timed(command + (["--address", address] if address else []), env)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"process_s": process_s, "train_s": summary["train_time_s"], "fixed_s": process_s - summary["train_time_s"],
             "run_s": summary["wall_time_s"]}
@@ -66,31 +73,40 @@ def ray(*args: str) -> None:
 def main() -> None:
     rounds: list[dict] = []
     for _ in range(ROUNDS):
-        row = {"load_average": os.getloadavg()[0], "torchrun_cold": torchrun(), "raytune_ft_cold": raytune_ft(None)}
+        row = {"load_average": os.getloadavg()[0], "torchrun_cold": torchrun(), "raytune_ft_cold": raytune_ft()}
         ray("start", "--head", "--num-cpus", str(max(4, os.cpu_count() or 1)), "--disable-usage-stats", "--include-dashboard", "false")
         try:
-            raytune_ft("auto")  # the session's first run on the warm Ray: its worker processes start
-            row["raytune_ft_warm"] = raytune_ft("auto")
+            raytune_ft("auto")  # the first run on the running Ray warms it
+            row["raytune_ft_attached"] = raytune_ft("auto")
         finally:
             ray("stop", "--force")
+        timed([sys.executable, "-m", "raytune_ft.cli", "warm", "start"], WARM_ENV)
+        try:
+            raytune_ft(env=WARM_ENV)
+            row["raytune_ft_warm"] = raytune_ft(env=WARM_ENV)
+        finally:
+            timed([sys.executable, "-m", "raytune_ft.cli", "warm", "stop"], WARM_ENV)
         rounds.append(row)
         print(json.dumps(row), flush=True)
     medians = {name: {key: median(row[name][key] for row in rounds) for key in rounds[0][name]}
-               for name in ("torchrun_cold", "raytune_ft_cold", "raytune_ft_warm")}
+               for name in ("torchrun_cold", "raytune_ft_cold", "raytune_ft_attached", "raytune_ft_warm")}
     result = {
         "setup": {"recipe": "jobs/text_classification.yaml (MiniLM-L6)", "rows": ROWS, "steps": STEPS, "workers": 2, "retention": None,
                   "baseline": False, "rounds": ROUNDS, "cpus": os.cpu_count(),
-                  "warm": "a local `ray start --head` running; the second run on it is measured (the first warms it)"},
+                  "attached": "a local `ray start --head` running; the second run on it is measured (the first warms it)",
+                  "warm": "a warm driver up (`raytune-ft warm start`); the second run in it is measured"},
         **medians,
         "fixed_ratio_cold": medians["raytune_ft_cold"]["fixed_s"] / medians["torchrun_cold"]["fixed_s"],
         "fixed_ratio_warm": medians["raytune_ft_warm"]["fixed_s"] / medians["torchrun_cold"]["fixed_s"],
+        "fixed_ratio_attached": medians["raytune_ft_attached"]["fixed_s"] / medians["torchrun_cold"]["fixed_s"],
         "rounds": rounds,
     }
     out = ROOT / "benchmarks" / "results" / "startup.json"
     out.write_text(json.dumps(result, indent=2))
     for name, m in medians.items():
         print(f"{name:16s} process {m['process_s']:6.1f} s  training {m['train_s']:5.1f} s  fixed {m['fixed_s']:5.1f} s")
-    print(f"fixed cost over torchrun's: cold {result['fixed_ratio_cold']:.2f} (target <= 1.5), warm {result['fixed_ratio_warm']:.2f} (target <= 1.0)")
+    print(f"fixed cost over torchrun's: cold {result['fixed_ratio_cold']:.2f} (target <= 1.5), warm {result['fixed_ratio_warm']:.2f} "
+          f"(target <= 1.0), attached {result['fixed_ratio_attached']:.2f}")
     print(f"-> {out}")
 
 

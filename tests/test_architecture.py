@@ -23,7 +23,7 @@ LAYERS = [
     ("addons",),  # the loop's add-ons
     ("train",),  # the loop and the driver that runs it
     ("search",),
-    ("jobs", "cli", "docs_reference"),
+    ("jobs", "cli", "docs_reference", "warm"),
 ]
 
 

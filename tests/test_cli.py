@@ -9,7 +9,7 @@ import logging
 import pytest
 import typer
 
-from conftest import cli
+from conftest import cli, write_recipe
 from raytune_ft import __version__, log
 from raytune_ft.cli import app
 
@@ -75,3 +75,32 @@ def test_messages_go_through_logging_with_the_prefix_stdout_below_warnings_stder
 def test_quiet_validate_still_prints_its_result():
     result = cli("-q", "validate", "jobs/text_classification.yaml")
     assert result.returncode == 0 and result.stdout.startswith("ok: jobs/text_classification.yaml"), result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp_path):
+    """`raytune-ft warm start`, then `raytune-ft run` twice in new processes: each runs in the
+    warm driver (its count of commands says so), with the run's outputs, progress lines and exit
+    code as without it; a bad input still ends in one line and exit 2; `warm stop` ends it."""
+    env = {"RAYTUNE_FT_WARM_SOCKET": str(tmp_path / "warm" / "warm.sock")}
+    tiny_recipe["train"]["epochs"] = 1
+    recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
+    assert "no warm driver is up" in cli("warm", "status", env=env).stdout
+    started = cli("warm", "start", env=env)
+    assert started.returncode == 0 and "warm driver up" in started.stdout, started.stdout + started.stderr
+    try:
+        for count in (1, 2):
+            result = cli("run", str(recipe), "--force", env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "[raytune-ft] epoch 1 done" in result.stdout and "test accuracy" in result.stdout  # the workers' lines and the table
+            assert f"{count} commands run" in cli("warm", "status", env=env).stdout
+        assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "model").is_dir()
+        bad = cli("run", str(tmp_path / "missing.yaml"), env=env)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.yaml" in bad.stderr, bad.stderr
+        assert "3 commands run" in cli("warm", "status", env=env).stdout
+    finally:
+        stopped = cli("warm", "stop", env=env)
+    assert "warm driver stopped" in stopped.stdout
+    assert not (tmp_path / "warm" / "warm.sock").exists()
+    assert "no warm driver is up" in cli("warm", "status", env=env).stdout

@@ -44,15 +44,10 @@ def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) ->
     first that they fit (``raytune_ft.train.resources``): this machine before an embedded Ray
     starts, the cluster (waiting for an autoscaler to grow it) once connected."""
     import ray
-    from ray.data import DataContext, ExecutionResources
+    from ray.data import DataContext
 
     need = need or run_demand(recipe)
-
-    # Quiet by default: our own progress lines are the live view; Ray's INFO chatter is in its logs.
-    for key, value in QUIET_RAY.items():
-        os.environ.setdefault(key, value)
-    # Ray Data read RAY_DATA_LOG_LEVEL when it was imported, which may have been before this.
-    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+    quiet_ray()
     if ray.is_initialized():
         check_cluster(need, "the Ray this process runs", recipe.scaling.max_wait_s)
     elif address or os.environ.get("RAY_ADDRESS"):
@@ -67,17 +62,7 @@ def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) ->
         check_machine(need)
         # Ray Data's preprocessing needs CPU slots beside the training workers; logical CPUs
         # may exceed cores because tokenisation is light next to a training step.
-        workers_cpus = math.ceil(need.bundle.get("CPU", 0) * need.workers)
-        cpus = max(os.cpu_count() or 1, workers_cpus + 2)
-        logger.debug("starting an embedded Ray with %d logical CPUs", cpus)
-        start_local_ray(num_cpus=cpus, logging_level="WARNING", log_to_driver=True)
-        # Those extra logical CPUs are for training beside Data, not for more Data tasks at once:
-        # on more tasks than cores each new worker process imports the task's libraries for no
-        # speed-up, and with Data's and Train's actors a run started 8 processes on 2 cores,
-        # which Ray warns about (4x its start-up concurrency, the cores).
-        limits = DataContext.get_current().execution_options
-        if limits.is_resource_limits_default():
-            limits.resource_limits = ExecutionResources.for_limits(cpu=os.cpu_count() or 1)
+        start_embedded_ray(max(os.cpu_count() or 1, math.ceil(need.bundle.get("CPU", 0) * need.workers) + 2))
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # the same rows reach the same worker in the same order
@@ -87,6 +72,30 @@ def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) ->
     # RAY_DATA_USE_DATASOURCE_V2, when the user sets it, decides.
     if DATASOURCE_V2 not in os.environ:
         context.use_datasource_v2 = False
+
+
+def quiet_ray() -> None:
+    """Quiet by default: our own progress lines are the live view; Ray's INFO chatter is in its logs."""
+    for key, value in QUIET_RAY.items():
+        os.environ.setdefault(key, value)
+    # Ray Data read RAY_DATA_LOG_LEVEL when it was imported, which may have been before this.
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+
+
+def start_embedded_ray(cpus: int) -> None:
+    """The embedded Ray of a run (or of a warm driver, raytune_ft.warm) with ``cpus`` logical CPUs."""
+    from ray.data import DataContext, ExecutionResources
+
+    quiet_ray()
+    logger.debug("starting an embedded Ray with %d logical CPUs", cpus)
+    start_local_ray(num_cpus=cpus, logging_level="WARNING", log_to_driver=True)
+    # Logical CPUs beyond the cores are for training beside Data, not for more Data tasks at once:
+    # on more tasks than cores each new worker process imports the task's libraries for no
+    # speed-up, and with Data's and Train's actors a run started 8 processes on 2 cores,
+    # which Ray warns about (4x its start-up concurrency, the cores).
+    limits = DataContext.get_current().execution_options
+    if limits.is_resource_limits_default():
+        limits.resource_limits = ExecutionResources.for_limits(cpu=os.cpu_count() or 1)
 
 
 def start_local_ray(**kwargs: Any) -> None:

@@ -1,0 +1,265 @@
+"""A warm driver: one long-lived process on this machine, with its embedded Ray up and torch,
+transformers and Ray imported, which runs the ``raytune-ft run`` and ``raytune-ft tune``
+commands started here while it is up.
+
+Part of a run's fixed cost is start-up and wrap-up that every run repeats: the command's
+imports (torch, transformers, Ray), Ray's start and Ray's stop. ``raytune-ft warm start`` pays
+them once; a command started afterwards sends its arguments and working directory over a Unix
+socket, the warm driver runs it as ``raytune-ft`` would (same checks, outputs and exit code) and
+streams its output back. Ctrl-C reaches the run as it would locally. What stays per run: Train's
+controller, helper actors and worker processes (Ray starts an actor in a new process; worker
+processes that ran tasks importing torch were not reused for the next run's actors, measured).
+
+The warm driver runs with the environment and Ray settings it was started with; a command with
+``--address`` or ``RAY_ADDRESS`` set runs in its own process, as without a warm driver.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from raytune_ft.errors import UserError
+
+SOCKET_ENV = "RAYTUNE_FT_WARM_SOCKET"  # where the warm driver listens; default below
+COMMANDS = ("run", "tune")  # the commands it takes over
+START_TIMEOUT_S = 180
+
+
+def socket_path() -> Path:
+    return Path(os.environ.get(SOCKET_ENV) or f"/tmp/raytune_ft-{os.getuid()}/warm.sock")
+
+
+def connect() -> socket.socket | None:
+    """A connection to the warm driver, or None when none listens (a stale socket is removed)."""
+    path = socket_path()
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except ConnectionRefusedError:  # its driver died without removing it
+        conn.close()
+        path.unlink(missing_ok=True)
+        return None
+    except OSError:
+        conn.close()
+        return None
+    return conn
+
+
+def send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall((json.dumps(message) + "\n").encode())
+
+
+def receive(conn: socket.socket) -> dict[str, Any]:
+    """The first message on ``conn``, read byte by byte so that nothing after it is consumed."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            return {}
+        line += byte
+    return json.loads(line)
+
+
+def messages(conn: socket.socket):
+    """The JSON lines that arrive on ``conn`` until it closes."""
+    with conn.makefile("r", encoding="utf-8") as lines:
+        for line in lines:
+            yield json.loads(line)
+
+
+# ---- the command's side ----
+
+def takes_over(argv: list[str]) -> bool:
+    """Whether the warm driver would run ``raytune-ft ARGV``: a run or a tune command on the
+    embedded Ray (no --address, no RAY_ADDRESS), not a help request."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    return (command in COMMANDS and not os.environ.get("RAY_ADDRESS")
+            and not any(arg in ("--help", "--address") or arg.startswith("--address=") for arg in argv))
+
+
+def forward(argv: list[str]) -> int | None:
+    """Run ``raytune-ft ARGV`` in the warm driver when one is up and takes it over; its exit
+    code, or None to run it here."""
+    if not takes_over(argv):
+        return None
+    conn = connect()
+    if conn is None:
+        return None
+    with conn:
+        send(conn, {"argv": argv, "cwd": os.getcwd()})
+        interrupted = False
+        incoming = messages(conn)
+        while True:
+            try:
+                message = next(incoming, None)
+            except KeyboardInterrupt:
+                if interrupted:
+                    return 130
+                interrupted = True
+                send(conn, {"interrupt": True})
+                continue
+            if message is None:
+                print(f"error: the warm driver ended during the command (its log: {socket_path().with_suffix('.log')})", file=sys.stderr)
+                return 1
+            if "exit" in message:
+                return message["exit"]
+            stream = sys.stdout if "stdout" in message else sys.stderr
+            stream.write(message.get("stdout", message.get("stderr", "")))
+            stream.flush()
+
+
+def start() -> str:
+    """Start the warm driver in the background; returns what to tell the user."""
+    status = ping()
+    if status:
+        return f"a warm driver is already up (pid {status['pid']}, {status['commands']} commands run)"
+    path = socket_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.with_suffix(".log")
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "warm", "serve"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                   start_new_session=True)  # Ctrl-C in this terminal is not the driver's
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (status := ping()) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise UserError("warm start", f"the warm driver did not come up; its log: {log}")
+        time.sleep(0.2)
+    return (f"warm driver up (pid {status['pid']}, Ray with {status['cpus']:g} CPUs): `raytune-ft run` and `tune` here "
+            f"run in it; `raytune-ft warm stop` ends it")
+
+
+def ping() -> dict[str, Any] | None:
+    conn = connect()
+    if conn is None:
+        return None
+    with conn:
+        send(conn, {"ping": True})
+        return receive(conn) or None
+
+
+def stop() -> str:
+    conn = connect()
+    if conn is None:
+        return "no warm driver is up"
+    with conn:
+        send(conn, {"stop": True})
+        receive(conn)  # it answers once its Ray has stopped
+    return "warm driver stopped"
+
+
+# ---- the warm driver's side ----
+
+class Forwarded(io.TextIOBase):
+    """A stream whose writes go to the connected command as ``{name: text}`` messages. Ray's
+    log thread prints the workers' lines while the main thread prints its own: one lock."""
+
+    def __init__(self, conn: socket.socket, name: str, lock: threading.Lock):
+        self._conn, self._name, self._lock = conn, name, lock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            try:
+                send(self._conn, {self._name: text})
+            except OSError:  # the command went away; the run goes on to its end
+                pass
+        return len(text)
+
+
+def command_exit_code(main: Callable[[], None], argv: list[str]) -> int:
+    sys.argv = ["raytune-ft", *argv]
+    try:
+        main()
+    except SystemExit as exited:
+        return exited.code if isinstance(exited.code, int) else 1
+    return 0
+
+
+def run_command(main: Callable[[], None], conn: socket.socket, request: dict[str, Any]) -> None:
+    """Run one forwarded command with its output and Ctrl-C connected to the command's terminal."""
+    lock, running = threading.Lock(), threading.Event()
+    main_thread = threading.main_thread().ident
+
+    def listen() -> None:  # an interrupt, or the command gone: Ctrl-C for the run
+        for message in messages(conn):
+            if message.get("interrupt") and running.is_set():
+                signal.pthread_kill(main_thread, signal.SIGINT)
+        if running.is_set():
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    streams, cwd = (sys.stdout, sys.stderr), os.getcwd()
+    sys.stdout, sys.stderr = Forwarded(conn, "stdout", lock), Forwarded(conn, "stderr", lock)
+    running.set()
+    threading.Thread(target=listen, daemon=True, name="warm-command").start()
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        code = command_exit_code(main, request["argv"])
+    except KeyboardInterrupt:  # arrived outside the command's own handling
+        code = 130
+    finally:
+        running.clear()
+        sys.stdout, sys.stderr = streams
+        os.chdir(cwd)
+        with lock:
+            try:
+                send(conn, {"exit": code})
+            except OSError:
+                pass
+
+
+def serve(main: Callable[[], None]) -> None:
+    """The warm driver: start Ray and import what runs need, then take commands one at a time
+    and run each with ``main`` (the command line's, which reads sys.argv)."""
+    import ray
+
+    import raytune_ft.train.runner  # noqa: F401  what a run imports
+    from raytune_ft.train.ray_start import start_embedded_ray
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops Ray and removes the socket too
+    start_embedded_ray(max(os.cpu_count() or 1, 4))
+    path = socket_path()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.unlink(missing_ok=True)
+    listener.bind(str(path))
+    listener.listen(16)
+    commands, stopping = 0, None
+    try:
+        while stopping is None:
+            conn, _ = listener.accept()
+            request = receive(conn)
+            if request.get("stop"):
+                stopping = conn  # answered once Ray has stopped
+                break
+            with conn:
+                if request.get("ping"):
+                    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+                    send(conn, {"pid": os.getpid(), "cpus": cpus, "commands": commands})
+                elif "argv" in request:
+                    try:
+                        run_command(main, conn, request)
+                    except KeyboardInterrupt:  # the command went away just as its run ended
+                        pass
+                    commands += 1  # a failed run stops Ray to flush its workers' lines; the next one starts it again
+    finally:
+        path.unlink(missing_ok=True)
+        listener.close()
+        ray.shutdown()
+        if stopping is not None:
+            with stopping:
+                send(stopping, {"stopped": True})
