@@ -237,7 +237,7 @@ def run_method(case: Case, method: str, seed: int, sizing: list[str], args) -> d
         *sizing, *([] if args.lr is None else [f"train.lr={args.lr}"]), *case.methods[method],
     ]
     if method == "floor":
-        overrides.append(f"retention.budget.trials={args.floor_trials}")
+        overrides += [f"retention.budget.trials={args.floor_trials}", f"retention.margin={args.margin}"]
     recipe = load_recipe(ROOT / "jobs" / case.recipe, overrides)
     started = time.perf_counter()
     met, setting = None, None
@@ -419,6 +419,7 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated; default: every method of the case")
     parser.add_argument("--tag", default="", help="appended to the results' file names (a partial or exploratory run)")
     parser.add_argument("--floor-trials", type=int, default=4, help="the floor method's search budget (retention.budget.trials)")
+    parser.add_argument("--margin", type=float, default=MARGIN, help="the floor method's retention.margin")
     parser.add_argument("--combine", default=None, help="comma-separated result files (e.g. tagged runs) whose rows join the case's "
                         "results, replacing rows of the same method and seed; rewrites its table and plot, runs nothing")
     args = parser.parse_args()

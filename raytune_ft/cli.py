@@ -133,7 +133,8 @@ def warm(action: WarmAction = typer.Argument(..., help="start, stop or status; s
         warm_driver.serve(main)
     else:
         status = warm_driver.ping()
-        typer.echo(f"warm driver up (pid {status['pid']}, {status['commands']} commands run)" if status else "no warm driver is up")
+        running = f", running: raytune-ft {status['running']}" if status and status["running"] else ""
+        typer.echo(f"warm driver up (pid {status['pid']}, {status['commands']} commands run{running})" if status else "no warm driver is up")
 
 
 ADDRESS_HELP = "The head's dashboard address, e.g. http://127.0.0.1:8265; default RAY_API_SERVER_ADDRESS or RAY_ADDRESS."

@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
+import select
 import signal
 import socket
 import subprocess
@@ -33,6 +35,7 @@ from raytune_ft.errors import UserError
 SOCKET_ENV = "RAYTUNE_FT_WARM_SOCKET"  # where the warm driver listens; default below
 COMMANDS = ("run", "tune")  # the commands it takes over
 START_TIMEOUT_S = 180
+BUSY_NOTE_S = 2  # a command not started within this is waiting for another one
 
 
 def socket_path() -> Path:
@@ -99,6 +102,8 @@ def forward(argv: list[str]) -> int | None:
         return None
     with conn:
         send(conn, {"argv": argv, "cwd": os.getcwd()})
+        if not select.select([conn], [], [], BUSY_NOTE_S)[0]:  # it answers as it starts the command
+            print("[raytune-ft] waiting for the warm driver to finish its current command", file=sys.stderr, flush=True)
         interrupted = False
         incoming = messages(conn)
         while True:
@@ -115,6 +120,8 @@ def forward(argv: list[str]) -> int | None:
                 return 1
             if "exit" in message:
                 return message["exit"]
+            if "started" in message:
+                continue
             stream = sys.stdout if "stdout" in message else sys.stderr
             stream.write(message.get("stdout", message.get("stderr", "")))
             stream.flush()
@@ -238,24 +245,51 @@ def serve(main: Callable[[], None]) -> None:
     path.unlink(missing_ok=True)
     listener.bind(str(path))
     listener.listen(16)
-    commands, stopping = 0, None
+    pending: queue.Queue = queue.Queue()
+    done = {"commands": 0, "running": None}
+
+    def answer() -> None:  # pings at once, even during a command; commands and stop in turn
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener closed: the driver is stopping
+                return
+            conn.settimeout(5)  # a client that connects and says nothing does not hold the others up
+            try:
+                request = receive(conn)
+            except OSError:
+                conn.close()
+                continue
+            conn.settimeout(None)
+            if request.get("ping"):
+                with conn:
+                    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+                    send(conn, {"pid": os.getpid(), "cpus": cpus, "commands": done["commands"], "running": done["running"]})
+            elif "argv" in request or request.get("stop"):
+                pending.put((conn, request))
+            else:
+                conn.close()
+
+    threading.Thread(target=answer, daemon=True, name="warm-answer").start()
+    stopping = None
     try:
         while stopping is None:
-            conn, _ = listener.accept()
-            request = receive(conn)
+            try:
+                conn, request = pending.get(timeout=1)  # woken each second, so SIGTERM's handler runs
+            except queue.Empty:
+                continue
             if request.get("stop"):
                 stopping = conn  # answered once Ray has stopped
                 break
             with conn:
-                if request.get("ping"):
-                    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
-                    send(conn, {"pid": os.getpid(), "cpus": cpus, "commands": commands})
-                elif "argv" in request:
-                    try:
-                        run_command(main, conn, request)
-                    except KeyboardInterrupt:  # the command went away just as its run ended
-                        pass
-                    commands += 1  # a failed run stops Ray to flush its workers' lines; the next one starts it again
+                send(conn, {"started": True})
+                done["running"] = " ".join(request["argv"])
+                try:
+                    run_command(main, conn, request)
+                except KeyboardInterrupt:  # the command went away just as its run ended
+                    pass
+                # A failed run stops Ray to flush its workers' lines; the next one starts it again.
+                done["commands"], done["running"] = done["commands"] + 1, None
     finally:
         path.unlink(missing_ok=True)
         listener.close()

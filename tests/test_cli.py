@@ -5,11 +5,15 @@ through logging at the level of -v / -q (what they do to a run's workers: test_t
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import typer
 
-from conftest import cli, write_recipe
+from conftest import ROOT, cli, write_recipe
 from raytune_ft import __version__, log
 from raytune_ft.cli import app
 
@@ -80,9 +84,10 @@ def test_quiet_validate_still_prints_its_result():
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp_path):
-    """`raytune-ft warm start`, then `raytune-ft run` twice in new processes: each runs in the
-    warm driver (its count of commands says so), with the run's outputs, progress lines and exit
-    code as without it; a bad input still ends in one line and exit 2; `warm stop` ends it."""
+    """`raytune-ft warm start`, then `raytune-ft run` in new processes: each runs in the warm
+    driver (its count of commands says so), with the run's outputs, progress lines and exit code
+    as without it; a run started during another waits for it, saying so, while `warm status`
+    still answers; a bad input still ends in one line and exit 2; `warm stop` ends it."""
     env = {"RAYTUNE_FT_WARM_SOCKET": str(tmp_path / "warm" / "warm.sock")}
     tiny_recipe["train"]["epochs"] = 1
     recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
@@ -90,15 +95,23 @@ def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp
     started = cli("warm", "start", env=env)
     assert started.returncode == 0 and "warm driver up" in started.stdout, started.stdout + started.stderr
     try:
-        for count in (1, 2):
-            result = cli("run", str(recipe), "--force", env=env)
-            assert result.returncode == 0, result.stdout + result.stderr
-            assert "[raytune-ft] epoch 1 done" in result.stdout and "test accuracy" in result.stdout  # the workers' lines and the table
-            assert f"{count} commands run" in cli("warm", "status", env=env).stdout
+        result = cli("run", str(recipe), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "[raytune-ft] epoch 1 done" in result.stdout and "test accuracy" in result.stdout  # the workers' lines and the table
+        assert "1 commands run" in cli("warm", "status", env=env).stdout
         assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "model").is_dir()
+        first = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "run", str(recipe), "--force"], cwd=ROOT,
+                                 env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while "running: raytune-ft run" not in cli("warm", "status", env=env).stdout:  # status answers during a command
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never showed as running"
+            time.sleep(0.2)
+        second = cli("run", str(recipe), "--force", "--output", str(tmp_path / "second"), env=env)
+        assert first.wait(timeout=300) == 0 and second.returncode == 0, second.stdout + second.stderr
+        assert "waiting for the warm driver to finish its current command" in second.stderr
         bad = cli("run", str(tmp_path / "missing.yaml"), env=env)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.yaml" in bad.stderr, bad.stderr
-        assert "3 commands run" in cli("warm", "status", env=env).stdout
+        assert "4 commands run" in cli("warm", "status", env=env).stdout
     finally:
         stopped = cli("warm", "stop", env=env)
     assert "warm driver stopped" in stopped.stdout
