@@ -48,14 +48,15 @@ FASHION_NEW = ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # classes 5-9
 
 
 FLOOR = 0.98
-# The floor's guard band: chosen at validation retention >= 1.0. Without it the image case chose LoRA +
-# L2-SP at validation 0.985 (400 reference rows, a standard error of ~0.016) that kept 0.969 on test.
-MARGIN = 0.02
+# The floor's guard band: chosen at validation retention >= 0.99. Without it the image case chose LoRA +
+# L2-SP at validation 0.985 (400 reference rows, a standard error of ~0.016) that kept 0.969 on test;
+# at 0.02 only interpolations towards the base qualified on two seeds (a share of 0.20 against 0.91).
+MARGIN = 0.01
 CASES_FILE = "retention_cases.json"  # every case's rows per seed, in the format of issue 41
 
 
 def floor_row(metric: str) -> list[str]:
-    """The overrides of a case's ``floor`` method: ``retention.floor: 0.98`` (margin 0.02) on
+    """The overrides of a case's ``floor`` method: ``retention.floor: 0.98`` (margin 0.01) on
     ``metric``; its search's budget comes from ``--floor-trials`` (``run_method``)."""
     return [f"retention.floor={FLOOR}", f"retention.margin={MARGIN}", f"retention.target_metric={metric}"]
 
