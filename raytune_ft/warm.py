@@ -35,6 +35,7 @@ from raytune_ft.errors import UserError
 SOCKET_ENV = "RAYTUNE_FT_WARM_SOCKET"  # where the warm driver listens; default below
 COMMANDS = ("run", "tune")  # the commands it takes over
 START_TIMEOUT_S = 180
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last a NUL
 BUSY_NOTE_S = 2  # a command not started within this is waiting for another one
 
 
@@ -133,6 +134,8 @@ def start() -> str:
     if status:
         return f"a warm driver is already up (pid {status['pid']}, {status['commands']} commands run)"
     path = socket_path()
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UserError(SOCKET_ENV, f"{path} is longer than a Unix socket's path may be ({MAX_SOCKET_PATH} bytes); give a shorter one")
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.with_suffix(".log")
     with open(log, "ab") as out:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import typer
@@ -88,7 +91,8 @@ def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp
     driver (its count of commands says so), with the run's outputs, progress lines and exit code
     as without it; a run started during another waits for it, saying so, while `warm status`
     still answers; a bad input still ends in one line and exit 2; `warm stop` ends it."""
-    env = {"RAYTUNE_FT_WARM_SOCKET": str(tmp_path / "warm" / "warm.sock")}
+    socket_dir = Path(tempfile.mkdtemp(prefix="rtw-", dir="/tmp"))  # a Unix socket's path holds at most 107 bytes
+    env = {"RAYTUNE_FT_WARM_SOCKET": str(socket_dir / "warm.sock")}
     tiny_recipe["train"]["epochs"] = 1
     recipe = write_recipe(tiny_recipe, tmp_path / "tiny.yaml")
     assert "no warm driver is up" in cli("warm", "status", env=env).stdout
@@ -115,5 +119,12 @@ def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp
     finally:
         stopped = cli("warm", "stop", env=env)
     assert "warm driver stopped" in stopped.stdout
-    assert not (tmp_path / "warm" / "warm.sock").exists()
+    assert not (socket_dir / "warm.sock").exists()
     assert "no warm driver is up" in cli("warm", "status", env=env).stdout
+    shutil.rmtree(socket_dir)
+
+
+def test_a_warm_socket_path_too_long_is_refused_in_one_line():
+    result = cli("warm", "start", env={"RAYTUNE_FT_WARM_SOCKET": "/tmp/" + "x" * 120 + "/warm.sock"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "RAYTUNE_FT_WARM_SOCKET" in result.stderr and "107 bytes" in result.stderr
