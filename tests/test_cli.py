@@ -87,10 +87,10 @@ def test_quiet_validate_still_prints_its_result():
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp_path):
-    """`raytune-ft warm start`, then `raytune-ft run` in new processes: each runs in the warm
-    driver (its count of commands says so), with the run's outputs, progress lines and exit code
-    as without it; a run started during another waits for it, saying so, while `warm status`
-    still answers; a bad input still ends in one line and exit 2; `warm stop` ends it."""
+    """`raytune-ft warm start`, then two `raytune-ft run` at once in new processes: each runs in
+    the warm driver (its count of commands says so), with the run's outputs, progress lines and
+    exit code as without it; the second waits for the first, saying so, while `warm status` still
+    answers; a bad input still ends in one line and exit 2; `warm stop` ends it."""
     socket_dir = Path(tempfile.mkdtemp(prefix="rtw-", dir="/tmp"))  # a Unix socket's path holds at most 107 bytes
     env = {"RAYTUNE_FT_WARM_SOCKET": str(socket_dir / "warm.sock")}
     tiny_recipe["train"]["epochs"] = 1
@@ -99,23 +99,22 @@ def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp
     started = cli("warm", "start", env=env)
     assert started.returncode == 0 and "warm driver up" in started.stdout, started.stdout + started.stderr
     try:
-        result = cli("run", str(recipe), env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "[raytune-ft] epoch 1 done" in result.stdout and "test accuracy" in result.stdout  # the workers' lines and the table
-        assert "1 commands run" in cli("warm", "status", env=env).stdout
-        assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "model").is_dir()
-        first = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "run", str(recipe), "--force"], cwd=ROOT,
-                                 env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "run", str(recipe)], cwd=ROOT, env={**os.environ, **env},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while "running: raytune-ft run" not in cli("warm", "status", env=env).stdout:  # status answers during a command
             assert first.poll() is None and time.monotonic() < deadline, "the first run never showed as running"
             time.sleep(0.2)
-        second = cli("run", str(recipe), "--force", "--output", str(tmp_path / "second"), env=env)
-        assert first.wait(timeout=300) == 0 and second.returncode == 0, second.stdout + second.stderr
+        second = cli("run", str(recipe), "--output", str(tmp_path / "second"), env=env)
+        stdout, stderr = first.communicate(timeout=300)
+        assert first.returncode == 0 and second.returncode == 0, stdout + stderr + second.stdout + second.stderr
+        assert "[raytune-ft] epoch 1 done" in stdout and "test accuracy" in stdout  # the workers' lines and the table
         assert "waiting for the warm driver to finish its current command" in second.stderr
+        assert "2 commands run" in cli("warm", "status", env=env).stdout
+        assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "second" / "model").is_dir()
         bad = cli("run", str(tmp_path / "missing.yaml"), env=env)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.yaml" in bad.stderr, bad.stderr
-        assert "4 commands run" in cli("warm", "status", env=env).stdout
+        assert "3 commands run" in cli("warm", "status", env=env).stdout
     finally:
         stopped = cli("warm", "stop", env=env)
     assert "warm driver stopped" in stopped.stdout
