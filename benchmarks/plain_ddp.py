@@ -125,7 +125,7 @@ def main() -> None:
             torch.cuda.synchronize()  # the epoch ends when its last step has run, not when it was queued
         train_s += time.perf_counter() - started
         rates.append(per_worker * world / (time.perf_counter() - started))
-        if args.export and validation:  # as the loop does after every epoch
+        if validation is not None:  # as the loop does after every epoch
             score(task, model, validation, eval_batch, device)
         if steps == train.max_steps:
             break

@@ -117,8 +117,7 @@ class WarmAction(str, Enum):
 @app.command()
 def warm(action: WarmAction = typer.Argument(..., help="start, stop or status; serve: be the warm driver in this process "
                                                         "(what start runs in the background)")):
-    """Keep a warm driver on this machine (its own embedded Ray, the libraries imported, worker
-    processes ready): while it is up, `run` and `tune` commands started here run in it and start
+    """Keep a warm driver on this machine (its own embedded Ray up, the libraries imported): while it is up, `run` and `tune` commands started here run in it and start
     in seconds. Commands with --address or RAY_ADDRESS run as before.
 
     Example: raytune-ft warm start
@@ -130,7 +129,7 @@ def warm(action: WarmAction = typer.Argument(..., help="start, stop or status; s
     elif action is WarmAction.stop:
         typer.echo(warm_driver.stop())
     elif action is WarmAction.serve:
-        warm_driver.serve(main)
+        warm_driver.serve(exit_code)
     else:
         status = warm_driver.ping()
         running = f", running: raytune-ft {status['running']}" if status and status["running"] else ""
@@ -395,6 +394,19 @@ def main() -> None:
         sys.exit(code)
 
 
+def exit_code() -> int:
+    """Run ``main`` (on sys.argv) and return its exit code; a message exit prints its message and
+    is 1, as Python makes it."""
+    try:
+        main()
+    except SystemExit as exited:
+        if isinstance(exited.code, str):
+            print(exited.code, file=sys.stderr)
+            return 1
+        return exited.code or 0
+    return 0
+
+
 def console() -> None:
     """The installed command: ``main``, then the exit without the interpreter's teardown. Once the
     command is done, the exit handlers run (the embedded Ray stops, trackers close); what the
@@ -403,15 +415,9 @@ def console() -> None:
     when one is up (raytune_ft.warm)."""
     from raytune_ft.warm import forward
 
-    try:
-        code = forward(sys.argv[1:])
-        if code is None:
-            main()
-            code = 0
-    except SystemExit as exited:
-        if exited.code is not None and not isinstance(exited.code, int):
-            raise  # a message for Python to print
-        code = exited.code or 0
+    code = forward(sys.argv[1:])
+    if code is None:
+        code = exit_code()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -191,16 +191,7 @@ class Forwarded(io.TextIOBase):
         return len(text)
 
 
-def command_exit_code(main: Callable[[], None], argv: list[str]) -> int:
-    sys.argv = ["raytune-ft", *argv]
-    try:
-        main()
-    except SystemExit as exited:
-        return exited.code if isinstance(exited.code, int) else 1
-    return 0
-
-
-def run_command(main: Callable[[], None], conn: socket.socket, request: dict[str, Any]) -> None:
+def run_command(command: Callable[[], int], conn: socket.socket, request: dict[str, Any]) -> None:
     """Run one forwarded command with its output and Ctrl-C connected to the command's terminal."""
     lock, running = threading.Lock(), threading.Event()
     main_thread = threading.main_thread().ident
@@ -219,7 +210,8 @@ def run_command(main: Callable[[], None], conn: socket.socket, request: dict[str
     code = 1
     try:
         os.chdir(request["cwd"])
-        code = command_exit_code(main, request["argv"])
+        sys.argv = ["raytune-ft", *request["argv"]]
+        code = command()
     except KeyboardInterrupt:  # arrived outside the command's own handling
         code = 130
     finally:
@@ -233,9 +225,9 @@ def run_command(main: Callable[[], None], conn: socket.socket, request: dict[str
                 pass
 
 
-def serve(main: Callable[[], None]) -> None:
+def serve(command: Callable[[], int]) -> None:
     """The warm driver: start Ray and import what runs need, then take commands one at a time
-    and run each with ``main`` (the command line's, which reads sys.argv)."""
+    and run each with ``command`` (the command line's: it reads sys.argv, returns the exit code)."""
     import ray
 
     import raytune_ft.train.runner  # noqa: F401  what a run imports
@@ -288,7 +280,7 @@ def serve(main: Callable[[], None]) -> None:
                 send(conn, {"started": True})
                 done["running"] = " ".join(request["argv"])
                 try:
-                    run_command(main, conn, request)
+                    run_command(command, conn, request)
                 except KeyboardInterrupt:  # the command went away just as its run ended
                     pass
                 # A failed run stops Ray to flush its workers' lines; the next one starts it again.
