@@ -239,6 +239,9 @@ def run_method(case: Case, method: str, seed: int, sizing: list[str], args) -> d
     ]
     if method == "floor":
         overrides += [f"retention.budget.trials={args.floor_trials}", f"retention.margin={args.margin}"]
+        if case.baseline == "head_only":  # the floor's own baseline, a candidate it may deliver: the head_only row's run
+            head_lr = next(o for o in case.methods["head_only"] if o.startswith("train.lr=")).removeprefix("train.lr=")
+            overrides += ["baseline.enabled=true", f"baseline.epochs={args.epochs}", f"baseline.lr={head_lr}"]
     recipe = load_recipe(ROOT / "jobs" / case.recipe, overrides)
     started = time.perf_counter()
     met, setting = None, None

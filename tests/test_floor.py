@@ -66,7 +66,10 @@ def test_a_floor_out_of_reach_is_one_line_exit_3_and_no_model(retention_recipe, 
     assert not (run_dir / "model").exists() and not (run_dir / "adapter").exists()
     written = json.loads((run_dir / "floor.json").read_text())
     assert not written["met"] and written["chosen"] is None and written["search_trials"] == 1
-    assert {point["setting"] for point in written["points"]} >= {"fine-tuned"} and len(written["points"]) >= 3
+    # The head-only baseline is a candidate too, its references scored (its model kept only while it could be delivered).
+    assert {point["setting"] for point in written["points"]} >= {"fine-tuned", "head-only baseline"} and len(written["points"]) >= 4
+    baseline = next(point for point in written["points"] if point["setting"] == "head-only baseline")
+    assert baseline["gain"] == 0 and 0.9 <= baseline["retention"] <= 1.1 and not (run_dir / "baseline" / "model").exists()
     assert written["closest"]["retention"] == max(point["retention"] for point in written["points"])
     assert (run_dir / "search" / "results.csv").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -132,6 +135,7 @@ def test_the_search_space_fits_the_model_and_the_references(retention_recipe, ti
     recipe = validate_recipe(retention_recipe)
     recipe.data.labels = ["negative", "positive"]
     recipe.train.lr = 1e-3
+    recipe.baseline.enabled, recipe.baseline.lr = True, 5e-3
     space = mitigation_space(recipe, steps=100)  # lambda = pull / (1e-3 * 100 / 2)
     assert space["strategy"][0] == {"method": "full"} and {"method": "freeze", "layers": 1} in space["strategy"]
     assert not any(s.get("layers", 0) >= 2 for s in space["strategy"])
@@ -139,16 +143,21 @@ def test_the_search_space_fits_the_model_and_the_references(retention_recipe, ti
     assert space["regularizer"][0] is None and [r["strength"] for r in space["regularizer"][1:]] == [10.0, 40.0, 160.0] * 2
     assert {"method": "ewc", "strength": 40.0, "reference": "topics"} in space["regularizer"]
     assert space["replay"] == [None, {"fraction": 0.1, "reference": "topics"}, {"fraction": 0.3, "reference": "topics"}]
-    # Tried first: replay with the recipe's strategy and with LoRA r16, a frozen half with EWC, LoRA with L2-SP (pull 2).
+    assert space["train.head_lr_scale"] == [1.0, 5.0]  # the recipe's own, and the head-only baseline's rate
+    # Tried first: replay with the recipe's strategy (the head at the baseline's rate) and with LoRA r16,
+    # a frozen half with EWC, LoRA with L2-SP (pull 2).
     # LoRA on the model's attention query and value, named for the search (the recipe's strategy names
     # none), at 4 x the lr set for full fine-tuning.
     lora = {"method": "lora", "rank": 16, "alpha": 32, "lr_scale": 4.0, "target_modules": ["query", "value"]}
     replay = {"fraction": 0.3, "reference": "topics"}
     assert first_points(space, 40.0) == [
-        {"strategy": {"method": "full"}, "regularizer": None, "replay": replay},
-        {"strategy": lora, "regularizer": None, "replay": replay},
-        {"strategy": {"method": "freeze", "layers": 1}, "regularizer": {"method": "ewc", "strength": 40.0, "reference": "topics"}, "replay": None},
-        {"strategy": lora, "regularizer": {"method": "l2sp", "strength": 40.0}, "replay": None}]
+        {"strategy": {"method": "full"}, "regularizer": None, "replay": replay, "train.head_lr_scale": 5.0},
+        {"strategy": lora, "regularizer": None, "replay": replay, "train.head_lr_scale": 1.0},
+        {"strategy": {"method": "freeze", "layers": 1}, "regularizer": {"method": "ewc", "strength": 40.0, "reference": "topics"}, "replay": None,
+         "train.head_lr_scale": 1.0},
+        {"strategy": lora, "regularizer": {"method": "l2sp", "strength": 40.0}, "replay": None, "train.head_lr_scale": 1.0}]
+    recipe.baseline.enabled = False  # no baseline: no rate to borrow
+    assert mitigation_space(recipe, steps=100)["train.head_lr_scale"] == [1.0]
 
 
 def test_the_margin_is_a_guard_band_of_the_floor_only(retention_recipe):

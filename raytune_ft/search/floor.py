@@ -5,7 +5,10 @@ Cheap steps first: one fine-tuning of the recipe as written (``raytune-ft run``'
 run folder), swept by WiSE-FT: theta(alpha) between the base and the tuned weights, no new training.
 When no alpha meets the floor, or only one that gives up validation score does, a Ray Tune search
 (``raytune-ft tune``'s own experiment, in ``search/``) tries mitigations and their strengths (LoRA
-rank, frozen depth, L2-SP / EWC strength, replay fraction), each trial swept by WiSE-FT too.
+rank, frozen depth, L2-SP / EWC strength, replay fraction, the new head's learning rate beside
+replay), each trial swept by WiSE-FT too. The head-only baseline, when the run has one, is a
+candidate as well (its references scored like any setting's): the floor never delivers less than
+training a new head alone.
 
 Honest selection: every setting is judged on validation rows (the task's validation split, each
 reference's validation rows) and the delivered one reported on test rows. The run folder gets
@@ -47,7 +50,8 @@ LORA_LR_SCALE = 4.0
 # peak (warmup, then decay) lambda = pull / (lr * steps / 2) pulls it back about `pull` times.
 PENALTY_PULLS = (0.5, 2.0, 8.0)
 REPLAY_FRACTIONS = (0.1, 0.3)
-SEARCHED = ("strategy", "regularizer", "replay")  # the sections a search trial sets
+HEAD_LR = "train.head_lr_scale"
+SEARCHED = ("strategy", "regularizer", "replay", HEAD_LR)  # what a search trial sets
 SOURCE = "retention.floor"
 
 
@@ -65,6 +69,9 @@ def run_floor(recipe: Recipe, *, resume: bool = False, force: bool = False, addr
     baseline = run_folder.finished_summary(run_dir / run_folder.BASELINE)
     points = run_points("fine-tuned", {}, run_dir, summary, metric, baseline)
     reason = search_reason(points, choosing_at(recipe), metric)
+    if baseline and baseline.get("retention"):  # a candidate too, but not one that spares the search
+        points += run_points("head-only baseline", {}, run_dir / run_folder.BASELINE, baseline,
+                             metric, baseline)
     left = None if budget.time_s is None else budget.time_s - (time.perf_counter() - started)
     trials = 0
     if reason and budget.trials and (left is None or left > 0):
@@ -156,7 +163,8 @@ def penalty_strengths(recipe: Recipe, steps: int) -> list[float]:
 def mitigation_space(recipe: Recipe, steps: int) -> dict[str, list[Any]]:
     """The search's choices per section: the recipe's own and, as far as the model and the
     references allow, frozen depths, LoRA ranks, L2-SP and EWC strengths (for a run of ``steps``
-    optimizer steps) and replay fractions."""
+    optimizer steps), replay fractions and, where the run has a head-only baseline training its
+    head faster, the new head's lr at the baseline's rate."""
     task = build_task(recipe, recipe.data.labels or [])
     given = given_fields(recipe)
     own = given.get("strategy") or {"method": "full"}
@@ -176,8 +184,11 @@ def mitigation_space(recipe: Recipe, steps: int) -> dict[str, list[Any]]:
     regularizers = [None, given.get("regularizer"), *({"method": "l2sp", "strength": s} for s in strengths),
                     *({"method": "ewc", "strength": s, "reference": readout} for s in strengths if readout)]
     replays = [None, given.get("replay"), *({"fraction": f, "reference": replayable} for f in REPLAY_FRACTIONS if replayable)]
+    own_scale = (given.get("train") or {}).get("head_lr_scale", 1.0)
+    baseline_scale = float(f"{recipe.baseline.lr / recipe.train.lr:.2g}")
+    head_scales = [own_scale, *([baseline_scale] if recipe.baseline.enabled and baseline_scale > own_scale else [])]
     space = {}
-    for path, values in (("strategy", strategies), ("regularizer", regularizers), ("replay", replays)):
+    for path, values in (("strategy", strategies), ("regularizer", regularizers), ("replay", replays), (HEAD_LR, head_scales)):
         kept = []
         for value in values:
             if value not in kept and (value is None or fits(recipe, path, value, task)):
@@ -189,20 +200,22 @@ def mitigation_space(recipe: Recipe, steps: int) -> dict[str, list[Any]]:
 def first_points(space: dict[str, list[Any]], strength: float) -> list[dict[str, Any]]:
     """The settings the search tries first, in order, as far as ``space`` offers them: the remedies
     that kept most of the gain at the floor in the benchmark cases, one or two recipe lines each.
-    Replay (the larger fraction) with the recipe's own strategy and with LoRA rank 16, then half the
-    layers frozen with EWC at a pull of 2 (L2-SP where no reference has a readout), then LoRA rank 16
-    with L2-SP at a pull of 2 (``strength``). The random search takes the rest of the budget."""
-    strategies, regularizers, replays = space["strategy"], space["regularizer"], space["replay"]
+    Replay (the larger fraction) with the recipe's own strategy, its new head at the baseline's rate
+    where the space has one (the replayed reference holds the body, and a head at the body's lr
+    stayed at the majority class on the text case), and with LoRA rank 16; then half the layers
+    frozen with EWC at a pull of 2 (L2-SP where no reference has a readout), then LoRA rank 16 with
+    L2-SP at a pull of 2 (``strength``). The random search takes the rest of the budget."""
+    strategies, regularizers, replays, scales = space["strategy"], space["regularizer"], space["replay"], space[HEAD_LR]
     lora = next((s for s in strategies if s.get("method") == "lora" and s.get("rank") == max(LORA_RANKS)), None)
     frozen = [s for s in strategies[1:] if s.get("method") == "freeze"]
     half = frozen[len(frozen) // 2] if frozen else None
     pulled = {r["method"]: r for r in regularizers[1:] if r and r["strength"] == strength}
     replay = replays[-1]  # the larger searched fraction (else the recipe's own; None where nothing can be replayed)
-    candidates = [(strategies[0], None, replay), (lora, None, replay), (half, pulled.get("ewc") or pulled.get("l2sp"), None),
-                  (lora, pulled.get("l2sp"), None)]
+    candidates = [(strategies[0], None, replay, scales[-1]), (lora, None, replay, scales[0]),
+                  (half, pulled.get("ewc") or pulled.get("l2sp"), None, scales[0]), (lora, pulled.get("l2sp"), None, scales[0])]
     points = []
-    for strategy, regularizer, replayed in candidates:
-        point = {"strategy": strategy, "regularizer": regularizer, "replay": replayed}
+    for strategy, regularizer, replayed, scale in candidates:
+        point = {"strategy": strategy, "regularizer": regularizer, "replay": replayed, HEAD_LR: scale}
         if strategy and (regularizer or replayed) and point not in points:
             points.append(point)
     return points
@@ -251,6 +264,8 @@ def describe(point: dict[str, Any]) -> str:
         parts.append(f"{values['regularizer']['method']} {values['regularizer']['strength']:g}")
     if values.get("replay"):
         parts.append(f"replay {values['replay']['fraction']:g}")
+    if values.get(HEAD_LR) not in (None, 1, 1.0):
+        parts.append(f"head lr x{values[HEAD_LR]:g}")
     what = point["setting"] + (f" ({' + '.join(parts)})" if parts else "")
     return what + (f", alpha {point['alpha']:g}" if point["alpha"] is not None else "")
 
@@ -297,6 +312,7 @@ def deliver(first: Recipe, summary: dict[str, Any], points: list[dict[str, Any]]
                                 + (f"gain {closest['gain']:+.4f}" if closest["gain"] is not None else f"{name} {closest[metric]:.4f}")
                                 + f" on {metric}" if closest else "no setting was scored")
                              + f"; no model exported; every setting tried: {run_dir / run_folder.FLOOR}")
+    shutil.rmtree(run_dir / run_folder.BASELINE / run_folder.MODEL, ignore_errors=True)  # kept only while it could be delivered
     run_folder.write_text_atomic(run_dir / run_folder.FLOOR, json.dumps(result, indent=2, default=str))
     summary["floor"] = {key: value for key, value in result.items() if key != "points"}
     summary["outputs"]["floor"] = str(run_dir / run_folder.FLOOR)

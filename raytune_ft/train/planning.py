@@ -120,11 +120,15 @@ def check_validation_rows(recipe: Recipe, splits: list[tabular.Split]) -> None:
 
 
 def baseline_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
-    """The same recipe with the body frozen: only a new head is trained."""
+    """The same recipe with the body frozen: only a new head is trained. Under ``retention.floor``
+    it scores the references too: the floor may deliver it (``raytune_ft.search.floor``)."""
+    floor = recipe.retention is not None and recipe.retention.floor is not None
     values = {
         "train.lr": recipe.baseline.lr, "train.epochs": recipe.baseline.epochs, "train.max_steps": None,
-        "train.early_stopping": None, "train.warmup": 0.0, "baseline.enabled": False, "strategy": {"method": "head_only"},
-        "retention": None, "regularizer": None, "replay": None, "wise_ft": None, "distill": None, "tune": None,
+        "train.early_stopping": None, "train.warmup": 0.0, "train.head_lr_scale": 1.0, "baseline.enabled": False,
+        "strategy": {"method": "head_only"},
+        "retention": {"references": [r.model_dump() for r in recipe.retention.references]} if floor else None,
+        "regularizer": None, "replay": None, "wise_ft": None, "distill": None, "tune": None,
         "output.dir": str(run_dir / run_folder.BASELINE), "name": f"{recipe.name}-baseline",
     }
     if recipe.output.storage_path:

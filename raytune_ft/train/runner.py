@@ -117,7 +117,8 @@ def run_baseline(base: Recipe, data: PreparedData, started: float) -> dict[str, 
         logger.info("baseline: training only a new head on the frozen base model")
         base_dir.mkdir(parents=True, exist_ok=True)
         base_state = fit(base, base_dir, data)
-        shutil.rmtree(base_dir / run_folder.MODEL, ignore_errors=True)  # the baseline is a measurement, not an export
+        if base.retention is None:  # a measurement, not an export (with references scored, retention.floor may deliver it)
+            shutil.rmtree(base_dir / run_folder.MODEL, ignore_errors=True)
         summary = write_outputs(base_dir, base, base_state, None, time.perf_counter() - started)
     logger.info("baseline done at %.0f s", time.perf_counter() - started)
     return summary
