@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def quiet_train_logs() -> None:
@@ -23,11 +23,50 @@ def quiet_train_logs() -> None:
 
 def reports_taken() -> bool:
     """Whether the Train controller has taken every report this worker made (the fault tests
-    wait for it, so a restart picks up from a known checkpoint); Train has no public query."""
+    wait for it, so a restart picks up from a known checkpoint); Train has no public query. A loop
+    run in process (``run_in_process``) hands each report over before ``report`` returns."""
     from ray.train.v2._internal.execution.context import get_train_context
+    from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils, get_train_fn_utils
 
+    if isinstance(get_train_fn_utils(), LocalTrainFnUtils):
+        return True
     context = get_train_context()
     return context.current_report_index == context.report_call_index and context.get_result_queue().empty()
+
+
+def run_in_process(train_fn: Callable[[], Any], shards: dict[str, Any], on_report: Callable[[dict, Any, str | None], None]) -> None:
+    """Run a Train loop function in this process as Ray Train's local mode does (``num_workers=0``:
+    rank 0 of 1, ``get_dataset_shard`` gives ``shards``), each report going to ``on_report(metrics,
+    checkpoint, checkpoint_dir_name)``. Local mode itself keeps only the last report, in memory, and
+    ``TorchTrainer`` offers no way to persist its checkpoints or see its reports.
+
+    In a Tune trial, ``ray.train``'s API refuses every call (it tells a trial by its session having
+    no world rank): the session gets rank 0 while the loop runs, and none again while a report
+    goes on (to ``tune.report``)."""
+    from ray.train._internal.session import get_session
+    from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils, set_train_fn_utils
+
+    trial = get_session()
+
+    def ranked(rank: int | None) -> None:
+        if trial is not None:
+            trial.world_rank = rank
+
+    class Reporting(LocalTrainFnUtils):
+        def report(self, metrics, checkpoint=None, checkpoint_dir_name=None, **_):
+            ranked(None)
+            try:
+                on_report(metrics, checkpoint, checkpoint_dir_name)
+            finally:
+                ranked(0)
+
+    set_train_fn_utils(Reporting(experiment_name="in-process", dataset_shards=shards))
+    ranked(0)
+    try:
+        train_fn()
+    finally:
+        ranked(None)
+        set_train_fn_utils(None)
 
 
 def run_snapshot_filename() -> str:

@@ -1,7 +1,8 @@
 """``raytune-ft tune``: a Ray Tune experiment whose trials are Ray Train runs of one recipe.
 
 The driver plans the data and builds the Ray Datasets once; every trial gets them through
-``tune.with_parameters`` and runs its own TorchTrainer (see ``trial.py``). The experiment
+``tune.with_parameters`` and runs the loop in its own actor (one worker) or its own TorchTrainer
+(several; see ``trial.py``). The experiment
 directory (``output.dir``) holds Tune's state and the trials (``trials/trial_<id>/run`` is a
 normal run directory), then ``results.csv``, ``summary.md``, ``best_recipe.yaml``,
 ``plots/trial_curves.png`` and, with two metrics, ``pareto.json``, ``plots/pareto.png`` and
@@ -30,13 +31,15 @@ from raytune_ft.train.datasets import prepare_datasets
 from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.planning import plan_run
 from raytune_ft.train.ray_start import check_ray_address, init_ray
-from raytune_ft.train.resources import experiment_demand
+from raytune_ft.train.resources import experiment_demand, run_demand
+from raytune_ft.train.runner import runs_in_process
 from raytune_ft.search import pareto, require_search
 from raytune_ft.search.space import decoded, mutations, param_space, tune_values
 from raytune_ft.search.trial import STARTUP_METRIC, run_trial, trial_dirname, trial_recipe
 
 TRIALS = run_folder.TRIALS
-# A trial's Tune actor only waits on its TorchTrainer; the worker group reserves the real resources.
+# A trial of several workers: its Tune actor only waits on its TorchTrainer, whose worker group
+# reserves the real resources. A one-worker trial's actor runs the loop, and reserves the worker's.
 TRIAL_ACTOR_RESOURCES = {"CPU": 0.01}
 
 
@@ -153,7 +156,8 @@ def run_experiment(recipe: Recipe, *, resume: bool = False, force: bool = False,
         shared = {"recipe": given_fields(recipe), "tune": tune_section, "data": data, "pbt": tune_section.scheduler == "pbt", "tracker": tracker,
                   "trials_dir": str(experiment_dir / TRIALS), "fault": os.environ.get(FAULT_ENV),
                   "log_level": log.level()}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), TRIAL_ACTOR_RESOURCES)
+        resources = run_demand(recipe).bundle if runs_in_process(recipe) else TRIAL_ACTOR_RESOURCES
+        trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), resources)
         results = build_tuner(recipe, experiment_dir, trainable, resume).fit()
         return write_experiment_outputs(experiment_dir, recipe, results, time.perf_counter() - started)
 

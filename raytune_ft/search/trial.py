@@ -1,10 +1,11 @@
 """One trial: the recipe with the sampled values set, run through the same loop as ``raytune-ft run``.
 
-The trial function runs in a Tune trial actor and starts its own TorchTrainer (its own worker
-group). The data were prepared once on the driver and arrive as shared Ray Datasets; the Train
-reports reach Tune through ``EpochReportCallback``. A retried or resumed trial reuses its run
-directory, so Ray Train continues from the trial's last checkpoint; under PBT, Tune restarts a
-trial from a Tune checkpoint (its own or another trial's) and the run starts afresh from that.
+A one-worker trial runs the loop in its own Tune actor (``raytune_ft.train.in_process``: none of a
+Ray Train run's start-up); a trial of several workers starts its own TorchTrainer (its own worker
+group), whose reports reach the trial through a queue. The data were prepared once on the driver
+and arrive as shared Ray Datasets. A retried or resumed trial reuses its run directory and
+continues from the trial's last checkpoint; under PBT, Tune restarts a trial from a Tune checkpoint
+(its own or another trial's) and the run starts afresh from that.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train import UserCallback
 
 from raytune_ft import log, run_folder
 from raytune_ft.errors import TrainingFailed, UserError
@@ -27,21 +28,19 @@ from raytune_ft.report.tracking import tracked
 from raytune_ft.train.faults import FAULT_ENV
 from raytune_ft.train.outputs import write_outputs
 from raytune_ft.train.planning import check_strategy
-from raytune_ft.train.runner import fit
+from raytune_ft.train.runner import fit, runs_in_process
 
 STARTUP_METRIC = "trial/first_report_s"
 
 
-class EpochReportCallback(TuneReportCallback):
-    """Forward each epoch's report to Tune, with the trial's start-up time (trial start to first
-    report). The loop's last report (test metrics only) is not an epoch: schedulers count epochs.
-    With a ``queue`` (PBT), (report, checkpoint path) go there instead, for the trial function to
-    report with a Tune checkpoint: Tune's own forwarding carries only the path."""
+class EpochReports(UserCallback):
+    """Each epoch's report, with the trial's start-up time (trial start to first report), to
+    ``send(report, checkpoint_path)``. The loop's last report (test metrics only) is not an epoch:
+    schedulers count epochs."""
 
-    def __init__(self, trial_started: float, queue=None):
-        super().__init__()
+    def __init__(self, trial_started: float, send: Callable[[dict[str, Any], str | None], None]):
         self.trial_started = trial_started
-        self.queue = queue
+        self.send = send
         self.first_report_s = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -49,20 +48,18 @@ class EpochReportCallback(TuneReportCallback):
             return
         if self.first_report_s is None:
             self.first_report_s = time.time() - self.trial_started
-        report = {**metrics[0], STARTUP_METRIC: self.first_report_s}
-        if self.queue is None:
-            super().after_report(run_context, [report], checkpoint)
-        else:
-            self.queue.put((report, checkpoint.path if checkpoint else None))
+        self.send({**metrics[0], STARTUP_METRIC: self.first_report_s}, checkpoint.path if checkpoint else None)
 
 
-def forward_to_tune(queue) -> None:
-    """Drain the PBT queue into ``tune.report`` until the ``None`` that ends the run."""
+def to_tune(pbt: bool) -> Callable[[dict[str, Any], str | None], None]:
+    """``tune.report`` of an epoch's report: with its checkpoint under PBT (which continues one
+    trial from another's), the metrics alone otherwise."""
     from ray import tune
 
-    while (item := queue.get()) is not None:
-        report, path = item
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+    def send(report: dict[str, Any], path: str | None) -> None:
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(path) if pbt and path else None)
+
+    return send
 
 
 def trial_recipe(base: dict[str, Any], sampled: dict[str, Any], name: str, run_dir: Path | None):
@@ -104,25 +101,31 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         args = (recipe, run_dir, shared["data"])
         with tracked(recipe, run_dir, parent=shared["tracker"], name=context.get_trial_name()) as tracker:
             tracking = [tracker] if tracker else []
-            if shared["pbt"]:
-                state = fit_reporting_checkpoints(args, started, restored, tracking)
+            send = to_tune(shared["pbt"])
+            if runs_in_process(recipe):  # the loop reports in this thread: straight to Tune
+                state = fit(*args, callbacks=[EpochReports(started, send), *tracking], resume_from=restored, in_process=True)
             else:
-                state = fit(*args, callbacks=[EpochReportCallback(started), *tracking])
+                state = fit_through_queue(args, started, send, restored, tracking)
             write_outputs(run_dir, recipe, state, None, time.time() - started)
     except (UserError, TrainingFailed) as error:
         raise TrialFailed(str(error)) from None
 
 
-def fit_reporting_checkpoints(args: tuple, started: float, restored, callbacks: list[Any]) -> dict[str, Any]:
-    """``fit`` whose epoch reports reach Tune with their checkpoints (a thread forwards them);
-    ``callbacks``: more Ray Train callbacks (tracking)."""
+def fit_through_queue(args: tuple, started: float, send, restored, callbacks: list[Any]) -> dict[str, Any]:
+    """``fit`` on Ray Train, whose reports (made in its controller, another process) reach Tune
+    here: a thread takes them from a queue to ``send``. ``callbacks``: more Ray Train callbacks (tracking)."""
     from ray.util.queue import Queue
 
     queue = Queue(actor_options={"num_cpus": 0})
-    forwarder = threading.Thread(target=forward_to_tune, args=(queue,), daemon=True)
+
+    def forward() -> None:
+        while (item := queue.get()) is not None:
+            send(*item)
+
+    forwarder = threading.Thread(target=forward, daemon=True)
     forwarder.start()
     try:
-        return fit(*args, callbacks=[EpochReportCallback(started, queue), *callbacks], resume_from=restored)
+        return fit(*args, callbacks=[EpochReports(started, lambda report, path: queue.put((report, path))), *callbacks], resume_from=restored)
     finally:
         queue.put(None)
         forwarder.join()

@@ -41,10 +41,19 @@ from raytune_ft.train.torch_config import TorchDistributedConfig
 logger = logging.getLogger(__name__)
 
 
-def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] = (), resume_from=None) -> dict[str, Any]:
+def runs_in_process(recipe: Recipe) -> bool:
+    """Whether ``fit(..., in_process=True)`` can run this recipe: one worker, local storage, DDP
+    (DeepSpeed sets up its own process group, which a Train worker has and this process has not)."""
+    return recipe.scaling.workers == 1 and recipe.train.backend == "ddp" and "://" not in (recipe.output.storage_path or "")
+
+
+def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] = (), resume_from=None,
+        in_process: bool = False) -> dict[str, Any]:
     """One Ray Train run of the loop; returns the final trainer state (history and test metrics).
     ``callbacks``: Ray Train callbacks (a Tune trial forwards the reports to Tune with one);
-    ``resume_from``: a checkpoint to start from when the run has none of its own (PBT)."""
+    ``resume_from``: a checkpoint to start from when the run has none of its own (PBT);
+    ``in_process``: run the loop in this process instead (``raytune_ft.train.in_process``; see
+    ``runs_in_process``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -52,11 +61,22 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
     workers, per_worker = recipe.scaling.workers, dict(recipe.scaling.resources_per_worker)
     sections = [cls.section for cls in configured(recipe)]
     datasets = data.for_run(sections)
+    storage = Path(recipe.output.storage_root(run_dir)) / run_dir.name  # where Ray Train would keep its checkpoints
+    if in_process:
+        from raytune_ft.train.in_process import fit_in_process, newest_checkpoint
+
+        resume_from = resume_from or newest_checkpoint(storage)  # a retried trial's own, as Ray Train finds a restarted run's
     plan = RunPlan(recipe, data.planned.labels, steps, sorted(datasets), {s: data.planned.addons[s] for s in sections if s in data.planned.addons},
                    threads=max(1, int(per_worker.get("CPU", 1))), fault=fault_config(run_dir), resume_from=resume_from)
+    config = {"plan": plan.packed(), "log_level": log.level()}
+    logger.info("%s: %d training rows, %s x batch %d, %d steps (%d/epoch), strategy %s", recipe.name, steps.train_rows, plural(workers, "worker"),
+                recipe.train.batch_size, steps.total_steps, steps.steps_per_epoch, recipe.strategy.method)
+    if in_process:
+        return final_state(fit_in_process(train_loop_per_worker, config, datasets, storage, recipe.output.checkpoints_to_keep, list(callbacks)),
+                           run_dir, steps)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan.packed(), "log_level": log.level()},
+        train_loop_config=config,
         torch_config=TorchDistributedConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=recipe.scaling.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -70,15 +90,19 @@ def fit(recipe: Recipe, run_dir: Path, data: PreparedData, callbacks: list[Any] 
         datasets=datasets,
         dataset_config=ExactEvalDataConfig(datasets, workers),
     )
-    logger.info("%s: %d training rows, %s x batch %d, %d steps (%d/epoch), strategy %s", recipe.name, steps.train_rows, plural(workers, "worker"),
-                recipe.train.batch_size, steps.total_steps, steps.steps_per_epoch, recipe.strategy.method)
     try:
         with sigint_handler_restored():
             result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise TrainingFailed(error) from None
-    logger.debug("last checkpoint: %s", result.checkpoint.path)
-    with result.checkpoint.as_directory() as directory:
+    return final_state(result.checkpoint, run_dir, steps)
+
+
+def final_state(checkpoint, run_dir: Path, steps) -> dict[str, Any]:
+    """The trainer state in a run's last checkpoint, its exported model (and adapter) copied into
+    ``run_dir``."""
+    logger.debug("last checkpoint: %s", checkpoint.path)
+    with checkpoint.as_directory() as directory:
         state = json.loads((Path(directory) / TRAINER_STATE).read_text())
         for name in (run_folder.MODEL, run_folder.ADAPTER):  # the exported model, and a LoRA adapter alone
             exported = Path(directory) / name
