@@ -240,8 +240,13 @@ def test_a_crashing_trial_is_retried_and_a_broken_one_fails_alone(tiny_recipe, t
     rows = {int(row["strategy.layers"]): row for row in results(tmp_path / "experiment")}
     assert rows[1]["status"] == "ok" and rows[1]["epochs"] == "2"
     assert rows[9]["status"] == "error" and "TrialFailed: strategy.layers: 9 layers to freeze" in rows[9]["error"]
-    summary = json.loads((tmp_path / "experiment" / "trials" / rows[1]["trial"] / "run" / "summary.json").read_text())
+    run_dir = tmp_path / "experiment" / "trials" / rows[1]["trial"] / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_at"] == [{"epoch": 1, "step": summary["steps"] // 2}]
+    # The run's checkpoints, as a Train run keeps them (the newest output.checkpoints_to_keep over
+    # both attempts), though this one-worker trial ran its loop in its own actor.
+    assert sorted(path.name for path in run_dir.iterdir() if "checkpoint" in path.name) == [
+        "checkpoint_epoch_0002_restart1", "checkpoint_final_restart1"]
 
 
 def finished_trials(experiment) -> list:
