@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,6 +46,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def copy_dir_atomic(source: str | os.PathLike, target: Path) -> None:
+    """Copy folder ``source`` to ``target``, replacing what was there: copied beside it first (a
+    hidden ``.<name>.partial``), so ``target`` is never half a copy, and no glob of its siblings'
+    names finds the copy in progress."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 def shared_run_dir(recipe: Recipe, run_dir: Path) -> str | None:

@@ -348,10 +348,7 @@ def export(source: Path, run_dir: Path) -> None:
     if source == run_dir:
         return
     for folder in (run_folder.MODEL, run_folder.ADAPTER):
-        staging = run_dir / f"{folder}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
         if (source / folder).is_dir():
-            shutil.copytree(source / folder, staging)
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
-        if staging.is_dir():
-            staging.rename(run_dir / folder)
+            run_folder.copy_dir_atomic(source / folder, run_dir / folder)
+        else:
+            shutil.rmtree(run_dir / folder, ignore_errors=True)

@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 from raytune_ft.checkpoint import TRAINER_STATE
 from raytune_ft.ray_compat import run_in_process
-
-STAGING = ".staging-"  # a checkpoint being copied: not a checkpoint_* folder until it is whole
+from raytune_ft.run_folder import copy_dir_atomic
 
 
 def checkpoints(storage: Path) -> list[Path]:
@@ -49,11 +48,8 @@ def fit_in_process(train_fn: Callable[[dict], None], config: dict[str, Any], dat
         nonlocal last
         persisted = None
         if checkpoint is not None:
-            target, staging = storage / name, storage / f"{STAGING}{name}"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(checkpoint.path, staging)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            target = storage / name
+            copy_dir_atomic(checkpoint.path, target)
             persisted = last = ray.train.Checkpoint.from_directory(str(target))
             kept.append(target)
             while keep and len(kept) > keep:

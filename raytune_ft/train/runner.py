@@ -107,11 +107,7 @@ def final_state(checkpoint, run_dir: Path, steps) -> dict[str, Any]:
         for name in (run_folder.MODEL, run_folder.ADAPTER):  # the exported model, and a LoRA adapter alone
             exported = Path(directory) / name
             if exported.is_dir():
-                staging = run_dir / f"{name}.tmp"
-                shutil.rmtree(staging, ignore_errors=True)
-                shutil.copytree(exported, staging)
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-                staging.rename(run_dir / name)
+                run_folder.copy_dir_atomic(exported, run_dir / name)
     state["plan"] = steps
     return state
 
