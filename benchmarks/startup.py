@@ -11,7 +11,9 @@ Fixed cost = the process's wall time minus its training time (the steps themselv
 - ``raytune_ft_attached``: ``raytune-ft run --address auto`` on a local Ray the user started
   beforehand (``ray start --head``);
 - ``raytune_ft_warm``: ``raytune-ft run`` while a warm driver is up (``raytune-ft warm start``:
-  its embedded Ray and the libraries loaded, raytune_ft.warm), as in a working session.
+  its embedded Ray and the libraries loaded, raytune_ft.warm), as in a working session: the
+  measured run starts once the driver reports the processes for its actors ready (its pool,
+  refilled after each command: ``warm_ready_s`` is how long that took after the first run).
 
 In the last two the second run is measured (the first warms the Ray). Rounds alternate the four
 (the machine is shared and noisy); medians are reported, and ``fixed_ratio_cold`` /
@@ -24,6 +26,7 @@ Run: make bench-startup   (writes benchmarks/results/startup.json)
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +73,17 @@ def ray(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), *args], cwd=ROOT, check=True, capture_output=True)
 
 
+def warm_pool_ready() -> float:
+    """Seconds until the warm driver has a ready process for each actor of its last command."""
+    started = time.perf_counter()
+    while True:
+        _, status = timed([sys.executable, "-m", "raytune_ft.cli", "warm", "status"], WARM_ENV)
+        ready = int(re.search(r"(\d+) processes ready", status).group(1))
+        if ready >= int(re.search(r"ready processes: \d+ of (\d+)", status).group(1)) or time.perf_counter() - started > 120:
+            return time.perf_counter() - started
+        time.sleep(0.5)
+
+
 def main() -> None:
     rounds: list[dict] = []
     for _ in range(ROUNDS):
@@ -83,6 +97,7 @@ def main() -> None:
         timed([sys.executable, "-m", "raytune_ft.cli", "warm", "start"], WARM_ENV)
         try:
             raytune_ft(env=WARM_ENV)
+            row["warm_ready_s"] = warm_pool_ready()
             row["raytune_ft_warm"] = raytune_ft(env=WARM_ENV)
         finally:
             timed([sys.executable, "-m", "raytune_ft.cli", "warm", "stop"], WARM_ENV)
@@ -94,11 +109,13 @@ def main() -> None:
         "setup": {"recipe": "jobs/text_classification.yaml (MiniLM-L6)", "rows": ROWS, "steps": STEPS, "workers": 2, "retention": None,
                   "baseline": False, "rounds": ROUNDS, "cpus": os.cpu_count(),
                   "attached": "a local `ray start --head` running; the second run on it is measured (the first warms it)",
-                  "warm": "a warm driver up (`raytune-ft warm start`); the second run in it is measured"},
+                  "warm": "a warm driver up (`raytune-ft warm start`); the second run in it is measured, once the driver has its "
+                          "processes ready (warm_ready_s after the first)"},
         **medians,
         "fixed_ratio_cold": medians["raytune_ft_cold"]["fixed_s"] / medians["torchrun_cold"]["fixed_s"],
         "fixed_ratio_warm": medians["raytune_ft_warm"]["fixed_s"] / medians["torchrun_cold"]["fixed_s"],
         "fixed_ratio_attached": medians["raytune_ft_attached"]["fixed_s"] / medians["torchrun_cold"]["fixed_s"],
+        "warm_ready_s": median(row["warm_ready_s"] for row in rounds),
         "rounds": rounds,
     }
     out = ROOT / "benchmarks" / "results" / "startup.json"

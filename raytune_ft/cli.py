@@ -132,8 +132,13 @@ def warm(action: WarmAction = typer.Argument(..., help="start, stop or status; s
         warm_driver.serve(exit_code)
     else:
         status = warm_driver.ping()
-        running = f", running: raytune-ft {status['running']}" if status and status["running"] else ""
-        typer.echo(f"warm driver up (pid {status['pid']}, {status['commands']} commands run{running})" if status else "no warm driver is up")
+        if not status:
+            typer.echo("no warm driver is up")
+            return
+        running = f", running: raytune-ft {status['running']}" if status["running"] else ""
+        pooled, actors = status["pooled"]
+        typer.echo(f"warm driver up (pid {status['pid']}, {status['commands']} commands run{running}); {status['ready']} processes ready "
+                   f"for the next run's actors; the last command's actors started in ready processes: {pooled} of {actors}")
 
 
 ADDRESS_HELP = "The head's dashboard address, e.g. http://127.0.0.1:8265; default RAY_API_SERVER_ADDRESS or RAY_ADDRESS."

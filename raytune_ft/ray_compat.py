@@ -193,3 +193,54 @@ def start_data_actors() -> None:
 
     get_or_create_stats_actor()
     get_or_create_autoscaling_coordinator()
+
+
+def ended_actors(since_ms: int) -> list[tuple[int, str]]:
+    """(process id, runtime env serialized as Ray matches it to idle processes) of each actor of
+    this job that started at or after ``since_ms`` (Unix time, ms) and has ended since. The public
+    state API asks the dashboard, which may be off, and leaves the runtime env out."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    actors = (gcs_pb2.ActorTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_actor_table(None, None))
+    return [(actor.pid, actor.serialized_runtime_env) for actor in actors
+            if actor.job_id.hex() == job and actor.start_time >= since_ms and actor.state == gcs_pb2.ActorTableData.DEAD]
+
+
+def local_raylet() -> Any:
+    """A gRPC stub of this node's raylet (the channel helper adds the cluster's auth token)."""
+    import ray
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import node_manager_pb2_grpc
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next(node for node in ray.nodes() if node["NodeID"] == here)
+    return node_manager_pb2_grpc.NodeManagerServiceStub(init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"))
+
+
+def prestart_worker_processes(count: int, runtime_env: str, keep_alive_s: int) -> None:
+    """Have this node's raylet start ``count`` idle worker processes for this job with the
+    serialized ``runtime_env`` (it starts at most one per core at once and drops the rest), kept for
+    at least ``keep_alive_s``: an actor created later with that runtime env starts in one of them
+    instead of a new process. The raylet has the call (``PrestartWorkers``), Ray's Python API not."""
+    import ray
+    from ray.core.generated import common_pb2, node_manager_pb2, runtime_environment_pb2
+
+    local_raylet().PrestartWorkers(node_manager_pb2.PrestartWorkersRequest(
+        language=common_pb2.Language.PYTHON, job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()), num_workers=count,
+        runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(serialized_runtime_env=runtime_env), keep_alive_duration_secs=keep_alive_s),
+        timeout=30)
+
+
+def unused_worker_pids() -> set[int]:
+    """The worker processes of this job on this node that have run nothing yet (no task, no actor):
+    those an actor can still start in. From the raylet's stats of its workers."""
+    import ray
+    from ray.core.generated import common_pb2, node_manager_pb2
+
+    job = bytes.fromhex(ray.get_runtime_context().get_job_id())
+    stats = local_raylet().GetNodeStats(node_manager_pb2.GetNodeStatsRequest(include_memory_info=False), timeout=30).core_workers_stats
+    return {worker.pid for worker in stats if worker.worker_type == common_pb2.WorkerType.WORKER and worker.job_id == job
+            and worker.num_executed_tasks == 0 and not worker.actor_id.strip(b"\xff")}  # a nil actor id is all 0xff

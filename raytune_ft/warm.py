@@ -6,9 +6,13 @@ Part of a run's fixed cost is start-up and wrap-up that every run repeats: the c
 imports (torch, transformers, Ray), Ray's start and Ray's stop. ``raytune-ft warm start`` pays
 them once; a command started afterwards sends its arguments and working directory over a Unix
 socket, the warm driver runs it as ``raytune-ft`` would (same checks, outputs and exit code) and
-streams its output back. Ctrl-C reaches the run as it would locally. What stays per run: Train's
-controller, helper actors and worker processes (Ray starts an actor in a new process; worker
-processes that ran tasks importing torch were not reused for the next run's actors, measured).
+streams its output back. Ctrl-C reaches the run as it would locally.
+
+Each run's actors (Train's controller, its helper actors and workers) need processes of their
+own: Ray starts an actor in a process that has run nothing before. So the warm driver has Ray
+start as many idle processes as the last command used up, between commands, each importing what
+a Train worker imports (``PRELOAD``); the next run's actors start in them instead of paying a
+new process and its imports while the run waits.
 
 The warm driver runs with the environment and Ray settings it was started with; a command with
 ``--address`` or ``RAY_ADDRESS`` set runs in its own process, as without a warm driver.
@@ -16,6 +20,7 @@ The warm driver runs with the environment and Ray settings it was started with; 
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -37,6 +42,12 @@ COMMANDS = ("run", "tune")  # the commands it takes over
 START_TIMEOUT_S = 180
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last a NUL
 BUSY_NOTE_S = 2  # a command not started within this is waiting for another one
+PRELOAD = ("raytune_ft.train.loop", "ray.train.torch", "transformers.modeling_utils")  # what a Train worker imports
+MAX_POOL = 8
+POOL_KEEP_S = 7 * 24 * 3600  # idle processes of the pool stay as long as the driver does
+POOL_FILL_S = 120  # filling the pool gives up after this (it stops with Ray, too)
+POOL_REGISTER_S = 10
+ACTORS_END_S = 3
 
 
 def socket_path() -> Path:
@@ -225,16 +236,111 @@ def run_command(command: Callable[[], int], conn: socket.socket, request: dict[s
                 pass
 
 
+def start_warm_ray() -> None:
+    """Start the warm driver's Ray; the processes of its pool import PRELOAD (raytune_ft.worker_setup)."""
+    from raytune_ft.train.ray_start import start_embedded_ray
+    from raytune_ft.worker_setup import POOL_FILLING, POOL_PRELOAD
+
+    os.environ.update({POOL_PRELOAD: ",".join(PRELOAD), POOL_FILLING: str(filling_flag())})  # Ray's processes inherit them
+    start_embedded_ray(max(os.cpu_count() or 1, 4))
+
+
+def filling_flag() -> Path:
+    """The file that exists while the warm driver fills its pool: a process that Ray starts
+    meanwhile is one of the pool's and imports PRELOAD."""
+    return socket_path().with_suffix(".filling")
+
+
+class Pool:
+    """Idle processes for the next run's actors, in the shape of the last command's: as many for
+    each runtime env as its actors had (Train gives its controller and its workers their own).
+    Ray starts them in the background while no command runs, and while fewer than MAX_POOL that
+    have run nothing wait (each holds torch and transformers, ~0.3 GB). The raylet starts one per
+    core at a time and drops the rest of a request: they are asked for a core's worth at a time."""
+
+    def __init__(self) -> None:
+        self.shape: collections.Counter[str] = collections.Counter()  # runtime env -> the last command's actors
+        self.stock: collections.Counter[str] = collections.Counter()  # runtime env -> idle processes started for it
+        self.commanding = threading.Event()  # set while a command runs
+        self.last = (0, 0)  # the last command's actors that started in the pool, its actors
+        self._lock = threading.Lock()  # one filler at a time; guards shape and stock
+
+    def ready(self) -> set[int]:
+        """The idle processes that have run nothing yet (none while Ray is down)."""
+        import ray
+
+        from raytune_ft import ray_compat
+
+        try:
+            return ray_compat.unused_worker_pids() if ray.is_initialized() else set()
+        except Exception:  # Ray stopping between the check and the call (a failed run, `warm stop`)
+            return set()
+
+    def refill(self, since_ms: int, ready: set[int]) -> None:
+        """After a command that started at ``since_ms`` (Unix time, ms) with the pool ``ready``.
+        A failed run stops Ray to flush its workers' lines: it starts again here, not in the next
+        command, with an empty pool."""
+        import ray
+
+        if not ray.is_initialized():
+            start_warm_ray()
+            with self._lock:
+                self.shape, self.stock, self.last = collections.Counter(), collections.Counter(), (0, 0)
+            return
+        threading.Thread(target=self._fill, args=(since_ms, ready), daemon=True, name="warm-pool").start()
+
+    def _fill(self, since_ms: int, ready: set[int]) -> None:
+        from raytune_ft import ray_compat
+
+        try:
+            time.sleep(ACTORS_END_S)  # Train's placement-group cleaner ends a moment after its run
+            actors = ray_compat.ended_actors(since_ms)
+            with self._lock:
+                self.last = (sum(pid in ready for pid, _ in actors), len(actors))
+                self.stock = +(self.stock - collections.Counter(runtime_env for pid, runtime_env in actors if pid in ready))
+                if actors:
+                    self.shape = collections.Counter(runtime_env for _, runtime_env in actors)
+                self._fill_while_idle()
+        except Exception as error:  # Ray stopping meanwhile (`warm stop`): the pool goes with it
+            print(f"[raytune-ft] the warm driver's pool stopped filling: {error}", file=sys.stderr, flush=True)
+
+    def _fill_while_idle(self) -> None:
+        """Start what the shape lacks, a core's worth at a time, until nothing is missing, a
+        command starts, the pool is full or POOL_FILL_S have passed."""
+        import ray
+
+        from raytune_ft import ray_compat
+
+        deadline, cores = time.monotonic() + POOL_FILL_S, os.cpu_count() or 1
+        filling_flag().touch()  # removed as the next command starts (serve), once these have looked
+        while ray.is_initialized() and not self.commanding.is_set() and time.monotonic() < deadline:
+            waiting = len(ray_compat.unused_worker_pids())
+            while sum(self.stock.values()) > waiting:  # some went elsewhere (Ray Data's tasks take idle processes too)
+                self.stock[self.stock.most_common(1)[0][0]] -= 1
+            missing = +(self.shape - self.stock)
+            if not missing:
+                return
+            runtime_env, count = missing.most_common(1)[0]
+            asked = min(count, cores, MAX_POOL - waiting)
+            if asked <= 0:  # full
+                return
+            ray_compat.prestart_worker_processes(asked, runtime_env, POOL_KEEP_S)
+            self.stock[runtime_env] += asked
+            # Until they register (about a second, before their imports), the count misses them.
+            registered_by = time.monotonic() + POOL_REGISTER_S
+            while len(ray_compat.unused_worker_pids()) < waiting + asked and time.monotonic() < registered_by:
+                time.sleep(0.5)
+
+
 def serve(command: Callable[[], int]) -> None:
     """The warm driver: start Ray and import what runs need, then take commands one at a time
     and run each with ``command`` (the command line's: it reads sys.argv, returns the exit code)."""
     import ray
 
     import raytune_ft.train.runner  # noqa: F401  what a run imports
-    from raytune_ft.train.ray_start import start_embedded_ray
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops Ray and removes the socket too
-    start_embedded_ray(max(os.cpu_count() or 1, 4))
+    start_warm_ray()
     path = socket_path()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path.unlink(missing_ok=True)
@@ -242,6 +348,7 @@ def serve(command: Callable[[], int]) -> None:
     listener.listen(16)
     pending: queue.Queue = queue.Queue()
     done = {"commands": 0, "running": None}
+    pool = Pool()
 
     def answer() -> None:  # pings at once, even during a command; commands and stop in turn
         while True:
@@ -259,7 +366,8 @@ def serve(command: Callable[[], int]) -> None:
             if request.get("ping"):
                 with conn:
                     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
-                    send(conn, {"pid": os.getpid(), "cpus": cpus, "commands": done["commands"], "running": done["running"]})
+                    send(conn, {"pid": os.getpid(), "cpus": cpus, "commands": done["commands"], "running": done["running"],
+                                "ready": len(pool.ready()), "pooled": pool.last})
             elif "argv" in request or request.get("stop"):
                 pending.put((conn, request))
             else:
@@ -276,17 +384,22 @@ def serve(command: Callable[[], int]) -> None:
             if request.get("stop"):
                 stopping = conn  # answered once Ray has stopped
                 break
+            filling_flag().unlink(missing_ok=True)  # processes Ray starts for this command are not the pool's
+            started_ms, ready = int(time.time() * 1000), pool.ready()
             with conn:
                 send(conn, {"started": True})
                 done["running"] = " ".join(request["argv"])
+                pool.commanding.set()
                 try:
                     run_command(command, conn, request)
                 except KeyboardInterrupt:  # the command went away just as its run ended
                     pass
-                # A failed run stops Ray to flush its workers' lines; the next one starts it again.
                 done["commands"], done["running"] = done["commands"] + 1, None
+                pool.commanding.clear()
+                pool.refill(started_ms, ready)
     finally:
         path.unlink(missing_ok=True)
+        filling_flag().unlink(missing_ok=True)
         listener.close()
         ray.shutdown()
         if stopping is not None:

@@ -1,19 +1,27 @@
-"""Set-up that every worker process of an embedded Ray runs before its first task or actor."""
+"""Set-up that every worker process of an embedded Ray runs before its first task or actor: Ray
+imports this module there (``raytune_ft.train.ray_start.WORKER_SETUP_MODULE``), and importing it
+in a Ray worker process sets the process up (elsewhere it only names things)."""
 
 import atexit
 import gc
+import importlib
 import logging
 import os
 import sys
 
 # Processes whose native teardown is skipped at exit (see end_train_controller_at_exit).
 TRAIN_CONTROLLER_TITLE = "ray::TrainController"
+# A warm driver's pool (raytune_ft.warm): the modules its processes import ahead of their actor,
+# and a file that exists while the driver has Ray start them.
+POOL_PRELOAD = "RAYTUNE_FT_POOL_PRELOAD"
+POOL_FILLING = "RAYTUNE_FT_POOL_FILLING"
 
 
 def set_up_worker() -> None:
-    """The hook itself (``raytune_ft.train.ray_start.WORKER_SETUP_HOOK``)."""
+    """What importing this module does in a worker process."""
     collect_garbage_less_often()
     atexit.register(end_train_controller_at_exit)
+    preload_for_pool()
 
 
 def collect_garbage_less_often() -> None:
@@ -22,6 +30,16 @@ def collect_garbage_less_often() -> None:
     imports (torch, transformers, the loop) allocate millions of long-lived objects, and the
     default thresholds scan them again and again while they load."""
     gc.set_threshold(10_000, 20, 20)
+
+
+def preload_for_pool() -> None:
+    """A process started for a warm driver's pool imports what a Train worker imports, before its
+    actor arrives; any other (started during a run: Ray Data's tasks, actors beyond the pool)
+    imports what its work needs, as without a warm driver."""
+    filling = os.environ.get(POOL_FILLING)
+    if filling and os.path.exists(filling):
+        for module in filter(None, os.environ.get(POOL_PRELOAD, "").split(",")):
+            importlib.import_module(module)
 
 
 def end_train_controller_at_exit() -> None:
@@ -43,3 +61,7 @@ def end_train_controller_at_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if os.path.basename(sys.argv[0]) == "default_worker.py":  # Ray's worker process: its entry point
+    set_up_worker()

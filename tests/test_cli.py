@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,13 +85,24 @@ def test_quiet_validate_still_prints_its_result():
     assert result.returncode == 0 and result.stdout.startswith("ok: jobs/text_classification.yaml"), result.stderr
 
 
+def warm_status(env: dict[str, str], pattern: str, timeout_s: float = 120) -> re.Match:
+    """The first match of ``pattern`` in `raytune-ft warm status`, asked until one comes."""
+    deadline = time.monotonic() + timeout_s
+    while not (match := re.search(pattern, status := cli("warm", "status", env=env).stdout)):
+        assert time.monotonic() < deadline, f"{pattern!r} never in: {status}"
+        time.sleep(1)
+    return match
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp_path):
     """`raytune-ft warm start`, then two `raytune-ft run` at once in new processes: each runs in
     the warm driver (its count of commands says so), with the run's outputs, progress lines and
     exit code as without it; the second waits for the first, saying so, while `warm status` still
-    answers; a bad input still ends in one line and exit 2; `warm stop` ends it."""
+    answers; a bad input still ends in one line and exit 2. Between commands the driver readies
+    one idle process for each actor a run ended, and a third run's actors all start in them.
+    `warm stop` ends it."""
     socket_dir = Path(tempfile.mkdtemp(prefix="rtw-", dir="/tmp"))  # a Unix socket's path holds at most 107 bytes
     env = {"RAYTUNE_FT_WARM_SOCKET": str(socket_dir / "warm.sock")}
     tiny_recipe["train"]["epochs"] = 1
@@ -115,6 +127,12 @@ def test_a_warm_driver_runs_the_commands_started_while_it_is_up(tiny_recipe, tmp
         bad = cli("run", str(tmp_path / "missing.yaml"), env=env)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.yaml" in bad.stderr, bad.stderr
         assert "3 commands run" in cli("warm", "status", env=env).stdout
+        assert warm_status(env, r"ready processes: 0 of 0")  # the bad input's command started no actor
+        warm_status(env, r"([5-9]) processes ready")  # a run's controller, 2 helpers, 2 workers at least
+        third = cli("run", str(recipe), "--output", str(tmp_path / "third"), env=env)
+        assert third.returncode == 0, third.stdout + third.stderr
+        pooled = warm_status(env, r"started in ready processes: (\d+) of ([1-9]\d*)")
+        assert int(pooled.group(2)) >= 5 and pooled.group(1) == pooled.group(2), pooled.group(0)
     finally:
         stopped = cli("warm", "stop", env=env)
     assert "warm driver stopped" in stopped.stdout

@@ -25,17 +25,18 @@ logger = logging.getLogger(__name__)
 WORKER_NICENESS = "RAYTUNE_FT_WORKER_NICENESS"
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 DATASOURCE_V2 = "RAY_DATA_USE_DATASOURCE_V2"
+PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # off: a worker's print appears once, not again through Train's logger
 EMBEDDED_RAY_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_idle_worker_killing_time_threshold_ms": "300000",
     "RAY_prestart_worker_first_driver": "0",
+    PRINT_PATCH: "0",
 }
-WORKER_SETUP_HOOK = "raytune_ft.worker_setup.set_up_worker"
-QUIET_RAY = {
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not again through Train's logger
-    "RAY_DATA_LOG_LEVEL": "WARNING",
-}
+# Imported by every worker process of an embedded Ray before its first task or actor.
+WORKER_SETUP_MODULE = "raytune_ft.worker_setup"
+PRELOAD_MODULES = "RAY_preload_python_modules"
+QUIET_RAY = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
 def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) -> None:
@@ -52,6 +53,9 @@ def init_ray(address: str | None, recipe: Recipe, need: Demand | None = None) ->
         check_cluster(need, "the Ray this process runs", recipe.scaling.max_wait_s)
     elif address or os.environ.get("RAY_ADDRESS"):
         address = address or os.environ["RAY_ADDRESS"]
+        # Train hands this to its controller and workers as their runtime env's env_vars; an
+        # embedded Ray's processes have it from their environment instead (start_local_ray).
+        os.environ.setdefault(PRINT_PATCH, "0")
         logger.debug("connecting to Ray at %s", address)
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
@@ -126,21 +130,24 @@ def start_local_ray(**kwargs: Any) -> None:
     # helper actors. The training workers take the driver's niceness instead (where the OS lets
     # them, see train.loop.run_at_niceness); the helpers stay at 15. Measured against plain
     # torchrun: 0.66-0.70 -> 0.80-0.83 on cores short of CPU, no change on idle ones (benchmarks/MEASUREMENTS.md).
-    # Every worker process runs WORKER_SETUP_HOOK before its first task or actor: fewer garbage
-    # collections while a Train worker imports torch and transformers (a warm tiny 2-worker run:
-    # 21.1 -> 19.5 CPU-s, alternated twice; benchmarks/MEASUREMENTS.md), and a Train controller
-    # that cannot hang in Ray's native teardown at exit (raytune_ft.worker_setup).
+    # Every worker process imports WORKER_SETUP_MODULE before its first task or actor: fewer
+    # garbage collections while a Train worker imports torch and transformers (a warm tiny
+    # 2-worker run: 21.1 -> 19.5 CPU-s, alternated twice; benchmarks/MEASUREMENTS.md), and a
+    # Train controller that cannot hang in Ray's native teardown at exit (raytune_ft.worker_setup).
+    # Ray's preload list, not a runtime env's setup hook: with no runtime env, the idle processes
+    # a warm driver has Ray start ahead of a run fit the run's actors (raytune_ft.warm).
+    modules = [WORKER_SETUP_MODULE, *filter(None, os.environ.get(PRELOAD_MODULES, "").split(","))]
     ray_processes_env = {API_SERVER_ADDRESS: f"http://127.0.0.1:{port}", **{
         key: os.environ.get(key, default) for key, default in EMBEDDED_RAY_DEFAULTS.items()},
-        WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0)))}
+        WORKER_NICENESS: os.environ.get(WORKER_NICENESS, str(os.getpriority(os.PRIO_PROCESS, 0))),
+        PRELOAD_MODULES: ",".join(modules)}
     # Every Ray process inherits this environment; an injected fault (tests) travels in a run's
     # config instead, or it would fire in every later run and Tune trial on this Ray.
     previous = {key: os.environ.get(key) for key in [*ray_processes_env, FAULT_ENV]}
     os.environ.update(ray_processes_env)
     os.environ.pop(FAULT_ENV, None)
     try:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK}, **kwargs)
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     finally:
         for key, value in previous.items():
             if value is None:
