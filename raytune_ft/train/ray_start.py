@@ -122,9 +122,9 @@ def start_local_ray(**kwargs: Any) -> None:
     # and transformers can serve a later run in the same driver (4 tiny runs in one process: ~13 s
     # a warm run instead of ~22 s on 2 cores; one `raytune-ft run`, with a handful of workers under
     # num_cpus, gains nothing measurable). Ray starts num_cpus worker processes when the first
-    # driver connects, but without the driver's runtime env (the setup hook below), so no task or
-    # actor of ours can use them (measured: none did): they only cost start-up CPU and count towards
-    # Ray's warning about too many worker processes. A value the user set wins.
+    # driver connects, with no runtime env; Train's actors, and the Data tasks they start, carry the
+    # env_vars Train propagates, so only Ray Data's two actors could use them: the rest cost start-up
+    # CPU and count towards Ray's warning about too many worker processes. A value the user set wins.
     # Ray runs the Python threads of every worker process at nice 15 (its services and C++
     # threads at 0), so the training workers share the cores as equals with Train's and Data's
     # helper actors. The training workers take the driver's niceness instead (where the OS lets
