@@ -12,8 +12,8 @@ Fixed cost = the process's wall time minus its training time (the steps themselv
   beforehand (``ray start --head``);
 - ``raytune_ft_warm``: ``raytune-ft run`` while a warm driver is up (``raytune-ft warm start``:
   its embedded Ray and the libraries loaded, raytune_ft.warm), as in a working session: the
-  measured run starts once the driver reports the processes for its actors ready (its pool,
-  refilled after each command: ``warm_ready_s`` is how long that took after the first run).
+  measured run starts once the driver's processes for its actors are ready (its pool, refilled
+  after each command: ``warm_ready_s`` is how long that took after the first run).
 
 In the last two the second run is measured (the first warms the Ray). Rounds alternate the four
 (the machine is shared and noisy); medians are reported, and ``fixed_ratio_cold`` /
@@ -26,13 +26,14 @@ Run: make bench-startup   (writes benchmarks/results/startup.json)
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import median
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, ROWS, STEPS = 3, 128, 4
@@ -74,13 +75,13 @@ def ray(*args: str) -> None:
 
 
 def warm_pool_ready() -> float:
-    """Seconds until the warm driver has a ready process for each actor of its last command."""
+    """Seconds until the warm driver's pool is ready after its last command: its processes asked
+    for and their imports done (the machine idle again)."""
     started = time.perf_counter()
     while True:
         _, status = timed([sys.executable, "-m", "raytune_ft.cli", "warm", "status"], WARM_ENV)
-        ready = int(re.search(r"(\d+) processes ready", status).group(1))
-        if ready >= int(re.search(r"ready processes: \d+ of (\d+)", status).group(1)) or time.perf_counter() - started > 120:
-            return time.perf_counter() - started
+        if "more starting" not in status and psutil.cpu_percent(interval=1) < 15 or time.perf_counter() - started > 120:
+            return time.perf_counter() - started  # asked for, and done importing (the machine idle again)
         time.sleep(0.5)
 
 

@@ -137,8 +137,9 @@ def warm(action: WarmAction = typer.Argument(..., help="start, stop or status; s
             return
         running = f", running: raytune-ft {status['running']}" if status["running"] else ""
         pooled, actors = status["pooled"]
+        filling = " (more starting)" if status["filling"] else ""
         typer.echo(f"warm driver up (pid {status['pid']}, {status['commands']} commands run{running}); {status['ready']} processes ready "
-                   f"for the next run's actors; the last command's actors started in ready processes: {pooled} of {actors}")
+                   f"for the next run's actors{filling}; the last command's actors started in ready processes: {pooled} of {actors}")
 
 
 ADDRESS_HELP = "The head's dashboard address, e.g. http://127.0.0.1:8265; default RAY_API_SERVER_ADDRESS or RAY_ADDRESS."

@@ -263,6 +263,7 @@ class Pool:
         self.stock: collections.Counter[str] = collections.Counter()  # runtime env -> idle processes started for it
         self.commanding = threading.Event()  # set while a command runs
         self.last = (0, 0)  # the last command's actors that started in the pool, its actors
+        self.filling = False  # from a command's end until its processes are asked for and registered
         self._lock = threading.Lock()  # one filler at a time; guards shape and stock
 
     def ready(self) -> set[int]:
@@ -287,6 +288,7 @@ class Pool:
             with self._lock:
                 self.shape, self.stock, self.last = collections.Counter(), collections.Counter(), (0, 0)
             return
+        self.filling = True
         threading.Thread(target=self._fill, args=(since_ms, ready), daemon=True, name="warm-pool").start()
 
     def _fill(self, since_ms: int, ready: set[int]) -> None:
@@ -303,6 +305,8 @@ class Pool:
                 self._fill_while_idle()
         except Exception as error:  # Ray stopping meanwhile (`warm stop`): the pool goes with it
             print(f"[raytune-ft] the warm driver's pool stopped filling: {error}", file=sys.stderr, flush=True)
+        finally:
+            self.filling = False
 
     def _fill_while_idle(self) -> None:
         """Start what the shape lacks, a core's worth at a time, until nothing is missing, a
@@ -367,7 +371,7 @@ def serve(command: Callable[[], int]) -> None:
                 with conn:
                     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
                     send(conn, {"pid": os.getpid(), "cpus": cpus, "commands": done["commands"], "running": done["running"],
-                                "ready": len(pool.ready()), "pooled": pool.last})
+                                "ready": len(pool.ready()), "filling": pool.filling, "pooled": pool.last})
             elif "argv" in request or request.get("stop"):
                 pending.put((conn, request))
             else:
