@@ -3,6 +3,7 @@ the one file to change. Each function says what it needs and why no public API g
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -203,21 +204,27 @@ def ended_actors(since_ms: int) -> list[tuple[int, str]]:
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
 
-    job = ray.get_runtime_context().get_job_id()
-    actors = (gcs_pb2.ActorTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_actor_table(None, None))
-    return [(actor.pid, actor.serialized_runtime_env) for actor in actors
-            if actor.job_id.hex() == job and actor.start_time >= since_ms and actor.state == gcs_pb2.ActorTableData.DEAD]
+    ended = state._connect_and_get_accessor().get_actor_table(ray.get_runtime_context().job_id, "DEAD")
+    actors = (gcs_pb2.ActorTableData.FromString(raw) for raw in ended)
+    return [(actor.pid, actor.serialized_runtime_env) for actor in actors if actor.start_time >= since_ms]
 
 
 def local_raylet() -> Any:
     """A gRPC stub of this node's raylet (the channel helper adds the cluster's auth token)."""
     import ray
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import node_manager_pb2_grpc
 
     here = ray.get_runtime_context().get_node_id()
     node = next(node for node in ray.nodes() if node["NodeID"] == here)
-    return node_manager_pb2_grpc.NodeManagerServiceStub(init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"))
+    return raylet_stub(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+
+
+@functools.lru_cache(maxsize=4)
+def raylet_stub(address: str) -> Any:
+    """One channel per raylet address, not one per call (the warm driver polls every 0.5 s)."""
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import node_manager_pb2_grpc
+
+    return node_manager_pb2_grpc.NodeManagerServiceStub(init_grpc_channel(address))
 
 
 def prestart_worker_processes(count: int, runtime_env: str, keep_alive_s: int) -> None:
